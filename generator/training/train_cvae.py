@@ -1,0 +1,182 @@
+"""Train the CVAE on a LoRA collection, conditioned on the tasks' vectors, and write a generator checkpoint.
+
+Task vectors are computed once per (task, encoder settings) and cached beside the collection. Each task gets its
+description embedding and several in-context vectors read from different seeded samples of its *train* examples
+("views"), so the generator learns that any few examples of a task point to the same LoRA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from generator.checkpoint import GeneratorCheckpoint, save_checkpoint
+from generator.config import CVAEConfig, CVAETrainingSettings, LoraSettings, TaskEncoderSettings
+from generator.cvae import CVAE, cvae_loss
+from generator.files import safe_name, write_atomic
+from generator.lora_layout import LoraLayout, NormStats, Segment
+from generator.task_encoder import ConditionStats, TaskEncoder
+from generator.tasks import Task
+from generator.training.train_loras import Collection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskVectors:
+    """Per task: description embedding [384] (or None) and in-context views [V, hidden]."""
+
+    descriptions: list[torch.Tensor | None]
+    in_context: list[torch.Tensor]
+
+
+def compute_task_vectors(
+    encoder: TaskEncoder, tasks: Sequence[Task], cache_dir: Path | None, views: int = 8, show_progress: bool = True
+) -> TaskVectors:
+    """View 0 is the spec a user of the task would send (``task.spec(max_examples)``); the others are resamples."""
+    key = hashlib.sha256(json.dumps(encoder.settings.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    descriptions: list[torch.Tensor | None] = []
+    in_context: list[torch.Tensor] = []
+    for task in tqdm(tasks, desc="task vectors", disable=not show_progress):
+        path = cache_dir / "task_vectors" / key / f"{safe_name(task.name)}.safetensors" if cache_dir else None
+        if path is not None and path.is_file():
+            cached = load_file(str(path))
+            if cached["views"].shape[0] == views:
+                descriptions.append(cached.get("description"))
+                in_context.append(cached["views"])
+                continue
+        n = encoder.settings.max_examples
+        samples = [task.spec(n).examples] + [task.spec(n, seed=v).examples for v in range(1, views)]
+        view_vectors = torch.stack([encoder.in_context_vector(list(s)) for s in samples])
+        description = encoder.encode_description(task.description)
+        descriptions.append(description)
+        in_context.append(view_vectors)
+        if path is not None:
+            tensors = {"views": view_vectors.contiguous()}
+            if description is not None:
+                tensors["description"] = description.contiguous()
+            write_atomic(path, save(tensors))
+    return TaskVectors(descriptions, in_context)
+
+
+def default_cvae_config(layout: LoraLayout, cond_dim: int) -> CVAEConfig:
+    return CVAEConfig(lora_dim=layout.dim, cond_dim=cond_dim, chunk_sizes=layout.chunk_sizes)
+
+
+def layout_from_manifest(manifest: dict[str, object], segments: Sequence[Segment]) -> LoraLayout:
+    return LoraLayout(LoraSettings.from_dict(manifest["lora"]), tuple(segments))  # type: ignore[arg-type]
+
+
+def train_cvae(
+    collection: Collection,
+    tasks: Sequence[Task],
+    vectors: TaskVectors,
+    layout: LoraLayout,
+    encoder_settings: TaskEncoderSettings,
+    base_model: str,
+    settings: CVAETrainingSettings,
+    cvae_config: CVAEConfig | None = None,
+    show_progress: bool = True,
+) -> tuple[GeneratorCheckpoint, list[float]]:
+    """Returns the checkpoint (not yet saved) and the reconstruction-loss curve."""
+    if [t.name for t in tasks] != collection.tasks:
+        raise ValueError("tasks and collection must list the same tasks in the same order")
+    n_tasks, n_ckpt, dim = collection.checkpoints.shape
+    flat = collection.checkpoints.reshape(-1, dim)
+    norm = NormStats.fit(flat, layout)
+    targets = norm.normalise(collection.checkpoints.reshape(-1, dim)).reshape(n_tasks, n_ckpt, dim)
+
+    present = [d for d in vectors.descriptions if d is not None]
+    desc_stack = torch.stack(present) if present else torch.zeros(1, 384)
+    cond_stats = ConditionStats.fit(desc_stack, torch.cat(vectors.in_context))
+    config = cvae_config or default_cvae_config(layout, cond_stats.dim)
+    torch.manual_seed(settings.seed)
+    cvae = CVAE(config)
+    optimizer = torch.optim.AdamW(cvae.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps, eta_min=settings.learning_rate * 0.05)
+    rng = random.Random(settings.seed)
+    n_views = vectors.in_context[0].shape[0]
+    curve: list[float] = []
+    cvae.train()
+    with tqdm(range(1, settings.steps + 1), desc="CVAE training", disable=not show_progress) as bar:
+        for step in bar:
+            rows, conds = [], []
+            for _ in range(settings.batch_size):
+                i, k, v = rng.randrange(n_tasks), rng.randrange(n_ckpt), rng.randrange(n_views)
+                rows.append(targets[i, k])
+                conds.append(_training_condition(cond_stats, vectors, i, v, settings, rng))
+            x, c = torch.stack(rows), torch.stack(conds)
+            recon, mu, logvar = cvae(x, c)
+            kl_weight = settings.kl_weight * min(1.0, step / max(1, settings.kl_warmup_steps))
+            loss, recon_loss, kl = cvae_loss(recon, x, mu, logvar, kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(cvae.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            curve.append(float(recon_loss))
+            if step % 50 == 0 or step == settings.steps:
+                bar.set_postfix(recon=f"{recon_loss:.4f}", kl=f"{float(kl):.3f}")
+    cvae.eval()
+    checkpoint = GeneratorCheckpoint(
+        cvae=cvae,
+        norm=norm,
+        cond=cond_stats,
+        layout=layout,
+        encoder=encoder_settings,
+        base_model=base_model,
+        training_tasks=[{"name": t.name, "family": t.family} for t in tasks],
+        info={
+            "cvae_training": settings.to_dict(),
+            "checkpoints_per_task": n_ckpt,
+            "final_recon_loss": sum(curve[-20:]) / len(curve[-20:]),
+            "collection_bytes": collection.nbytes(),
+        },
+    )
+    return checkpoint, curve
+
+
+def _training_condition(
+    stats: ConditionStats, vectors: TaskVectors, task: int, view: int, settings: CVAETrainingSettings, rng: random.Random
+) -> torch.Tensor:
+    description = vectors.descriptions[task]
+    in_context: torch.Tensor | None = vectors.in_context[task][view]
+    roll = rng.random()
+    if description is not None and roll < settings.condition_dropout:
+        in_context = None
+    elif description is not None and roll < 2 * settings.condition_dropout:
+        description = None
+    cond = stats.condition_parts(description, in_context)
+    if settings.condition_noise > 0:
+        noise = torch.randn(cond.shape[0] - 2, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        cond = cond.clone()
+        cond[:-2] += settings.condition_noise * noise * cond[:-2].ne(0)
+    return cond
+
+
+def train_and_save(
+    collection: Collection,
+    tasks: Sequence[Task],
+    encoder: TaskEncoder,
+    layout: LoraLayout,
+    base_model: str,
+    settings: CVAETrainingSettings,
+    out_dir: Path,
+    cache_dir: Path | None = None,
+    show_progress: bool = True,
+) -> GeneratorCheckpoint:
+    vectors = compute_task_vectors(encoder, tasks, cache_dir, show_progress=show_progress)
+    checkpoint, _ = train_cvae(
+        collection, tasks, vectors, layout, encoder.settings, base_model, settings, show_progress=show_progress
+    )
+    save_checkpoint(checkpoint, out_dir)
+    return checkpoint

@@ -1,0 +1,243 @@
+"""LoRA collection: train one LoRA per task, keep checkpoints from the tail of its trajectory.
+
+Layout of a collection folder::
+
+    manifest.json                 settings, layout, and one entry per finished task
+    loras/<task>.safetensors      tensor "checkpoints" [K, D] (flat LoRA vectors), metadata: task, settings id
+    loras/_multitask.safetensors  one LoRA trained on all tasks' train examples (a baseline)
+
+Resumable: a task whose file exists with the same settings id is skipped. Files are written atomically, so an
+interrupted run leaves only finished tasks behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from generator.base_model import BaseModel
+from generator.batching import EncodedPair, encode_pair, pad_pairs
+from generator.config import LoraSettings, LoraTrainingSettings
+from generator.files import read_json, safe_name, write_atomic, write_json
+from generator.lora_model import LoraModel
+from generator.tasks import Example, Task, format_prompt, format_target
+
+log = logging.getLogger(__name__)
+
+MULTITASK_NAME = "_multitask"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TrainedLora:
+    """A task's kept checkpoints (``[K, D]`` flat vectors) and its loss curve."""
+
+    task: str
+    checkpoints: torch.Tensor
+    checkpoint_steps: list[int]
+    losses: list[float]
+    seconds: float
+
+
+def settings_id(base_model: str, lora: LoraSettings, training: LoraTrainingSettings) -> str:
+    """Changes whenever a setting that shapes the trained weights changes; a mismatch forces retraining."""
+    blob = json.dumps({"base": base_model, "lora": lora.to_dict(), "train": training.to_dict()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+) -> list[EncodedPair]:
+    """Tokenised once per task and reused for every step."""
+    return [encode_pair(tokenizer, format_prompt(e.input), format_target(e.output), max_length) for e in examples]
+
+
+def train_lora(
+    lora: LoraModel,
+    pad_id: int,
+    pairs: Sequence[EncodedPair],
+    settings: LoraTrainingSettings,
+    name: str,
+    progress: tqdm | None = None,
+) -> TrainedLora:
+    """Train the LoRA from its shared initialisation on ``pairs``; loss on the answer tokens only."""
+    if not pairs:
+        raise ValueError(f"task {name!r} has no training examples")
+    lora.reset()
+    params = lora.lora_parameters()
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    keep = set(settings.checkpoint_steps())
+    rng = random.Random(f"{settings.data_seed}:{name}")
+    order: list[int] = []
+    kept: list[torch.Tensor] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    lora.model.train()
+    try:
+        for step in range(1, settings.steps + 1):
+            batch_idx = []
+            while len(batch_idx) < settings.batch_size:
+                if not order:
+                    order = list(range(len(pairs)))
+                    rng.shuffle(order)
+                batch_idx.append(order.pop())
+            batch = pad_pairs([pairs[i] for i in batch_idx], pad_id)
+            out = lora.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            losses.append(float(out.loss.detach()))
+            if step in keep:
+                kept.append(lora.vector())
+            if progress is not None:
+                progress.set_postfix(task=name[:24], step=step, loss=f"{losses[-1]:.3f}", refresh=False)
+                progress.update(1)
+    finally:
+        lora.model.eval()
+    return TrainedLora(
+        task=name,
+        checkpoints=torch.stack(kept),
+        checkpoint_steps=sorted(keep),
+        losses=losses,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _save_trained(path: Path, trained: TrainedLora, sid: str) -> None:
+    metadata = {
+        "task": trained.task,
+        "settings_id": sid,
+        "checkpoint_steps": json.dumps(trained.checkpoint_steps),
+        "final_loss": f"{trained.losses[-1]:.6f}",
+    }
+    write_atomic(path, save({"checkpoints": trained.checkpoints.contiguous()}, metadata=metadata))
+
+
+def _is_done(path: Path, sid: str) -> bool:
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("settings_id") == sid
+    except Exception:  # a truncated or foreign file is retrained, not trusted
+        return False
+
+
+def collect_loras(
+    base: BaseModel,
+    tasks: Sequence[Task],
+    out_dir: Path,
+    lora_settings: LoraSettings,
+    training: LoraTrainingSettings,
+    multitask_steps: int | None = None,
+    show_progress: bool = True,
+    multitask_tasks: Sequence[str] | None = None,
+) -> dict[str, object]:
+    """Train (or skip, if already done) every task's LoRA and the multi-task LoRA; return the manifest.
+
+    The multi-task LoRA learns from the train examples of ``multitask_tasks`` (default: all tasks), mixed.
+    """
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError("task names must be unique")
+    sid = settings_id(base.name, lora_settings, training)
+    lora = LoraModel(base.model, lora_settings, init_seed=training.init_seed)
+    pad_id = base.tokenizer.pad_token_id
+    manifest_path = out_dir / MANIFEST
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    if manifest.get("settings_id") not in (None, sid):
+        log.warning("collection settings changed: every task is retrained")
+        manifest = {}
+    manifest.update(
+        {
+            "settings_id": sid,
+            "base_model": base.name,
+            "lora": lora_settings.to_dict(),
+            "lora_training": training.to_dict(),
+            "layout_dim": lora.layout.dim,
+        }
+    )
+    entries: dict[str, dict[str, object]] = manifest.setdefault("tasks", {})
+    todo = [t for t in tasks if not _is_done(out_dir / "loras" / f"{safe_name(t.name)}.safetensors", sid)]
+    jobs: list[tuple[str, list[Example], int]] = [(t.name, list(t.train), training.steps) for t in todo]
+    multi_steps = multitask_steps if multitask_steps is not None else training.steps * 4
+    multi_path = out_dir / "loras" / f"{MULTITASK_NAME}.safetensors"
+    multi_training = _with_steps(training, multi_steps)
+    multi_names = list(multitask_tasks) if multitask_tasks is not None else names
+    multi_sid = settings_id(base.name, lora_settings, multi_training) + ":" + _names_id(multi_names)
+    if multi_steps > 0 and not _is_done(multi_path, multi_sid):
+        jobs.append((MULTITASK_NAME, [e for t in tasks if t.name in multi_names for e in t.train], multi_steps))
+    skipped = len(tasks) - len(todo)
+    total_steps = sum(steps for _, _, steps in jobs)
+    desc = f"LoRA collection ({len(tasks)} tasks, {skipped} done already)"
+    with tqdm(total=total_steps, desc=desc, disable=not show_progress, unit="step") as bar:
+        for name, examples, steps in jobs:
+            task_training = _with_steps(training, steps)
+            pairs = encode_examples(base.tokenizer, examples, training.max_length)
+            trained = train_lora(lora, pad_id, pairs, task_training, name, bar)
+            if name == MULTITASK_NAME:
+                _save_trained(multi_path, trained, multi_sid)
+                manifest["multitask"] = {"steps": steps, "final_loss": trained.losses[-1], "tasks": multi_names}
+            else:
+                _save_trained(out_dir / "loras" / f"{safe_name(name)}.safetensors", trained, sid)
+                entries[name] = {
+                    "file": f"loras/{safe_name(name)}.safetensors",
+                    "train_examples": len(examples),
+                    "final_loss": trained.losses[-1],
+                    "first_loss": trained.losses[0],
+                    "seconds": round(trained.seconds, 2),
+                }
+            write_json(manifest_path, manifest)
+    lora.model.unload()  # give the base model back without LoRA layers
+    return manifest
+
+
+def _with_steps(training: LoraTrainingSettings, steps: int) -> LoraTrainingSettings:
+    data = training.to_dict()
+    data["steps"] = max(steps, 1)
+    data["checkpoint_every"] = min(training.checkpoint_every, max(1, (data["steps"] - 1) // max(1, training.checkpoints)))
+    data["checkpoints"] = min(training.checkpoints, data["steps"])
+    return LoraTrainingSettings.from_dict(data)
+
+
+def _names_id(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:8]
+
+
+@dataclass
+class Collection:
+    """The trained checkpoints of a collection, loaded from safetensors only."""
+
+    tasks: list[str]
+    checkpoints: torch.Tensor  # [N_tasks, K, D]
+    multitask: torch.Tensor | None  # [D], last checkpoint of the multi-task LoRA
+    manifest: dict[str, object]
+
+    def nbytes(self) -> int:
+        return self.checkpoints.numel() * 4
+
+
+def load_collection(out_dir: Path, tasks: Sequence[str] | None = None) -> Collection:
+    manifest = read_json(out_dir / MANIFEST)
+    entries = manifest.get("tasks", {})
+    names = list(tasks) if tasks is not None else sorted(entries)
+    missing = [n for n in names if n not in entries]
+    if missing:
+        raise FileNotFoundError(f"no trained LoRA for tasks {missing[:5]} in {out_dir}; run train-loras first")
+    stacks = [load_file(str(out_dir / entries[n]["file"]))["checkpoints"] for n in names]
+    multi_path = out_dir / "loras" / f"{MULTITASK_NAME}.safetensors"
+    multitask = load_file(str(multi_path))["checkpoints"][-1] if multi_path.is_file() else None
+    return Collection(tasks=names, checkpoints=torch.stack(stacks), multitask=multitask, manifest=manifest)
