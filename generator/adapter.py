@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load
 
 from generator.config import LoraSettings
 from generator.files import write_atomic
@@ -79,7 +79,7 @@ class GeneratedAdapter:
             "sha256": self.sha256,
             **{f"meta.{k}": v for k, v in self.metadata.items()},
         }
-        return save({k: v.contiguous() for k, v in self.tensors.items()}, metadata=header)
+        return deterministic_safetensors(self.tensors, header)
 
     @classmethod
     def from_safetensors_bytes(cls, data: bytes, expected_id: str | None = None) -> GeneratedAdapter:
@@ -121,6 +121,34 @@ class GeneratedAdapter:
                 info.compress_type = zipfile.ZIP_DEFLATED
                 archive.writestr(info, payload)
         return buffer.getvalue()
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def deterministic_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Standard safetensors bytes, but byte-identical for identical inputs (sorted header, sorted tensors).
+
+    ``safetensors.torch.save`` orders its header through a hash map, so the same adapter would serialise to
+    different bytes each time; identical bytes make cache entries, zips and ETags reproducible.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs, offset = [], 0
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().contiguous().cpu()
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"unsupported dtype {tensor.dtype} for {key}")
+        blob = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        header[key] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment with spaces
+    return len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs)
 
 
 def _read_header(data: bytes) -> dict[str, str]:

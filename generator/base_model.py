@@ -97,7 +97,7 @@ def _from_folder(path_or_id: str, name: str) -> BaseModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing files, not on the hub cache, or not a valid repo id
         raise BaseModelError(
             f"cannot load base model {path_or_id!r}: {exc}. Give a local Hugging Face model folder, a hub id that is "
             f"already in the local cache, {DEFAULT_BASE_MODEL!r} (packaged SmolLM2-135M) or 'tiny'."
@@ -142,7 +142,7 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = LlamaForCausalLM(config)
+    plain = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a LlamaConfig, typed as its base class
     plain.load_state_dict(gguf_model.state_dict(), strict=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=folder.parent))

@@ -93,7 +93,9 @@ def load_checkpoint(folder: Path) -> GeneratorCheckpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path}: unknown checkpoint format {config.get('format') if isinstance(config, dict) else None!r}")
+        raise CheckpointError(
+            f"{config_path}: unknown checkpoint format {config.get('format') if isinstance(config, dict) else None!r}"
+        )
     weights = weights_path.read_bytes()
     if hashlib.sha256(weights).hexdigest() != config.get("weights_sha256"):
         raise CheckpointError(f"{weights_path}: checksum does not match {CONFIG_FILE} (corrupted or swapped file)")

@@ -19,6 +19,9 @@ from generator.config import CVAEConfig
 
 
 class CVAE(nn.Module):
+    pad_index: torch.Tensor
+    valid: torch.Tensor
+
     def __init__(self, config: CVAEConfig) -> None:
         super().__init__()
         self.config = config

@@ -22,7 +22,7 @@ def peft_lora_config(settings: LoraSettings) -> LoraConfig:
     """The PEFT config matching ``settings`` (dropout 0, no bias: the generator makes A and B only)."""
     return LoraConfig(
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # PEFT types it int; floats work
         target_modules=list(settings.target_modules),
         lora_dropout=0.0,
         bias="none",
@@ -38,7 +38,7 @@ class LoraModel:
         self.layout = LoraLayout.from_model(base, settings)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            self.model: PeftModel = get_peft_model(base, peft_lora_config(settings))  # type: ignore[assignment]
+            self.model: PeftModel = get_peft_model(base, peft_lora_config(settings))
         self.model.eval()
         self._init_vector = self.vector()
 
@@ -71,7 +71,7 @@ class LoraModel:
         self.load_vector(self._init_vector)
 
     @contextmanager
-    def base_only(self) -> Iterator[PreTrainedModel]:
+    def base_only(self) -> Iterator[PeftModel]:
         """The base model without the LoRA (what the model is when no adapter is requested)."""
         with self.model.disable_adapter():
             yield self.model

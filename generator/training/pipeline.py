@@ -66,7 +66,12 @@ class Run:
 
     @classmethod
     def create(
-        cls, folder: Path, settings: PipelineSettings, suite: str, unseen_fraction: float, unseen: list[str] | None = None
+        cls,
+        folder: Path,
+        settings: PipelineSettings,
+        suite: str,
+        unseen_fraction: float,
+        unseen: list[str] | None = None,
     ) -> Run:
         tasks = load_suite(suite)
         names = [t.name for t in tasks]
@@ -114,7 +119,13 @@ class Run:
 def step_train_loras(run: Run, base: BaseModel, multitask_steps: int | None = None, progress: bool = True) -> None:
     seen, unseen = run.tasks()
     collect_loras(
-        base, seen + unseen, run.folder, run.settings.lora, run.settings.lora_training, multitask_steps, progress,
+        base,
+        seen + unseen,
+        run.folder,
+        run.settings.lora,
+        run.settings.lora_training,
+        multitask_steps,
+        progress,
         multitask_tasks=[t.name for t in seen],
     )
 
@@ -125,8 +136,15 @@ def step_train_generator(run: Run, base: BaseModel, progress: bool = True) -> Ad
     layout = LoraLayout.from_model(base.model, run.settings.lora)
     encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder)
     checkpoint = train_and_save(
-        collection, seen, encoder, layout, base.name, run.settings.cvae_training,
-        run.generator_dir, cache_dir=run.folder, show_progress=progress,
+        collection,
+        seen,
+        encoder,
+        layout,
+        base.name,
+        run.settings.cvae_training,
+        run.generator_dir,
+        cache_dir=run.folder,
+        show_progress=progress,
     )
     return AdapterGenerator(checkpoint, encoder)
 

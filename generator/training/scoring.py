@@ -9,15 +9,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from generator.batching import answer_logprobs, encode_pair, encode_prompt, pad_pairs
 from generator.tasks import Example, Task, format_prompt, format_target
 
+CausalLM = PreTrainedModel | PeftModel
+
 
 @torch.inference_mode()
 def multiple_choice_accuracy(
-    model: PreTrainedModel,
+    model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     prefix: str = "",
@@ -58,7 +61,7 @@ def multiple_choice_accuracy(
 
 @torch.inference_mode()
 def exact_match(
-    model: PreTrainedModel,
+    model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
     prefix: str = "",
@@ -69,20 +72,20 @@ def exact_match(
     correct = 0
     for example in examples:
         ids = torch.tensor([encode_prompt(tokenizer, prefix + format_prompt(example.input), max_length)])
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        text = str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         correct += text.strip().split("\n")[0].strip() == example.output.strip()
     return correct / max(1, len(examples))
 
 
 def score_task(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, prefix: str = "", max_length: int = 96
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, task: Task, prefix: str = "", max_length: int = 96
 ) -> float:
     """The task's metric on its test examples: multiple choice when every test example has choices."""
     if task.is_multiple_choice:

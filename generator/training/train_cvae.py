@@ -102,7 +102,9 @@ def train_cvae(
     torch.manual_seed(settings.seed)
     cvae = CVAE(config)
     optimizer = torch.optim.AdamW(cvae.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps, eta_min=settings.learning_rate * 0.05)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=settings.steps, eta_min=settings.learning_rate * 0.05
+    )
     rng = random.Random(settings.seed)
     n_views = vectors.in_context[0].shape[0]
     curve: list[float] = []
@@ -123,9 +125,9 @@ def train_cvae(
             torch.nn.utils.clip_grad_norm_(cvae.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            curve.append(float(recon_loss))
+            curve.append(float(recon_loss.detach()))
             if step % 50 == 0 or step == settings.steps:
-                bar.set_postfix(recon=f"{recon_loss:.4f}", kl=f"{float(kl):.3f}")
+                bar.set_postfix(recon=f"{float(recon_loss.detach()):.4f}", kl=f"{float(kl.detach()):.3f}")
     cvae.eval()
     checkpoint = GeneratorCheckpoint(
         cvae=cvae,
@@ -146,7 +148,12 @@ def train_cvae(
 
 
 def _training_condition(
-    stats: ConditionStats, vectors: TaskVectors, task: int, view: int, settings: CVAETrainingSettings, rng: random.Random
+    stats: ConditionStats,
+    vectors: TaskVectors,
+    task: int,
+    view: int,
+    settings: CVAETrainingSettings,
+    rng: random.Random,
 ) -> torch.Tensor:
     description = vectors.descriptions[task]
     in_context: torch.Tensor | None = vectors.in_context[task][view]

@@ -86,7 +86,7 @@ def train_lora(
     lora.model.train()
     try:
         for step in range(1, settings.steps + 1):
-            batch_idx = []
+            batch_idx: list[int] = []
             while len(batch_idx) < settings.batch_size:
                 if not order:
                     order = list(range(len(pairs)))
@@ -208,7 +208,9 @@ def collect_loras(
 def _with_steps(training: LoraTrainingSettings, steps: int) -> LoraTrainingSettings:
     data = training.to_dict()
     data["steps"] = max(steps, 1)
-    data["checkpoint_every"] = min(training.checkpoint_every, max(1, (data["steps"] - 1) // max(1, training.checkpoints)))
+    data["checkpoint_every"] = min(
+        training.checkpoint_every, max(1, (data["steps"] - 1) // max(1, training.checkpoints))
+    )
     data["checkpoints"] = min(training.checkpoints, data["steps"])
     return LoraTrainingSettings.from_dict(data)
 

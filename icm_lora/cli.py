@@ -1,0 +1,149 @@
+"""The ``icm-lora`` command: the offline pipeline (train-loras, train-generator, evaluate), generate, demo, serve.
+
+Lives outside ``generator`` so that the generator package never imports the service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="icm-lora: generate LoRA adapters from task descriptions and examples.", no_args_is_help=True)
+
+RunOption = Annotated[Path, typer.Option("--run", help="Run folder (created by train-loras).")]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+@app.command("train-loras")
+def train_loras(
+    run: RunOption,
+    suite: Annotated[str, typer.Option(help="synthetic:N[:SEED] | jsonl:FOLDER | bigbench:ROOT:NAMES_FILE")] = "",
+    base_model: Annotated[str, typer.Option(help="smollm2-135m (packaged), tiny, or a HF path/id")] = "",
+    settings: Annotated[Path | None, typer.Option(help="JSON file of pipeline settings (see README)")] = None,
+    unseen_fraction: Annotated[float, typer.Option(help="Share of tasks the generator never sees")] = 0.25,
+    unseen: Annotated[str, typer.Option(help="Comma-separated task names held out (instead of a fraction)")] = "",
+    multitask_steps: Annotated[int | None, typer.Option(help="Steps of the multi-task LoRA (default 4x steps)")] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Train one LoRA per task (resumable: finished tasks are skipped) and the multi-task baseline."""
+    from generator.base_model import load_base_model
+    from generator.config import PipelineSettings
+    from generator.training.pipeline import RUN_FILE, Run, step_train_loras
+
+    try:
+        if (run / RUN_FILE).is_file():
+            if suite or settings or base_model or unseen:
+                raise _fail(f"{run} already has a {RUN_FILE}; resume without --suite/--settings/--base-model/--unseen")
+            pipeline_run = Run.open(run)
+        else:
+            data = json.loads(settings.read_text()) if settings else {}
+            if base_model:
+                data["base_model"] = base_model
+            held_out = [n.strip() for n in unseen.split(",") if n.strip()] or None
+            pipeline_run = Run.create(
+                run, PipelineSettings.from_dict(data), suite or "synthetic:32", unseen_fraction, held_out
+            )
+        base = load_base_model(pipeline_run.settings.base_model)
+        step_train_loras(pipeline_run, base, multitask_steps, progress)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"LoRA collection ready in {run}")
+
+
+@app.command("train-generator")
+def train_generator(run: RunOption, progress: ProgressOption = True) -> None:
+    """Train the CVAE on the run's collection (seen tasks) and write run/generator/."""
+    from generator.base_model import load_base_model
+    from generator.training.pipeline import Run, step_train_generator
+
+    try:
+        pipeline_run = Run.open(run)
+        generator = step_train_generator(pipeline_run, load_base_model(pipeline_run.settings.base_model), progress)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"generator {generator.generator_id} written to {pipeline_run.generator_dir}")
+
+
+@app.command("evaluate")
+def evaluate(run: RunOption, plot: bool = True, progress: ProgressOption = True) -> None:
+    """Write the quality report (quality.json, quality.md, quality.png) to run/report/ and print its table."""
+    from generator.base_model import load_base_model
+    from generator.training.evaluate import markdown_table
+    from generator.training.pipeline import Run, step_evaluate
+
+    try:
+        pipeline_run = Run.open(run)
+        report = step_evaluate(pipeline_run, load_base_model(pipeline_run.settings.base_model), progress, plot)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(markdown_table(report))
+    typer.echo(f"report written to {pipeline_run.report_dir}")
+
+
+@app.command("generate")
+def generate(
+    generator_dir: Annotated[Path, typer.Option("--generator", help="Generator checkpoint folder")],
+    task: Annotated[Path, typer.Option(help='JSON file: {"description": ..., "examples": [{"input", "output"}]}')],
+    out: Annotated[Path, typer.Option(help="Output PEFT adapter folder")],
+    seed: Annotated[int | None, typer.Option(help="Sample z from this seed (default: deterministic z = 0)")] = None,
+    base_model: Annotated[str, typer.Option(help="Override the base model the checkpoint names")] = "",
+) -> None:
+    """Generate one adapter for a task file and write it as a PEFT folder."""
+    from generator.base_model import load_base_model
+    from generator.checkpoint import load_checkpoint
+    from generator.generate import AdapterGenerator
+    from generator.task_encoder import TaskEncoder
+    from generator.tasks import TaskSpec
+
+    try:
+        spec = TaskSpec.from_dict(json.loads(task.read_text(encoding="utf-8")))
+        checkpoint = load_checkpoint(generator_dir)
+        base = load_base_model(base_model or checkpoint.base_model)
+        encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)
+        adapter = AdapterGenerator(checkpoint, encoder).generate(spec, seed)
+        adapter.save_peft(out)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{task}: invalid JSON ({exc.msg})") from None
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"adapter {adapter.adapter_id} ({adapter.num_parameters} parameters) written to {out}")
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder for the demo")] = Path("runs/demo"),
+    progress: ProgressOption = True,
+) -> None:
+    """The whole pipeline on the tiny model and the synthetic task family; prints the quality table."""
+    from generator.training.evaluate import markdown_table
+    from generator.training.pipeline import run_demo
+
+    report = run_demo(out, progress)
+    typer.echo(markdown_table(report))
+    typer.echo(f"demo finished in {report['seconds']} s; report in {out / 'report'}")
+
+
+@app.command("serve")
+def serve() -> None:
+    """Run the HTTP service (not part of this release yet)."""
+    typer.echo("icm-lora serve: the HTTP service is not built yet (it comes with the service issue).", err=True)
+    raise typer.Exit(code=1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

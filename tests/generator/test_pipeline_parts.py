@@ -1,0 +1,144 @@
+"""Collection, task vectors, generator checkpoints and generation, on a small run built once per session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator.base_model import BaseModel, load_base_model
+from generator.checkpoint import CheckpointError, load_checkpoint
+from generator.config import TaskEncoderSettings
+from generator.generate import AdapterGenerator, GeneratorMismatchError
+from generator.task_encoder import ModelHiddenStateReader, TaskEncoder
+from generator.tasks import Example, TaskSpec
+from generator.training.pipeline import Run, step_train_loras
+from generator.training.train_loras import load_collection
+
+
+def _generator(run_dir: Path, base: BaseModel | None = None) -> AdapterGenerator:
+    base = base or load_base_model("tiny")
+    checkpoint = load_checkpoint(run_dir / "generator")
+    return AdapterGenerator(checkpoint, TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder))
+
+
+def test_collection_has_checkpoints_that_learned(small_run: Path) -> None:
+    run = Run.open(small_run)
+    collection = load_collection(small_run, run.seen + run.unseen)
+    manifest = json.loads((small_run / "manifest.json").read_text())
+    assert collection.checkpoints.shape[:2] == (6, 3)
+    for name in run.seen + run.unseen:
+        entry = manifest["tasks"][name]
+        assert entry["final_loss"] < entry["first_loss"]
+    assert collection.multitask is not None
+    assert manifest["multitask"]["tasks"] == run.seen
+    # checkpoints come from the tail of one trajectory: close to each other, not identical
+    ckpts = collection.checkpoints[0]
+    assert not torch.equal(ckpts[0], ckpts[-1])
+
+
+def test_collection_is_resumable(small_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "copy"
+    shutil.copytree(small_run, folder)
+    run = Run.open(folder)
+    lora_files = sorted((folder / "loras").glob("*.safetensors"))
+    before = {p.name: p.stat().st_mtime_ns for p in lora_files}
+    victim = lora_files[0]
+    victim.write_bytes(victim.read_bytes()[:100])  # a truncated file must be retrained, not trusted
+    step_train_loras(run, load_base_model("tiny"), multitask_steps=60, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in sorted((folder / "loras").glob("*.safetensors"))}
+    changed = [name for name in before if before[name] != after[name]]
+    assert changed == [victim.name]
+    assert load_file(str(victim))["checkpoints"].shape[0] == 3
+
+
+def test_generation_is_deterministic(small_run: Path) -> None:
+    generator = _generator(small_run)
+    spec = TaskSpec("Decide whether the words are fruits or tools.", (Example("kiwi pear lime", "yes"),))
+    first, again = generator.generate(spec), generator.generate(spec)
+    assert first.adapter_id == again.adapter_id
+    assert all(torch.equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
+    # a fresh process-equivalent: reload checkpoint and model
+    fresh = _generator(small_run).generate(spec)
+    assert fresh.sha256 == first.sha256
+    seeded, seeded_again, other = generator.generate(spec, 1), generator.generate(spec, 1), generator.generate(spec, 2)
+    assert seeded.sha256 == seeded_again.sha256 and seeded.sha256 != other.sha256 != first.sha256
+    assert seeded.adapter_id != first.adapter_id
+
+
+def test_description_only_and_examples_only(small_run: Path) -> None:
+    generator = _generator(small_run)
+    by_description = generator.generate(TaskSpec("Are these colors or animals?"))
+    by_examples = generator.generate(TaskSpec(examples=(Example("red blue teal", "up"),)))
+    assert by_description.sha256 != by_examples.sha256
+    assert generator.last_timings.encode_s >= 0 and generator.last_timings.decode_s > 0
+
+
+def test_task_encoder_parts(tiny_base: BaseModel) -> None:
+    settings = TaskEncoderSettings(max_examples=2, max_length=32)
+    encoder = TaskEncoder.for_model(tiny_base.model, tiny_base.tokenizer, settings)
+    both = encoder.encode(TaskSpec("Label words.", (Example("a", "b"), Example("c", "d"), Example("e", "f"))))
+    assert both.description is not None and both.description.shape == (384,)
+    assert abs(float(both.description.norm()) - 1.0) < 1e-4
+    assert both.in_context is not None and both.in_context.shape == (64,)
+    # only the first max_examples examples are read
+    two = encoder.encode(TaskSpec("Label words.", (Example("a", "b"), Example("c", "d"))))
+    assert two.in_context is not None and torch.allclose(two.in_context, both.in_context, atol=1e-5)
+    other = encoder.encode(TaskSpec("Label words.", (Example("x", "y"),)))
+    assert other.in_context is not None and not torch.allclose(other.in_context, both.in_context)
+    assert encoder.encode(TaskSpec("Only words.")).in_context is None
+    assert encoder.encode(TaskSpec(examples=(Example("a", "b"),))).description is None
+    no_desc = TaskEncoder.for_model(tiny_base.model, tiny_base.tokenizer, TaskEncoderSettings(use_examples=False))
+    with pytest.raises(ValueError, match="configured to use"):
+        no_desc.encode(TaskSpec(examples=(Example("a", "b"),)))
+
+
+def test_hidden_state_reader_ignores_padding(tiny_base: BaseModel) -> None:
+    reader = ModelHiddenStateReader(tiny_base.model, tiny_base.tokenizer, layer=None, max_length=32)
+    alone = reader(["Input: kiwi\nOutput: yes"])
+    batched = reader(["Input: kiwi\nOutput: yes", "Input: a much longer text with many words in it\nOutput: no"])
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        ModelHiddenStateReader(tiny_base.model, tiny_base.tokenizer, layer=7, max_length=32)
+
+
+def test_checkpoint_round_trip_and_corruption(small_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "gen"
+    shutil.copytree(small_run / "generator", folder)
+    checkpoint = load_checkpoint(folder)
+    assert checkpoint.base_model == "tiny:0" and len(checkpoint.training_tasks) == 4
+    z, c = torch.zeros(1, checkpoint.cvae.config.latent_dim), torch.randn(1, checkpoint.cvae.config.cond_dim)
+    reloaded = load_checkpoint(folder)
+    assert torch.equal(checkpoint.cvae.decode(z, c), reloaded.cvae.decode(z, c))
+    assert reloaded.generator_id == checkpoint.generator_id
+
+    weights = folder / "generator.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(folder)
+    weights.write_bytes(original)
+
+    config_path = folder / "generator.json"
+    config = json.loads(config_path.read_text())
+    config["base_model"] = "something-else"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="generator_id does not match"):
+        load_checkpoint(folder)
+    config_path.write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(folder)
+    config_path.unlink()
+    with pytest.raises(CheckpointError, match="no generator checkpoint"):
+        load_checkpoint(folder)
+
+
+def test_generator_refuses_a_mismatched_encoder(small_run: Path, tiny_base: BaseModel) -> None:
+    checkpoint = load_checkpoint(small_run / "generator")
+    other_settings = TaskEncoderSettings(max_examples=3, max_length=32)
+    with pytest.raises(GeneratorMismatchError, match="settings"):
+        AdapterGenerator(checkpoint, TaskEncoder.for_model(tiny_base.model, tiny_base.tokenizer, other_settings))
