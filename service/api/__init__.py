@@ -1,0 +1,1 @@
+"""HTTP layer: middleware, dependencies and routes."""

@@ -1,0 +1,1 @@
+"""One module per group of routes (see DESIGN.md's API table)."""

@@ -1,0 +1,92 @@
+"""POST /v1/adapters, GET /v1/adapters/{adapter_id}, GET /v1/adapters/{adapter_id}/weights."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from generator.adapter import GeneratedAdapter
+from service.adapters import spec_from_request
+from service.cache import Tier
+from service.schemas import AdapterMetadata, AdapterRequest
+from service.state import ServiceState, get_state
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+ZIP = "application/zip"
+SAFETENSORS = "application/octet-stream"
+
+
+def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
+    seed = adapter.metadata.get("seed", "")
+    return AdapterMetadata(
+        adapter_id=adapter.adapter_id,
+        generator_id=adapter.metadata.get("generator_id", ""),
+        base_model=adapter.base_model,
+        seed=int(seed) if seed else None,
+        rank=adapter.lora.rank,
+        alpha=adapter.lora.alpha,
+        target_modules=list(adapter.lora.target_modules),
+        num_parameters=adapter.num_parameters,
+        sha256=adapter.sha256,
+        cached=tier != "generated",
+        weights_url=f"/v1/adapters/{adapter.adapter_id}/weights",
+    )
+
+
+def zip_response(adapter: GeneratedAdapter) -> Response:
+    return Response(
+        adapter.to_peft_zip(),
+        media_type=ZIP,
+        headers={
+            "Content-Disposition": f'attachment; filename="{adapter.adapter_id}.zip"',
+            "ETag": f'"{adapter.sha256}"',
+        },
+    )
+
+
+@router.post(
+    "",
+    response_model=AdapterMetadata,
+    responses={200: {"content": {ZIP: {}}, "description": "Metadata, or the PEFT folder as a zip"}},
+    summary="Generate (or fetch from cache) the adapter for a task",
+)
+async def create_adapter(
+    body: AdapterRequest, request: Request, state: Annotated[ServiceState, Depends(get_state)]
+) -> Response:
+    spec = spec_from_request(body, state.settings)
+    adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
+    if ZIP in request.headers.get("accept", ""):
+        return zip_response(adapter)
+    return JSONResponse(adapter_metadata(adapter, tier).model_dump())
+
+
+@router.get("/{adapter_id}", response_model=AdapterMetadata, summary="Adapter metadata")
+async def get_adapter(adapter_id: str, state: Annotated[ServiceState, Depends(get_state)]) -> AdapterMetadata:
+    adapter, tier = await state.adapters.by_id(adapter_id)
+    return adapter_metadata(adapter, tier)
+
+
+@router.get(
+    "/{adapter_id}/weights",
+    responses={200: {"content": {ZIP: {}, SAFETENSORS: {}}}},
+    summary="The adapter's weights: PEFT zip (default) or the bare safetensors file",
+)
+async def get_weights(
+    adapter_id: str,
+    state: Annotated[ServiceState, Depends(get_state)],
+    format: Annotated[Literal["zip", "safetensors"], Query()] = "zip",
+) -> Response:
+    adapter, _ = await state.adapters.by_id(adapter_id)
+    if format == "safetensors":
+        return Response(
+            adapter.to_safetensors_bytes(),
+            media_type=SAFETENSORS,
+            headers={
+                "Content-Disposition": f'attachment; filename="{adapter_id}.safetensors"',
+                "ETag": f'"{adapter.sha256}"',
+            },
+        )
+    return zip_response(adapter)

@@ -1,0 +1,102 @@
+"""The task registry: POST/GET /v1/tasks, GET/DELETE /v1/tasks/{task_id}."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from service.adapters import spec_from_request
+from service.api.routes.adapters import adapter_metadata
+from service.errors import APIError
+from service.schemas import TASK_ID_PATTERN, ExampleIn, TaskCreate, TaskList, TaskOut
+from service.state import ServiceState, get_state
+from service.task_store import StoreUnavailable, TaskRecord, new_record
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
+
+
+def task_out(record: TaskRecord, state: ServiceState) -> TaskOut:
+    adapter_id = state.adapters.adapter_id(record.spec, record.seed) if state.adapters.generator else None
+    return TaskOut(
+        task_id=record.task_id,
+        description=record.spec.description,
+        examples=[ExampleIn(**e.to_dict()) for e in record.spec.examples],
+        seed=record.seed,
+        created_at=record.created_at,
+        adapter_id=adapter_id,
+    )
+
+
+def _store_error(exc: StoreUnavailable) -> APIError:
+    return APIError(503, str(exc), headers={"Retry-After": "1"})
+
+
+@router.post(
+    "",
+    response_model=TaskOut,
+    status_code=201,
+    responses={200: {"description": "Already registered with the same spec"}, 409: {"description": "Id taken"}},
+    summary="Register a task and generate its adapter (idempotent for the same id and spec)",
+)
+async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
+    spec = spec_from_request(body, state.settings)
+    task_id = body.task_id or "task-" + hashlib.sha256(f"{spec.canonical_json()}|{body.seed}".encode()).hexdigest()[:16]
+    try:
+        existing = await state.store.get(task_id)
+        if existing is not None and not existing.same_content(spec, body.seed):
+            raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+        adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
+        record, created = await state.store.create(new_record(task_id, spec, body.seed))
+    except StoreUnavailable as exc:
+        raise _store_error(exc) from None
+    if not created and not record.same_content(spec, body.seed):  # registered by someone else meanwhile
+        raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+    out = task_out(record, state)
+    out.adapter = adapter_metadata(adapter, tier)
+    return JSONResponse(out.model_dump(), status_code=201 if created else 200)
+
+
+@router.get("", response_model=TaskList, summary="List registered tasks, in id order")
+async def list_tasks(
+    state: Annotated[ServiceState, Depends(get_state)],
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> TaskList:
+    try:
+        records = await state.store.list(limit + 1, cursor)
+    except StoreUnavailable as exc:
+        raise _store_error(exc) from None
+    page = records[:limit]
+    next_cursor = page[-1].task_id if len(records) > limit else None
+    return TaskList(data=[task_out(r, state) for r in page], next_cursor=next_cursor)
+
+
+@router.get("/{task_id}", response_model=TaskOut, summary="One task")
+async def get_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_state)]) -> TaskOut:
+    try:
+        record = await state.store.get(task_id)
+    except StoreUnavailable as exc:
+        raise _store_error(exc) from None
+    if record is None:
+        raise APIError(404, f"unknown task {task_id!r}")
+    return task_out(record, state)
+
+
+@router.delete("/{task_id}", response_model=TaskOut, summary="Delete a task; frees its slot and cache entries")
+async def delete_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_state)]) -> TaskOut:
+    try:
+        record = await state.store.delete(task_id)
+    except StoreUnavailable as exc:
+        raise _store_error(exc) from None
+    if record is None:
+        raise APIError(404, f"unknown task {task_id!r}")
+    out = task_out(record, state)
+    if out.adapter_id is not None:
+        await state.cache.drop(out.adapter_id)
+        if state.engine is not None:
+            state.engine.release_adapter(out.adapter_id)
+    return out

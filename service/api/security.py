@@ -1,0 +1,67 @@
+"""API keys (Bearer, compared in constant time) and a per-key token-bucket rate limit."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from service.errors import APIError
+
+
+@dataclass
+class RateLimiter:
+    """``per_minute`` requests per identity, refilled continuously; bursts up to ``per_minute``."""
+
+    per_minute: int
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # identity -> (tokens, last refill)
+
+    def check(self, identity: str) -> float:
+        """0 when allowed (a token is taken), else seconds until the next token."""
+        now = time.monotonic()
+        rate = self.per_minute / 60.0
+        tokens, last = self._buckets.get(identity, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+        if tokens >= 1.0:
+            self._buckets[identity] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[identity] = (tokens, now)
+        return (1.0 - tokens) / rate
+
+
+class Guard:
+    """The dependency every /v1 route takes: authentication, then rate limiting."""
+
+    def __init__(self, api_keys: list[str], rate_limit_per_minute: int) -> None:
+        # keys are kept as digests: comparing fixed-length digests in constant time leaks neither key nor length
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
+        self._limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute > 0 else None
+
+    def identity(self, request: Request) -> str:
+        if not self._digests:
+            return f"addr:{request.client.host if request.client else 'unknown'}"
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(
+                401, "missing API key: send 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+            )
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        matched = False
+        for known in self._digests:  # no early exit: the time does not depend on which key matched
+            matched |= hmac.compare_digest(digest, known)
+        if not matched:
+            raise APIError(403, "invalid API key")
+        return f"key:{digest.hex()[:16]}"
+
+    async def __call__(self, request: Request) -> str:
+        identity = self.identity(request)
+        if self._limiter is not None:
+            wait = self._limiter.check(identity)
+            if wait > 0:
+                raise APIError(429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return identity

@@ -1,0 +1,95 @@
+"""Service settings from the environment (prefix ``ICM_LORA_``), validated at start-up."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from generator.base_model import DEFAULT_BASE_MODEL, default_data_dir
+
+PACKAGED_GENERATORS = Path(__file__).resolve().parent.parent / "generator" / "assets" / "generators"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ICM_LORA_", extra="ignore")
+
+    # models
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="smollm2-135m (packaged), tiny, or a HF path/id")
+    generator_path: Path | None = Field(
+        None, description="Generator checkpoint folder; default: the packaged one for the base model, if any"
+    )
+    data_dir: Path = Field(default_factory=default_data_dir, description="Caches and the SQLite task registry")
+    served_model_name: str = Field("", description="Name of the adapter-free model in /v1/models (default: base)")
+
+    # stores
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = embedded stores only")
+    redis_prefix: str = Field("icm-lora", min_length=1, max_length=64)
+    task_store: str = Field("auto", description="sqlite | redis | auto (redis when redis_url is set)")
+    adapter_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    memory_cache_size: int = Field(64, ge=1, description="Adapters kept in process memory")
+
+    # engine
+    num_slots: int = Field(8, ge=1, le=1024, description="LoRA slots in the resident model")
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue: int = Field(64, ge=1)
+
+    # limits
+    max_examples: int = Field(64, ge=1)
+    max_text_chars: int = Field(8000, ge=1, description="Per description / example field")
+    max_prompt_tokens: int = Field(2048, ge=1)
+    max_tokens: int = Field(512, ge=1, description="Upper bound for max_tokens in completions")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+
+    # security
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated")
+    rate_limit_per_minute: int = Field(0, ge=0, description="Per API key (or client address); 0 = off")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # server
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("task_store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        if value not in {"sqlite", "redis", "auto"}:
+            raise ValueError("task_store must be sqlite, redis or auto")
+        return value
+
+    @property
+    def use_redis_tasks(self) -> bool:
+        return self.task_store == "redis" or (self.task_store == "auto" and bool(self.redis_url))
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.base_model
+
+    def resolved_generator_path(self) -> Path | None:
+        if self.generator_path is not None:
+            return self.generator_path
+        packaged = PACKAGED_GENERATORS / self.base_model.replace("/", "__")
+        return packaged if (packaged / "generator.json").is_file() else None
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings; tests pass their own ``Settings`` to ``create_app`` instead."""
+    return Settings()

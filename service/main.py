@@ -1,0 +1,123 @@
+"""create_app(settings) and its lifespan: load the base model, the generator and the stores, then serve."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis
+
+from generator.base_model import BaseModel, load_base_model
+from generator.checkpoint import load_checkpoint
+from generator.generate import AdapterGenerator
+from generator.task_encoder import MiniLMEmbedder, TaskEncoder
+from service.adapters import AdapterService
+from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.routes import adapters, health, tasks
+from service.api.security import Guard
+from service.cache import AdapterCache, RedisTier
+from service.config import Settings, get_settings
+from service.errors import install_error_handlers
+from service.metrics import ServiceMetrics
+from service.state import ServiceState
+from service.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = ServiceMetrics(redis_configured=bool(settings.redis_url))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = await _build_state(settings, metrics)
+        app.state.icm = state
+        try:
+            yield
+        finally:
+            await _close_state(state)
+
+    app = FastAPI(
+        title="icm-lora",
+        version="0.1.0",
+        summary="LoRA adapters generated on demand from a task description and examples, and served.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    guard = Guard([k.get_secret_value() for k in settings.api_keys], settings.rate_limit_per_minute)
+    v1 = [Depends(guard)]
+    app.include_router(adapters.router, dependencies=v1)
+    app.include_router(tasks.router, dependencies=v1)
+    app.include_router(health.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+async def _build_state(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
+    start = time.perf_counter()
+    base = load_base_model(settings.base_model, settings.data_dir)
+    redis = (
+        Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        if settings.redis_url
+        else None
+    )
+    redis_tier = RedisTier(redis, settings.redis_prefix, settings.adapter_ttl_s, metrics) if redis else None
+    store: TaskStore
+    if settings.use_redis_tasks:
+        if redis is None:
+            raise ValueError("ICM_LORA_TASK_STORE=redis needs ICM_LORA_REDIS_URL")
+        store = RedisTaskStore(redis, settings.redis_prefix)
+    else:
+        store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
+    generator = _load_generator(settings, base)
+    cache = AdapterCache(settings.memory_cache_size, metrics, redis_tier)
+    state = ServiceState(
+        settings=settings,
+        metrics=metrics,
+        base=base,
+        store=store,
+        cache=cache,
+        adapters=AdapterService(generator, cache, store, metrics),
+        redis_tier=redis_tier,
+        started_at=time.time(),
+    )
+    if redis_tier is not None:
+        await redis_tier.ping()
+    log.info(
+        "icm-lora ready in %.1f s (model %s, generator %s)",
+        time.perf_counter() - start,
+        base.name,
+        generator.generator_id if generator else None,
+    )
+    return state
+
+
+def _load_generator(settings: Settings, base: BaseModel) -> AdapterGenerator | None:
+    path = settings.resolved_generator_path()
+    if path is None:
+        log.warning("no generator checkpoint for %s: adapter generation answers 503", settings.base_model)
+        return None
+    checkpoint = load_checkpoint(path)
+    from generator.task_encoder import ModelHiddenStateReader
+
+    reader = ModelHiddenStateReader(
+        base.model, base.tokenizer, checkpoint.encoder.hidden_layer, checkpoint.encoder.max_length
+    )
+    encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder)
+    return AdapterGenerator(checkpoint, encoder)
+
+
+async def _close_state(state: ServiceState) -> None:
+    await state.store.close()
+    if state.redis_tier is not None:
+        await state.redis_tier.redis.aclose()

@@ -1,0 +1,180 @@
+"""Request and response models: the wire contract of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+_EXAMPLE_SPEC: dict[str, Any] = {
+    "description": "Classify the sentiment of a hotel review as positive or negative.",
+    "examples": [
+        {"input": "The room was spotless and the staff were lovely.", "output": "positive"},
+        {"input": "Noisy, dirty and overpriced.", "output": "negative"},
+    ],
+}
+
+
+class ExampleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str
+    output: str
+    choices: list[str] | None = Field(None, min_length=2, max_length=32)
+
+
+class TaskSpecIn(BaseModel):
+    """A task: a description, examples, or both."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_SPEC]})
+
+    description: str = ""
+    examples: list[ExampleIn] = Field(default_factory=list)
+
+
+class AdapterRequest(TaskSpecIn):
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sample z from this seed; default z = 0")
+
+
+class AdapterMetadata(BaseModel):
+    adapter_id: str
+    generator_id: str
+    base_model: str
+    seed: int | None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    num_parameters: int
+    sha256: str
+    cached: bool = Field(description="True when served from a cache tier instead of generated for this request")
+    weights_url: str
+
+
+class TaskCreate(TaskSpecIn):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"task_id": "hotel-sentiment", **_EXAMPLE_SPEC}]}
+    )
+
+    task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="Default: derived from the spec")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class TaskOut(BaseModel):
+    task_id: str
+    description: str
+    examples: list[ExampleIn]
+    seed: int | None
+    created_at: float
+    adapter_id: str | None = Field(None, description="Content address of the task's adapter")
+    adapter: AdapterMetadata | None = Field(None, description="Full metadata (in the response to POST)")
+
+
+class TaskList(BaseModel):
+    data: list[TaskOut]
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= to get the next page")
+
+
+# --- OpenAI-compatible inference ---------------------------------------------------------------------------------
+
+
+class _SamplingFields(BaseModel):
+    model: str = Field(description="A task id, or the base model's name for no adapter")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
+            raise ValueError("stop: at most 4 non-empty strings of at most 64 characters")
+        return stops
+
+
+class CompletionRequest(_SamplingFields):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "hotel-sentiment", "prompt": "Input: Great view!\nOutput:", "max_tokens": 8}]
+        }
+    )
+
+    prompt: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model": "hotel-sentiment", "messages": [{"role": "user", "content": "Great view!"}]}]
+        }
+    )
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "icm-lora"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, Any] = Field(default_factory=dict)

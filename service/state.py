@@ -1,0 +1,33 @@
+"""What the lifespan builds and the routes use, kept on ``app.state.icm``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from generator.base_model import BaseModel
+from service.adapters import AdapterService
+from service.cache import AdapterCache, RedisTier
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.task_store import TaskStore
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: ServiceMetrics
+    base: BaseModel
+    store: TaskStore
+    cache: AdapterCache
+    adapters: AdapterService
+    redis_tier: RedisTier | None = None
+    engine: Any = None
+    started_at: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.icm

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from service.api.security import RateLimiter
+from tests.service.conftest import metric_value, serve
+
+
+def test_api_keys_guard_every_v1_route(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for(api_keys="alpha-key,beta-key")) as service, service.client() as client:
+        for method, path in (
+            ("GET", "/v1/tasks"),
+            ("GET", "/v1/tasks/x"),
+            ("GET", "/v1/adapters/abc"),
+            ("POST", "/v1/adapters"),
+        ):
+            missing = client.request(method, path, json={"description": "x"})
+            assert missing.status_code == 401, path
+            assert missing.json()["error"]["type"] == "authentication_error"
+            assert missing.headers["www-authenticate"] == "Bearer"
+            wrong = client.request(method, path, json={"description": "x"}, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 403, path
+        assert client.get("/v1/tasks", headers={"Authorization": "Basic alpha-key"}).status_code == 401
+        for key in ("alpha-key", "beta-key"):
+            assert client.get("/v1/tasks", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        # probes and the scraper need no key
+        assert client.get("/healthz").status_code == 200
+        metrics = client.get("/metrics").text
+    assert "alpha-key" not in metrics
+    assert metric_value(metrics, "icm_lora_requests_total", route="/v1/tasks", status="401") >= 2
+    assert metric_value(metrics, "icm_lora_requests_total", route="/v1/tasks/{task_id}", status="403") == 1
+
+
+def test_rate_limit_per_key(settings_for) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(api_keys="k1,k2", rate_limit_per_minute=3)
+    with serve(settings) as service, service.client() as client:
+        k1 = {"Authorization": "Bearer k1"}
+        statuses = [client.get("/v1/tasks", headers=k1).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        limited = client.get("/v1/tasks", headers=k1)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["type"] == "rate_limited"
+        assert client.get("/v1/tasks", headers={"Authorization": "Bearer k2"}).status_code == 200  # per key
+
+
+def test_rate_limiter_refills() -> None:
+    limiter = RateLimiter(per_minute=60)
+    assert all(limiter.check("a") == 0 for _ in range(60))
+    wait = limiter.check("a")
+    assert 0 < wait <= 1.0
+    tokens, last = limiter._buckets["a"]
+    limiter._buckets["a"] = (tokens, last - 2.0)  # two seconds later: two tokens back
+    assert limiter.check("a") == 0 and limiter.check("a") == 0 and limiter.check("a") > 0
+
+
+def test_cors_closed_by_default(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for()) as service, service.client() as client:
+        preflight = client.options(
+            "/v1/tasks", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
+        )
+        assert "access-control-allow-origin" not in preflight.headers
+        assert (
+            "access-control-allow-origin"
+            not in client.get("/v1/tasks", headers={"Origin": "https://evil.example"}).headers
+        )
