@@ -1,0 +1,34 @@
+"""Engine sizes. Frozen and checked on creation, like the generator's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """``num_slots`` LoRA slots of rank ``max_rank`` per target module. Smaller ranks are zero-padded (exact, but each
+    slot costs memory traffic in every mixed-batch step in proportion to ``max_rank``), larger ones are refused: set it
+    to the generator's LoRA rank (4 by default, ``LoraSettings.rank``).
+
+    ``max_batch_size``: rows decoded together. ``max_queue``: waiting requests beyond which ``submit`` raises
+    ``QueueFull``. ``max_prefill_tokens``: padded prompt tokens prefilled in one forward pass (new requests beyond it
+    wait for the next step). ``check_base_model``: refuse adapters whose ``base_model`` names another model.
+    """
+
+    num_slots: int = 16
+    max_rank: int = 4
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_prefill_tokens: int = 2048
+    check_base_model: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_modules, tuple):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("num_slots", "max_rank", "max_batch_size", "max_queue", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.target_modules:
+            raise ValueError("EngineConfig.target_modules is empty")

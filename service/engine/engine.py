@@ -1,0 +1,326 @@
+"""The public face of the serving engine.
+
+One ``Engine`` owns the resident base model (wrapped in place with LoRA slots), a slot table and the batching loop on
+a background thread. Callers submit requests from any thread or event loop and get a ``RequestHandle`` to stream
+from; ``generate`` is the blocking helper for scripts.
+
+    engine = Engine(load_base_model("smollm2-135m"))
+    result = engine.generate("Hello", adapter=generated_adapter, max_tokens=32)
+    async for delta in engine.stream("Hello", adapter=generated_adapter, params=SamplingParams(max_tokens=32)):
+        print(delta.text, end="")
+    engine.close()
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import secrets
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from generator.adapter import GeneratedAdapter
+from generator.base_model import BaseModel
+from service.engine.config import EngineConfig
+from service.engine.errors import AdapterError, RequestError
+from service.engine.hidden import EngineHiddenStateReader
+from service.engine.lora_layers import LoraBank, PreparedAdapter
+from service.engine.observer import EngineObserver, EngineStats
+from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
+from service.engine.sampling import SamplingParams
+from service.engine.scheduler import Job, Scheduler
+from service.engine.text import TextStream
+
+Prompt = str | Sequence[int]
+AdapterLike = GeneratedAdapter | PreparedAdapter | None
+
+
+class Engine:
+    """Serve ``base`` with ``config.num_slots`` LoRA slots. The model is wrapped in place (its target Linears become
+    ``SlottedLoraLinear``) and must already be on its device; ``close()`` gives the plain Linears back. Every method is
+    thread-safe; the model itself only runs on the engine's own thread."""
+
+    def __init__(
+        self, base: BaseModel, config: EngineConfig | None = None, observer: EngineObserver | None = None
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.base_name = base.name
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        # Fast tokenizers are not safe to share between threads ("Already borrowed"): callers encode under a lock,
+        # the engine thread decodes with its own copy.
+        self._encode_lock = threading.Lock()
+        self._decode_tokenizer = copy.deepcopy(base.tokenizer)
+        self.model.eval()
+        self.bank = LoraBank(self.model, self.config.num_slots, self.config.max_rank, self.config.target_modules)
+        model_config = self.model.config
+        self.vocab_size = int(model_config.vocab_size)
+        self.max_positions = int(getattr(model_config, "max_position_embeddings", 2048))
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self._scheduler = Scheduler(
+            self.model,
+            self.bank,
+            self.config,
+            observer or EngineObserver(),
+            eos_ids=_eos_ids(self.model, self.tokenizer),
+            max_positions=self.max_positions,
+            pad_id=int(pad),
+        )
+        self._ids = itertools.count()
+        self._closed = False
+        self._scheduler.start()
+
+    @property
+    def device(self) -> torch.device:
+        return self.bank.device
+
+    # --- requests ---------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Prompt,
+        adapter: AdapterLike = None,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        **sampling: Any,
+    ) -> RequestHandle:
+        """Queue a request (thread-safe, does not block); sampling settings as ``params`` or as keywords
+        (``max_tokens=16``). Raises ``QueueFull``, ``AdapterError``, ``RequestError``."""
+        job = self._job(prompt, adapter, _params(params, sampling), request_id)
+        self._scheduler.submit(job)
+        return job.handle
+
+    def submit_many(
+        self,
+        prompts: Sequence[Prompt],
+        adapters: Sequence[AdapterLike] | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestHandle]:
+        """Queue several requests at once (all or none); the loop sees them together, so they share one prefill and
+        one batch as far as the batch's room, the slots and ``max_prefill_tokens`` allow."""
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        per_request = _per_request(params, len(prompts))
+        jobs = [self._job(p, a, s, None) for p, a, s in zip(prompts, adapters, per_request, strict=True)]
+        self._scheduler.submit_many(jobs)
+        return [job.handle for job in jobs]
+
+    def generate(
+        self, prompt: Prompt, adapter: AdapterLike = None, params: SamplingParams | None = None, **sampling: Any
+    ) -> GenerationResult:
+        """Blocking helper: ``engine.generate("Hi", adapter=a, max_tokens=16)``."""
+        return self.submit(prompt, adapter, params, **sampling).result()
+
+    def generate_many(
+        self,
+        prompts: Sequence[Prompt],
+        adapters: Sequence[AdapterLike] | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        return [handle.result() for handle in self.submit_many(prompts, adapters, params)]
+
+    async def agenerate(
+        self, prompt: Prompt, adapter: AdapterLike = None, params: SamplingParams | None = None, **sampling: Any
+    ) -> GenerationResult:
+        handle = self.submit(prompt, adapter, params, **sampling)
+        try:
+            return await handle.wait()
+        finally:
+            handle.cancel()  # no-op when finished; frees the request when the awaiting task was cancelled
+
+    async def stream(
+        self, prompt: Prompt, adapter: AdapterLike = None, params: SamplingParams | None = None, **sampling: Any
+    ) -> AsyncIterator[StreamDelta]:
+        """Submit and yield the deltas; closing the iterator early (client gone) cancels the request."""
+        handle = self.submit(prompt, adapter, params, **sampling)
+        try:
+            async for delta in handle:
+                yield delta
+        finally:
+            handle.cancel()  # no-op when finished
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a prompt (as ``tokenizer(text)``); safe from any thread."""
+        with self._encode_lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a chat (``[{"role": ..., "content": ...}]``) through the tokenizer's chat template, ending
+        with the assistant's turn; safe from any thread."""
+        with self._encode_lock:
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+    # --- adapters ---------------------------------------------------------------------------------------------
+
+    def prepare_adapter(self, adapter: GeneratedAdapter | PreparedAdapter) -> PreparedAdapter:
+        """Check an adapter against this engine once (``AdapterError`` if it cannot be served); the result can be
+        passed to ``submit`` many times without checking again."""
+        if isinstance(adapter, PreparedAdapter):
+            self.bank.check(adapter)
+            return adapter
+        if not isinstance(adapter, GeneratedAdapter):
+            raise AdapterError(f"expected a GeneratedAdapter, got {type(adapter).__name__}")
+        if self.config.check_base_model and adapter.base_model and adapter.base_model != self.base_name:
+            raise AdapterError(
+                f"adapter {adapter.adapter_id!r} was made for base model {adapter.base_model!r}, "
+                f"this engine serves {self.base_name!r}"
+            )
+        return self.bank.prepare(adapter)
+
+    def load_adapter(self, adapter: GeneratedAdapter | PreparedAdapter) -> int:
+        """Copy an adapter into a slot now (evicting the least recently used unpinned one); return the slot.
+        Raises ``NoFreeSlot`` when every slot is pinned."""
+        prepared = self.prepare_adapter(adapter)
+        return int(self._scheduler.call(lambda: self._scheduler.load_now(prepared)).result())
+
+    def release_adapter(self, adapter_id: str) -> bool:
+        """Free the adapter's slot when no running request pins it (a deleted task); True when a slot was freed.
+        A pinned slot stays until its requests finish, then ages out like any other."""
+
+        def release() -> bool:
+            table = self._scheduler.table
+            slot = table.slot_of(adapter_id)
+            if slot is None or table.pins(slot) > 0:
+                return False
+            table.invalidate(slot)
+            return True
+
+        return bool(self._scheduler.call(release).result())
+
+    def resident_adapters(self) -> dict[str, int]:
+        """Adapter id -> slot, least recently used first."""
+        return dict(self._scheduler.call(lambda: self._scheduler.table.resident).result())
+
+    # --- task encoder support ---------------------------------------------------------------------------------
+
+    def hidden_state_reader(self, layer: int | None = None, max_length: int = 96) -> EngineHiddenStateReader:
+        """A ``HiddenStateReader`` over the resident base model, adapter-free."""
+        return EngineHiddenStateReader(
+            self._scheduler.call, self.model, self.tokenizer, self.bank, layer, max_length, self._encode_lock
+        )
+
+    # --- lifecycle and metrics --------------------------------------------------------------------------------
+
+    def stats(self, sync: bool = False) -> EngineStats:
+        """Counters and gauges, cheap from any thread. ``sync=True`` takes them on the engine thread between two
+        steps (waits up to one step), so they reflect every request that has finished so far."""
+        if sync:
+            return self._scheduler.call(self._scheduler.stats).result()
+        return self._scheduler.stats()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the engine loop between two steps; requests submitted meanwhile are admitted together on exit."""
+        if self._scheduler.on_engine_thread:
+            raise RuntimeError("paused() cannot be used from the engine thread")
+        entered, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            entered.set()
+            release.wait()
+
+        future = self._scheduler.call(hold)
+        while not entered.wait(0.05):
+            if future.done():
+                future.result()  # raises EngineClosed
+        try:
+            yield
+        finally:
+            release.set()
+            future.result()
+
+    def close(self) -> None:
+        """Stop the loop (unfinished requests fail with ``EngineClosed``) and give the model its plain Linears back."""
+        if self._closed:
+            return
+        self._closed = True
+        self._scheduler.close()
+        self.bank.uninstall()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals --------------------------------------------------------------------------------------------
+
+    def _job(self, prompt: Prompt, adapter: AdapterLike, params: SamplingParams, request_id: str | None) -> Job:
+        ids = self._prompt_ids(prompt)
+        if len(ids) + params.max_tokens > self.max_positions:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of "
+                f"{self.max_positions} tokens"
+            )
+        prepared = None if adapter is None else self.prepare_adapter(adapter)
+        seed = generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+        request_id = request_id or f"req-{next(self._ids)}"
+        handle = RequestHandle(request_id, self._scheduler.wake)
+        return Job(
+            request_id=request_id,
+            prompt_ids=ids,
+            adapter=prepared,
+            params=params,
+            seed=seed,
+            generator=generator,
+            handle=handle,
+            text=TextStream(self._decode_tokenizer, ids, params.stop),
+        )
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise RequestError(f"token ids {bad[:3]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if not ids:
+            raise RequestError("the prompt is empty")
+        return ids
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
+    if params is not None and sampling:
+        raise RequestError("give either params or sampling keywords, not both")
+    if params is not None:
+        return params
+    try:
+        return SamplingParams(**sampling)
+    except TypeError as exc:
+        raise RequestError(f"unknown sampling setting: {exc}") from None
+
+
+def _per_request(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    listed = list(params)
+    if len(listed) != n:
+        raise RequestError(f"{n} prompts but {len(listed)} sampling parameter sets")
+    return listed

@@ -1,0 +1,470 @@
+"""Continuous batching on one background thread.
+
+Each iteration of the loop, between two forward passes:
+
+1. runs the calls other threads queued for the model (hidden-state reads, adapter preloads);
+2. drops cancelled requests (their slot pin and KV rows go with them);
+3. admits waiting requests while the batch has room: each gets its adapter's slot (pinned; copied in when it is
+   not resident, evicting the least recently used unpinned slot) and all admitted requests are prefilled together
+   in one left-padded forward pass, then merged into the running batch;
+4. runs one decode step for every running row, each row with its own slot, and retires the rows that finished.
+
+Requests are admitted in arrival order. A request whose adapter needs a slot while every slot is pinned waits; later
+requests that need no new slot (no adapter, or an adapter already resident) may go ahead of it, later ones that need a
+swap may not, so a waiting adapter gets the next slot that frees up.
+
+Everything that touches the model, the slots or the slot table runs on this thread, so none of it needs a lock;
+the waiting queue and the call queue are shared with submitters under one condition variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from service.engine.config import EngineConfig
+from service.engine.errors import EngineClosed, EngineError, QueueFull
+from service.engine.kv_cache import BatchKVCache
+from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter
+from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
+from service.engine.requests import (
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationResult,
+    RequestHandle,
+    StreamDelta,
+)
+from service.engine.sampling import SamplingParams, choose_tokens
+from service.engine.slots import SlotTable
+from service.engine.text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """A request inside the engine, from submission to its last token."""
+
+    request_id: str
+    prompt_ids: list[int]
+    adapter: PreparedAdapter | None
+    params: SamplingParams
+    seed: int | None
+    generator: torch.Generator | None
+    handle: RequestHandle
+    text: TextStream
+    submitted_at: float = field(default_factory=time.perf_counter)
+    slot: int = NO_SLOT
+    needs_load: bool = False
+    evicted: str | None = None
+    output_ids: list[int] = field(default_factory=list)
+    position: int = 0  # tokens of this request in the KV cache
+    next_token: int = 0  # sampled, not yet fed to the model
+    first_token_at: float | None = None
+
+    @property
+    def adapter_id(self) -> str | None:
+        return None if self.adapter is None else self.adapter.adapter_id
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        bank: LoraBank,
+        config: EngineConfig,
+        observer: EngineObserver,
+        eos_ids: set[int],
+        max_positions: int,
+        pad_id: int,
+    ) -> None:
+        self.model = model
+        self.bank = bank
+        self.table = SlotTable(config.num_slots)
+        self.config = config
+        self.observer = GuardedObserver(observer)
+        self.eos_ids = eos_ids
+        self.max_positions = max_positions
+        self.pad_id = pad_id
+        self.device = bank.device
+        self.num_layers = int(model.config.num_hidden_layers)
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._rows: list[Job] = []
+        self._cache: BatchKVCache | None = None
+        self.swaps_total = 0
+        self.swap_seconds_total = 0.0
+        self.tokens_total = 0
+        self.finished_total = 0
+        self.steps_total = 0
+
+    # --- any thread -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="icm-lora-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def on_engine_thread(self) -> bool:
+        return self._thread is threading.current_thread()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.config.max_queue})")
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def submit_many(self, jobs: Sequence[Job]) -> None:
+        """All or none, under one lock: the loop sees them together and admits them to one prefill."""
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            if len(self._waiting) + len(jobs) > self.config.max_queue:
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are waiting, {len(jobs)} more do not fit "
+                    f"(max_queue={self.config.max_queue})"
+                )
+            self._waiting.extend(jobs)
+            self._cond.notify_all()
+
+    def wake(self, _handle: RequestHandle | None = None) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the engine thread between two steps; its result (or exception) comes back in the future."""
+        future: Future[Any] = Future()
+        if self.on_engine_thread:
+            _run_into(fn, future)
+            return future
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    def stats(self) -> EngineStats:
+        cache = self._cache
+        return EngineStats(
+            swaps_total=self.swaps_total,
+            swap_seconds_total=self.swap_seconds_total,
+            adapters_resident=len(self.table.resident),
+            slots_total=self.table.num_slots,
+            slots_pinned=self.table.pinned_slots,
+            queue_depth=len(self._waiting),
+            running=len(self._rows),
+            tokens_generated_total=self.tokens_total,
+            requests_finished_total=self.finished_total,
+            decode_steps_total=self.steps_total,
+            kv_cache_bytes=0 if cache is None else cache.nbytes(),
+        )
+
+    # --- engine thread ----------------------------------------------------------------------------------------
+
+    def load_now(self, adapter: PreparedAdapter) -> int:
+        """Make ``adapter`` resident without pinning it (a preload); return its slot."""
+        lease = self.table.acquire(adapter.adapter_id)
+        try:
+            if lease.needs_load:
+                self._copy_in(adapter, lease.slot, lease.evicted)
+        finally:
+            if self.table.owner(lease.slot) == adapter.adapter_id:  # not invalidated by a failed copy
+                self.table.release(lease.slot)
+        return lease.slot
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closing or self._calls or self._waiting or self._rows):
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    calls, self._calls = self._calls, []
+                    cancelled, admitted = self._take_admissible()
+                try:
+                    self._iteration(calls, cancelled, admitted)
+                except Exception as exc:  # a bug must not leave callers waiting forever
+                    log.exception("engine iteration failed")
+                    self._fail_all_running([*admitted, *self._rows], exc)
+            self._shutdown()
+
+    def _iteration(
+        self, calls: list[tuple[Callable[[], Any], Future[Any]]], cancelled: list[Job], admitted: list[Job]
+    ) -> None:
+        for fn, future in calls:
+            _run_into(fn, future)
+        for job in cancelled:
+            self._finish(job, FINISH_CANCELLED)
+        self._drop_cancelled_rows()
+        if admitted:
+            self._prefill(admitted)
+        if self._rows:
+            self._decode_step()
+
+    def _fail_all_running(self, jobs: list[Job], exc: BaseException) -> None:
+        self._rows, self._cache = [], None
+        for job in dict.fromkeys(jobs):  # unique, in order
+            if job.handle.done:
+                continue
+            error = EngineError(f"engine failure: {exc}")
+            try:
+                self._finish(job, FINISH_ERROR, error)
+            except Exception:
+                job.handle.fail(error)
+
+    def _take_admissible(self) -> tuple[list[Job], list[Job]]:
+        """Under the lock: pop cancelled waiting jobs, and the jobs that fit in the batch (their slots pinned)."""
+        cancelled: list[Job] = []
+        admitted: list[Job] = []
+        room = self.config.max_batch_size - len(self._rows)
+        width = 0
+        swap_blocked = False
+        keep: deque[Job] = deque()
+        while self._waiting:
+            job = self._waiting.popleft()
+            if job.handle.cancel_requested:
+                cancelled.append(job)
+                continue
+            n = len(job.prompt_ids)
+            too_wide = admitted and (len(admitted) + 1) * max(width, n) > self.config.max_prefill_tokens
+            if len(admitted) >= room or too_wide:
+                keep.append(job)
+                continue
+            if job.adapter is not None:
+                adapter_id = job.adapter.adapter_id
+                if self.table.needs_load(adapter_id) and (swap_blocked or not self.table.can_acquire(adapter_id)):
+                    swap_blocked = True
+                    keep.append(job)
+                    continue
+                lease = self.table.acquire(adapter_id)
+                job.slot, job.needs_load, job.evicted = lease.slot, lease.needs_load, lease.evicted
+            admitted.append(job)
+            width = max(width, n)
+        self._waiting = keep
+        return cancelled, admitted
+
+    def _copy_in(self, adapter: PreparedAdapter, slot: int, evicted: str | None) -> None:
+        start = time.perf_counter()
+        try:
+            self.bank.load(slot, adapter)
+        except Exception:
+            self.table.invalidate(slot)
+            raise
+        seconds = time.perf_counter() - start
+        self.swaps_total += 1
+        self.swap_seconds_total += seconds
+        self.observer.on_swap(adapter.adapter_id, slot, seconds, evicted)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        ready: list[Job] = []
+        failed: dict[int, str] = {}  # slot -> why its load failed (the table forgot it, with all its pins)
+        for job in jobs:
+            if job.needs_load and job.adapter is not None:
+                try:
+                    self._copy_in(job.adapter, job.slot, job.evicted)
+                except Exception as exc:
+                    log.exception("loading adapter %s failed", job.adapter_id)
+                    failed[job.slot] = str(exc)
+                job.needs_load = False
+            if job.slot in failed:
+                reason = failed[job.slot]
+                job.slot = NO_SLOT  # nothing to release: invalidate dropped the pins
+                self._finish(job, FINISH_ERROR, EngineError(f"loading the adapter failed: {reason}"))
+                continue
+            ready.append(job)
+        if not ready:
+            return
+        start = time.perf_counter()
+        width = max(len(job.prompt_ids) for job in ready)
+        ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ready), width), dtype=torch.bool)
+        for i, job in enumerate(ready):
+            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
+            mask[i, width - len(job.prompt_ids) :] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        padded = not bool(mask.all())
+        positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+        cache = BatchKVCache(self.num_layers)
+        try:
+            self.bank.activate([job.slot for job in ready])
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask.long() if padded else None,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache.mask = mask
+            cache.zero_padding()
+            tokens = choose_tokens(
+                out.logits[:, -1, :], [job.params for job in ready], [job.generator for job in ready]
+            )
+        except Exception as exc:
+            log.exception("prefill failed")
+            for job in ready:
+                self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
+            return
+        self.observer.on_prefill(len(ready), int(ids.numel()), time.perf_counter() - start)
+        self._count_tokens(len(ready))
+        keep = []
+        for i, job in enumerate(ready):
+            job.position = len(job.prompt_ids)
+            if not self._accept(job, tokens[i]):
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(ready):
+            cache.select(keep)
+        self._rows.extend(ready[i] for i in keep)
+        self._cache = cache if self._cache is None else BatchKVCache.concat([self._cache, cache])
+
+    def _decode_step(self) -> None:
+        rows, cache = self._rows, self._cache
+        assert cache is not None
+        ids = torch.tensor([[job.next_token] for job in rows], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[job.position] for job in rows], dtype=torch.long, device=self.device)
+        mask = cache.append_position()
+        attention = mask[:, None, None, :] if cache.has_padding() else None
+        try:
+            self.bank.activate([job.slot for job in rows])
+            out = self.model(
+                input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+            )
+            tokens = choose_tokens(out.logits[:, -1, :], [job.params for job in rows], [job.generator for job in rows])
+        except Exception as exc:
+            log.exception("decode step failed")
+            self._rows, self._cache = [], None
+            for job in rows:
+                self._finish(job, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
+            return
+        self.steps_total += 1
+        self.observer.on_batch(len(rows))
+        self._count_tokens(len(rows))
+        keep = []
+        for i, job in enumerate(rows):
+            job.position += 1
+            if not self._accept(job, tokens[i]):
+                keep.append(i)
+        self._retain(keep)
+
+    def _accept(self, job: Job, token: int) -> bool:
+        """Record a generated token, stream it; return True when the job finished (and was retired)."""
+        now = time.perf_counter()
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.observer.on_first_token(now - job.submitted_at)
+        job.output_ids.append(token)
+        job.next_token = token
+        text = job.text.push(token)
+        reason: str | None = None
+        if job.text.stopped or (token in self.eos_ids and not job.params.ignore_eos):
+            reason = FINISH_STOP
+        elif len(job.output_ids) >= job.params.max_tokens or job.position >= self.max_positions:
+            reason = FINISH_LENGTH
+        if reason is not None:
+            text += job.text.flush()
+        job.handle.push(StreamDelta(text, (token,), reason))
+        if reason is not None:
+            self._finish(job, reason, push=False)
+            return True
+        return False
+
+    def _drop_cancelled_rows(self) -> None:
+        if not any(job.handle.cancel_requested for job in self._rows):
+            return
+        keep = []
+        for i, job in enumerate(self._rows):
+            if job.handle.cancel_requested:
+                self._finish(job, FINISH_CANCELLED)
+            else:
+                keep.append(i)
+        self._retain(keep)
+
+    def _retain(self, keep: Sequence[int]) -> None:
+        """Keep only these rows of the running batch (the others were finished already)."""
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._cache = None
+        elif self._cache is not None:
+            self._cache.select(keep)
+
+    def _finish(self, job: Job, reason: str, error: BaseException | None = None, push: bool = True) -> None:
+        if job.slot != NO_SLOT:
+            self.table.release(job.slot)
+            job.slot = NO_SLOT
+        if push:
+            job.handle.push(StreamDelta(job.text.flush() if reason != FINISH_ERROR else "", (), reason))
+        now = time.perf_counter()
+        result = GenerationResult(
+            request_id=job.request_id,
+            adapter_id=job.adapter_id,
+            prompt_tokens=len(job.prompt_ids),
+            token_ids=list(job.output_ids),
+            text=job.text.text,
+            finish_reason=reason,
+            seed=job.seed,
+            time_to_first_token=None if job.first_token_at is None else job.first_token_at - job.submitted_at,
+            seconds=now - job.submitted_at,
+        )
+        self.finished_total += 1
+        if error is None:
+            job.handle.finish(result)
+        else:
+            job.handle.fail(error, result)
+        self.observer.on_request_done(result)
+
+    def _count_tokens(self, n: int) -> None:
+        self.tokens_total += n
+        self.observer.on_tokens(n)
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+            calls, self._calls = self._calls, []
+        for _fn, future in calls:
+            future.set_exception(EngineClosed("the engine is closed"))
+        for job in [*self._rows, *waiting]:
+            self._finish(job, FINISH_ERROR, EngineClosed("the engine was closed while the request ran"))
+        self._rows, self._cache = [], None
+
+
+def _run_into(fn: Callable[[], Any], future: Future[Any]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
