@@ -134,10 +134,21 @@ def demo(
 
 
 @app.command("serve")
-def serve() -> None:
-    """Run the HTTP service (not part of this release yet)."""
-    typer.echo("icm-lora serve: the HTTP service is not built yet (it comes with the service issue).", err=True)
-    raise typer.Exit(code=1)
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default ICM_LORA_HOST or 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default ICM_LORA_PORT or 8000)")] = None,
+) -> None:
+    """Run the HTTP service. Configuration comes from ICM_LORA_* environment variables (see README)."""
+    import uvicorn
+
+    from service.config import Settings
+    from service.main import create_app
+
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        raise _fail(f"invalid configuration: {exc}") from None
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
 
 
 def main() -> None:

@@ -11,17 +11,19 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
-from generator.base_model import BaseModel, load_base_model
-from generator.checkpoint import load_checkpoint
+from generator.base_model import load_base_model
+from generator.checkpoint import GeneratorCheckpoint, load_checkpoint
+from generator.config import LoraSettings
 from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
 from service.api.middleware import BodySizeLimit, RequestMetrics
-from service.api.routes import adapters, health, tasks
+from service.api.routes import adapters, health, openai, tasks
 from service.api.security import Guard
 from service.cache import AdapterCache, RedisTier
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
+from service.inference import start_engine
 from service.metrics import ServiceMetrics
 from service.state import ServiceState
 from service.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
@@ -53,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = [Depends(guard)]
     app.include_router(adapters.router, dependencies=v1)
     app.include_router(tasks.router, dependencies=v1)
+    app.include_router(openai.router, dependencies=v1)
     app.include_router(health.router)
     if settings.cors_origins:
         app.add_middleware(
@@ -79,7 +82,7 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics) -> ServiceSt
         store = RedisTaskStore(redis, settings.redis_prefix)
     else:
         store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
-    generator = _load_generator(settings, base)
+    checkpoint = _load_checkpoint(settings)
     cache = AdapterCache(settings.memory_cache_size, metrics, redis_tier)
     state = ServiceState(
         settings=settings,
@@ -87,10 +90,18 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics) -> ServiceSt
         base=base,
         store=store,
         cache=cache,
-        adapters=AdapterService(generator, cache, store, metrics),
+        adapters=AdapterService(None, cache, store, metrics),
         redis_tier=redis_tier,
         started_at=time.time(),
     )
+    lora = checkpoint.layout.settings if checkpoint else LoraSettings()
+    state.engine = start_engine(state, max_rank=lora.rank, target_modules=lora.target_modules)
+    if checkpoint is not None:
+        # the task encoder reads hidden states through the engine: one copy of the base model in memory
+        reader = state.engine.hidden_state_reader(checkpoint.encoder.hidden_layer, checkpoint.encoder.max_length)
+        encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder)
+        state.adapters.generator = AdapterGenerator(checkpoint, encoder)
+    generator = state.adapters.generator
     if redis_tier is not None:
         await redis_tier.ping()
     log.info(
@@ -102,22 +113,17 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics) -> ServiceSt
     return state
 
 
-def _load_generator(settings: Settings, base: BaseModel) -> AdapterGenerator | None:
+def _load_checkpoint(settings: Settings) -> GeneratorCheckpoint | None:
     path = settings.resolved_generator_path()
     if path is None:
         log.warning("no generator checkpoint for %s: adapter generation answers 503", settings.base_model)
         return None
-    checkpoint = load_checkpoint(path)
-    from generator.task_encoder import ModelHiddenStateReader
-
-    reader = ModelHiddenStateReader(
-        base.model, base.tokenizer, checkpoint.encoder.hidden_layer, checkpoint.encoder.max_length
-    )
-    encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder)
-    return AdapterGenerator(checkpoint, encoder)
+    return load_checkpoint(path)
 
 
 async def _close_state(state: ServiceState) -> None:
+    if state.engine is not None:
+        state.engine.close()
     await state.store.close()
     if state.redis_tier is not None:
         await state.redis_tier.redis.aclose()

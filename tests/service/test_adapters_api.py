@@ -111,3 +111,13 @@ def test_no_generator_answers_503(settings_for) -> None:  # type: ignore[no-unty
         assert response.status_code == 503 and response.json()["error"]["type"] == "generator_unavailable"
         assert client.get("/readyz").status_code == 503
         assert client.get("/healthz").status_code == 200
+
+
+def test_openapi_docs(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for()) as service, service.client() as client:
+        assert client.get("/docs").status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert {"/v1/adapters", "/v1/tasks/{task_id}", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+        create = schema["paths"]["/v1/tasks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert create["$ref"].endswith("TaskCreate")
+        assert schema["components"]["schemas"]["TaskCreate"]["examples"], "request examples are documented"

@@ -136,3 +136,25 @@ def test_redis_task_store(settings_for, redis_prefix: str) -> None:  # type: ign
     with serve(settings) as service, service.client() as client:  # restart: tasks still there
         ids = [t["task_id"] for t in client.get("/v1/tasks").json()["data"]]
         assert ids == ["task-01", "task-03", "task-04"]
+
+
+def test_redis_registry_outage_is_503_not_500(settings_for, private_redis: RedisProcess) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(redis_url=private_redis.url, task_store="redis")
+    with serve(settings) as service, service.client() as client:
+        assert client.post("/v1/tasks", json=_task(1)).status_code == 201
+        private_redis.kill()
+        for response in (
+            client.get("/v1/tasks/task-01"),
+            client.get("/v1/tasks"),
+            client.post("/v1/tasks", json=_task(2)),
+            client.post("/v1/adapters", json={"description": "Registry down."}),
+            client.get("/v1/models"),
+            client.post("/v1/completions", json={"model": "task-01", "prompt": "x"}),
+        ):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["type"] == "unavailable" and response.headers["retry-after"] == "1"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["redis"] == "down"
+        private_redis.start()  # empty again: Redis here keeps nothing on disk
+        time.sleep(1.2)
+        assert client.get("/readyz").status_code == 200

@@ -13,7 +13,7 @@ from service.api.routes.adapters import adapter_metadata
 from service.errors import APIError
 from service.schemas import TASK_ID_PATTERN, ExampleIn, TaskCreate, TaskList, TaskOut
 from service.state import ServiceState, get_state
-from service.task_store import StoreUnavailable, TaskRecord, new_record
+from service.task_store import TaskRecord, new_record
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
@@ -31,10 +31,6 @@ def task_out(record: TaskRecord, state: ServiceState) -> TaskOut:
     )
 
 
-def _store_error(exc: StoreUnavailable) -> APIError:
-    return APIError(503, str(exc), headers={"Retry-After": "1"})
-
-
 @router.post(
     "",
     response_model=TaskOut,
@@ -45,14 +41,11 @@ def _store_error(exc: StoreUnavailable) -> APIError:
 async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
     spec = spec_from_request(body, state.settings)
     task_id = body.task_id or "task-" + hashlib.sha256(f"{spec.canonical_json()}|{body.seed}".encode()).hexdigest()[:16]
-    try:
-        existing = await state.store.get(task_id)
-        if existing is not None and not existing.same_content(spec, body.seed):
-            raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
-        adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
-        record, created = await state.store.create(new_record(task_id, spec, body.seed))
-    except StoreUnavailable as exc:
-        raise _store_error(exc) from None
+    existing = await state.store.get(task_id)
+    if existing is not None and not existing.same_content(spec, body.seed):
+        raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+    adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
+    record, created = await state.store.create(new_record(task_id, spec, body.seed))
     if not created and not record.same_content(spec, body.seed):  # registered by someone else meanwhile
         raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
     out = task_out(record, state)
@@ -66,10 +59,7 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=128)] = None,
 ) -> TaskList:
-    try:
-        records = await state.store.list(limit + 1, cursor)
-    except StoreUnavailable as exc:
-        raise _store_error(exc) from None
+    records = await state.store.list(limit + 1, cursor)
     page = records[:limit]
     next_cursor = page[-1].task_id if len(records) > limit else None
     return TaskList(data=[task_out(r, state) for r in page], next_cursor=next_cursor)
@@ -77,10 +67,7 @@ async def list_tasks(
 
 @router.get("/{task_id}", response_model=TaskOut, summary="One task")
 async def get_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_state)]) -> TaskOut:
-    try:
-        record = await state.store.get(task_id)
-    except StoreUnavailable as exc:
-        raise _store_error(exc) from None
+    record = await state.store.get(task_id)
     if record is None:
         raise APIError(404, f"unknown task {task_id!r}")
     return task_out(record, state)
@@ -88,10 +75,7 @@ async def get_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_s
 
 @router.delete("/{task_id}", response_model=TaskOut, summary="Delete a task; frees its slot and cache entries")
 async def delete_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_state)]) -> TaskOut:
-    try:
-        record = await state.store.delete(task_id)
-    except StoreUnavailable as exc:
-        raise _store_error(exc) from None
+    record = await state.store.delete(task_id)
     if record is None:
         raise APIError(404, f"unknown task {task_id!r}")
     out = task_out(record, state)

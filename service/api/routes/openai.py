@@ -1,0 +1,152 @@
+"""OpenAI-compatible inference: POST /v1/completions, POST /v1/chat/completions, GET /v1/models.
+
+``model`` is a task id (its generated adapter is used) or the base model's name (no adapter). ``stream: true``
+answers with server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``; a client that goes away
+cancels its request in the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from service.engine import EngineClosed, EngineError
+from service.errors import APIError
+from service.inference import chat_prompt_ids, completion_prompt_ids, resolve_adapter, sampling_params, submit
+from service.schemas import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from service.state import ServiceState, get_state
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+MAX_LISTED_TASKS = 1000
+
+
+def _usage(result: Any) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=len(result.token_ids),
+        total_tokens=result.prompt_tokens + len(result.token_ids),
+    )
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _stream_chunks(
+    handle: Any, make_chunk: Callable[[str, str | None], dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async for delta in handle:
+            if delta.text or delta.finish_reason:
+                yield make_chunk(delta.text, delta.finish_reason)
+    except EngineError:  # closed or failed mid-stream: the status line is sent, so say it in the last chunk
+        yield make_chunk("", "error")
+    finally:
+        handle.cancel()  # no-op when finished; frees the slot and KV cache when the client went away
+
+
+@router.post("/completions", response_model=CompletionResponse, summary="Text completion with a task's adapter")
+async def completions(body: CompletionRequest, state: Annotated[ServiceState, Depends(get_state)]) -> Any:
+    params = sampling_params(state, body)
+    ids = completion_prompt_ids(state, body.prompt)
+    adapter = await resolve_adapter(state, body.model)
+    handle = submit(state, ids, adapter, params)
+    request_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+    if body.stream:
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            return {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+            }
+
+        return _sse(_stream_chunks(handle, chunk))
+    result = await _wait(handle)
+    return CompletionResponse(
+        id=request_id,
+        created=created,
+        model=body.model,
+        choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+        usage=_usage(result),
+    )
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion (chat template)")
+async def chat_completions(body: ChatCompletionRequest, state: Annotated[ServiceState, Depends(get_state)]) -> Any:
+    params = sampling_params(state, body)
+    ids = chat_prompt_ids(state, body.messages)
+    adapter = await resolve_adapter(state, body.model)
+    handle = submit(state, ids, adapter, params)
+    request_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    if body.stream:
+        first = True
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            nonlocal first
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if first:
+                delta = {"role": "assistant", **delta}
+                first = False
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+            }
+
+        return _sse(_stream_chunks(handle, chunk))
+    result = await _wait(handle)
+    return ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=body.model,
+        choices=[
+            ChatChoice(message=ChatMessage(role="assistant", content=result.text), finish_reason=result.finish_reason)
+        ],
+        usage=_usage(result),
+    )
+
+
+async def _wait(handle: Any) -> Any:
+    try:
+        return await handle.wait()
+    except EngineClosed:
+        raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"}) from None
+    finally:
+        handle.cancel()  # when the awaiting request was cancelled (client gone), free the engine's resources
+
+
+@router.get("/models", response_model=ModelList, summary="The base model and every registered task")
+async def models(state: Annotated[ServiceState, Depends(get_state)]) -> ModelList:
+    cards = [ModelCard(id=state.settings.model_name, created=int(state.started_at))]
+    records = await state.store.list(MAX_LISTED_TASKS, None)
+    cards += [ModelCard(id=r.task_id, created=int(r.created_at)) for r in records]
+    return ModelList(data=cards)

@@ -1,0 +1,123 @@
+"""Between the OpenAI-compatible routes and the engine: model -> adapter, prompts -> token ids, limits, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from generator.adapter import GeneratedAdapter
+from service.engine import (
+    AdapterError,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    EngineObserver,
+    QueueFull,
+    RequestError,
+    SamplingParams,
+)
+from service.errors import APIError
+from service.metrics import ServiceMetrics
+from service.schemas import ChatMessage, _SamplingFields
+from service.state import ServiceState
+
+
+class PrometheusObserver(EngineObserver):
+    """Engine hooks -> service metrics (called on the engine thread; prometheus_client is thread-safe)."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def on_swap(self, adapter_id: str, slot: int, seconds: float, evicted: str | None) -> None:
+        self.metrics.swaps.inc()
+        self.metrics.swap_seconds.observe(seconds)
+
+    def on_batch(self, size: int) -> None:
+        self.metrics.batch_size.observe(size)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.metrics.time_to_first_token.observe(seconds)
+
+    def on_tokens(self, count: int) -> None:
+        self.metrics.tokens_generated.inc(count)
+
+
+def start_engine(state: ServiceState, max_rank: int, target_modules: Sequence[str]) -> Engine:
+    settings = state.settings
+    config = EngineConfig(
+        num_slots=settings.num_slots,
+        max_rank=max_rank,
+        target_modules=tuple(target_modules),
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+    )
+    engine = Engine(state.base, config, PrometheusObserver(state.metrics))
+    state.metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
+    state.metrics.adapters_resident.set_function(lambda: engine.stats().adapters_resident)
+    return engine
+
+
+async def resolve_adapter(state: ServiceState, model: str) -> GeneratedAdapter | None:
+    """``model`` is the base model's name (no adapter) or a registered task id (404 otherwise)."""
+    if model == state.settings.model_name:
+        return None
+    record = await state.store.get(model)
+    if record is None:
+        raise APIError(
+            404, f"model {model!r} is neither a registered task id nor {state.settings.model_name!r}", "model_not_found"
+        )
+    adapter, _ = await state.adapters.get_or_generate(record.spec, record.seed)
+    return adapter
+
+
+def completion_prompt_ids(state: ServiceState, prompt: str) -> list[int]:
+    """BOS + the prompt's tokens: the same framing as LoRA training and evaluation (``generator.batching``)."""
+    bos = state.base.tokenizer.bos_token_id
+    ids = state.engine.encode(prompt)  # the engine's tokenizer lock: fast tokenizers are not thread-safe
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    return _check_prompt(state, ids)
+
+
+def chat_prompt_ids(state: ServiceState, messages: Sequence[ChatMessage]) -> list[int]:
+    if not getattr(state.base.tokenizer, "chat_template", None):
+        raise APIError(400, f"base model {state.base.name!r} has no chat template; use /v1/completions")
+    return _check_prompt(state, state.engine.chat_prompt([m.model_dump() for m in messages]))
+
+
+def _check_prompt(state: ServiceState, ids: list[int]) -> list[int]:
+    if len(ids) > state.settings.max_prompt_tokens:
+        raise APIError(400, f"prompt has {len(ids)} tokens; the limit is {state.settings.max_prompt_tokens}")
+    if not ids:
+        raise APIError(400, "the prompt is empty")
+    return ids
+
+
+def sampling_params(state: ServiceState, body: _SamplingFields) -> SamplingParams:
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(64, state.settings.max_tokens)
+    if max_tokens > state.settings.max_tokens:
+        raise APIError(422, f"max_tokens {max_tokens} is above this server's limit of {state.settings.max_tokens}")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=tuple(body.stop or ()),
+            seed=body.seed,
+        )
+    except ValueError as exc:
+        raise APIError(422, str(exc)) from None
+
+
+def submit(state: ServiceState, ids: list[int], adapter: GeneratedAdapter | None, params: SamplingParams) -> Any:
+    """Queue on the engine, mapping its errors to HTTP ones. Returns the engine's RequestHandle."""
+    try:
+        return state.engine.submit(ids, adapter, params)
+    except QueueFull:
+        raise APIError(429, "the inference queue is full; retry shortly", "overloaded", {"Retry-After": "1"}) from None
+    except RequestError as exc:
+        raise APIError(400, str(exc)) from None
+    except AdapterError as exc:
+        raise APIError(422, f"the adapter cannot be served by this engine: {exc}") from None
+    except EngineClosed:
+        raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"}) from None
