@@ -108,9 +108,6 @@ class LoraLayout:
         """For each position of the flat vector, the index of its segment."""
         return torch.repeat_interleave(torch.arange(len(self.segments)), torch.tensor(self.chunk_sizes))
 
-    def describe(self) -> dict[str, object]:
-        return {"settings": self.settings.to_dict(), "dim": self.dim, "segments": len(self.segments)}
-
 
 def _layer_of(module_name: str) -> int:
     match = _LAYER_INDEX.search(module_name)

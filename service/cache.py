@@ -164,6 +164,3 @@ class AdapterCache:
         self._memory.pop(adapter_id, None)
         if self.redis is not None:
             await self.redis.delete(adapter_id)
-
-    def clear_memory(self) -> None:
-        self._memory.clear()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -26,7 +26,6 @@ class ServiceState:
     redis_tier: RedisTier | None = None
     engine: Any = None
     started_at: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def get_state(request: Request) -> ServiceState:

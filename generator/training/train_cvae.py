@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from generator.checkpoint import GeneratorCheckpoint, save_checkpoint
-from generator.config import CVAEConfig, CVAETrainingSettings, LoraSettings, TaskEncoderSettings
+from generator.config import CVAEConfig, CVAETrainingSettings, TaskEncoderSettings
 from generator.cvae import CVAE, cvae_loss
 from generator.files import safe_name, write_atomic
-from generator.lora_layout import LoraLayout, NormStats, Segment
+from generator.lora_layout import LoraLayout, NormStats
 from generator.task_encoder import ConditionStats, TaskEncoder
 from generator.tasks import Task
 from generator.training.train_loras import Collection
@@ -70,10 +70,6 @@ def compute_task_vectors(
 
 def default_cvae_config(layout: LoraLayout, cond_dim: int) -> CVAEConfig:
     return CVAEConfig(lora_dim=layout.dim, cond_dim=cond_dim, chunk_sizes=layout.chunk_sizes)
-
-
-def layout_from_manifest(manifest: dict[str, object], segments: Sequence[Segment]) -> LoraLayout:
-    return LoraLayout(LoraSettings.from_dict(manifest["lora"]), tuple(segments))  # type: ignore[arg-type]
 
 
 def train_cvae(

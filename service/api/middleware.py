@@ -26,15 +26,13 @@ class BodySizeLimit:
             await _send_json(send, 413, f"request body larger than {self.max_bytes} bytes")
             return
         received = 0
-        too_large = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
                     raise _TooLarge
             return message
 

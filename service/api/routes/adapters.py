@@ -36,15 +36,16 @@ def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
     )
 
 
-def zip_response(adapter: GeneratedAdapter) -> Response:
-    return Response(
-        adapter.to_peft_zip(),
-        media_type=ZIP,
-        headers={
-            "Content-Disposition": f'attachment; filename="{adapter.adapter_id}.zip"',
-            "ETag": f'"{adapter.sha256}"',
-        },
+def download(adapter: GeneratedAdapter, as_zip: bool = True) -> Response:
+    """The PEFT folder as a zip, or the bare safetensors file; the ETag is the tensors' checksum."""
+    content, media_type, suffix = (
+        (adapter.to_peft_zip(), ZIP, "zip") if as_zip else (adapter.to_safetensors_bytes(), SAFETENSORS, "safetensors")
     )
+    headers = {
+        "Content-Disposition": f'attachment; filename="{adapter.adapter_id}.{suffix}"',
+        "ETag": f'"{adapter.sha256}"',
+    }
+    return Response(content, media_type=media_type, headers=headers)
 
 
 @router.post(
@@ -59,7 +60,7 @@ async def create_adapter(
     spec = spec_from_request(body, state.settings)
     adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
     if ZIP in request.headers.get("accept", ""):
-        return zip_response(adapter)
+        return download(adapter)
     return JSONResponse(adapter_metadata(adapter, tier).model_dump())
 
 
@@ -80,13 +81,4 @@ async def get_weights(
     format: Annotated[Literal["zip", "safetensors"], Query()] = "zip",
 ) -> Response:
     adapter, _ = await state.adapters.by_id(adapter_id)
-    if format == "safetensors":
-        return Response(
-            adapter.to_safetensors_bytes(),
-            media_type=SAFETENSORS,
-            headers={
-                "Content-Disposition": f'attachment; filename="{adapter_id}.safetensors"',
-                "ETag": f'"{adapter.sha256}"',
-            },
-        )
-    return zip_response(adapter)
+    return download(adapter, as_zip=format == "zip")

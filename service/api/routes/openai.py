@@ -45,6 +45,11 @@ def _usage(result: Any) -> Usage:
     )
 
 
+def _envelope(request_id: str, kind: str, created: int, model: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """One streamed chunk in OpenAI's format."""
+    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
+
+
 def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         async for chunk in chunks:
@@ -78,13 +83,7 @@ async def completions(body: CompletionRequest, state: Annotated[ServiceState, De
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            return {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [choice],
-            }
+            return _envelope(request_id, "text_completion", created, body.model, choice)
 
         return _sse(_stream_chunks(handle, chunk))
     result = await _wait(handle)
@@ -114,13 +113,7 @@ async def chat_completions(body: ChatCompletionRequest, state: Annotated[Service
                 delta = {"role": "assistant", **delta}
                 first = False
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [choice],
-            }
+            return _envelope(request_id, "chat.completion.chunk", created, body.model, choice)
 
         return _sse(_stream_chunks(handle, chunk))
     result = await _wait(handle)
