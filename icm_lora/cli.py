@@ -31,8 +31,12 @@ def train_loras(
     base_model: Annotated[str, typer.Option(help="smollm2-135m (packaged), tiny, or a HF path/id")] = "",
     settings: Annotated[Path | None, typer.Option(help="JSON file of pipeline settings (see README)")] = None,
     unseen_fraction: Annotated[float, typer.Option(help="Share of tasks the generator never sees")] = 0.25,
-    unseen: Annotated[str, typer.Option(help="Comma-separated task names held out (instead of a fraction)")] = "",
+    unseen: Annotated[
+        str, typer.Option(help="Comma-separated task names held out (default: marked in the suite file, or a fraction)")
+    ] = "",
     multitask_steps: Annotated[int | None, typer.Option(help="Steps of the multi-task LoRA (default 4x steps)")] = None,
+    oracles: Annotated[bool, typer.Option(help="Also train LoRAs for unseen tasks (report only)")] = True,
+    shard: Annotated[str, typer.Option(help="I/N: every N-th task from the I-th, for parallel runs")] = "",
     progress: ProgressOption = True,
 ) -> None:
     """Train one LoRA per task (resumable: finished tasks are skipped) and the multi-task baseline."""
@@ -54,10 +58,24 @@ def train_loras(
                 run, PipelineSettings.from_dict(data), suite or "synthetic:32", unseen_fraction, held_out
             )
         base = load_base_model(pipeline_run.settings.base_model)
-        step_train_loras(pipeline_run, base, multitask_steps, progress)
+        step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard))
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"LoRA collection ready in {run}")
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    """``"2/3"`` -> (1, 3); empty -> the whole collection."""
+    if not text:
+        return 0, 1
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise _fail(f"--shard must look like 1/2, got {text!r}") from None
+    if not 1 <= i <= n:
+        raise _fail(f"--shard {text}: I must be in 1..N")
+    return i - 1, n
 
 
 @app.command("train-generator")
@@ -75,15 +93,24 @@ def train_generator(run: RunOption, progress: ProgressOption = True) -> None:
 
 
 @app.command("evaluate")
-def evaluate(run: RunOption, plot: bool = True, progress: ProgressOption = True) -> None:
-    """Write the quality report (quality.json, quality.md, quality.png) to run/report/ and print its table."""
+def evaluate(
+    run: RunOption,
+    plot: bool = True,
+    variants: Annotated[str, typer.Option(help="Comma-separated report variants (default: all)")] = "",
+    progress: ProgressOption = True,
+) -> None:
+    """Write the quality report (quality.json, quality.md, quality.png) to run/report/ and print its table.
+
+    Resumable: tasks already scored by the same generator are read back from run/report/rows/."""
     from generator.base_model import load_base_model
-    from generator.training.evaluate import markdown_table
+    from generator.training.evaluate import VARIANTS, markdown_table
     from generator.training.pipeline import Run, step_evaluate
 
+    chosen = [v.strip() for v in variants.split(",") if v.strip()] or list(VARIANTS)
     try:
         pipeline_run = Run.open(run)
-        report = step_evaluate(pipeline_run, load_base_model(pipeline_run.settings.base_model), progress, plot)
+        base = load_base_model(pipeline_run.settings.base_model)
+        report = step_evaluate(pipeline_run, base, progress, plot, chosen)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(markdown_table(report))

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from generator.files import write_atomic, write_json
+from generator.files import read_json, safe_name, write_atomic, write_json
 from generator.generate import AdapterGenerator
 from generator.lora_model import LoraModel
 from generator.task_encoder import TaskVector
@@ -61,53 +61,99 @@ class ReportInputs:
     tokenizer: PreTrainedTokenizerBase
     in_context_examples: int = 4
     max_length: int = 96
+    variants: Sequence[str] = VARIANTS
+    rows_dir: Path | None = None  # finished tasks' rows are kept here, so an interrupted evaluation resumes
 
 
 def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]:
-    """Score every variant on every task; return the report as a dict."""
-    index = {name: i for i, name in enumerate(inputs.collection.tasks)}
+    """Score the chosen variants on every task; return the report as a dict."""
+    unknown = set(inputs.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown report variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     gen = inputs.generator
-    seen_vectors = {t.name: gen.encoder.encode(t.spec(gen.encoder.settings.max_examples)) for t in inputs.seen}
+    seen_families = {t.family for t in inputs.seen}
     rows: list[dict[str, Any]] = []
     all_tasks = [(t, "seen") for t in inputs.seen] + [(t, "unseen") for t in inputs.unseen]
     for position, (task, split) in enumerate(tqdm(all_tasks, desc="evaluating", disable=not show_progress)):
-        scores: dict[str, float] = {}
-        with inputs.lora.base_only() as base:
+        cached = _cached_row(inputs, task)
+        if cached is not None:
+            rows.append(cached)
+            continue
+        vector = gen.encoder.encode(task.spec(gen.encoder.settings.max_examples))
+        generated = gen.decode_vector(vector)
+        scores = _score_variants(inputs, task, split, position, vector, generated)
+        row = {
+            "task": task.name,
+            "family": task.family,
+            "split": split,
+            "family_seen": task.family in seen_families,
+            "test_examples": len(task.test),
+            "scores": scores,
+            "nearest_checkpoint": _nearest_checkpoint(inputs, generated),
+            "generator_id": gen.generator_id,
+        }
+        if inputs.rows_dir is not None:
+            write_json(inputs.rows_dir / f"{safe_name(task.name)}.json", row)
+        rows.append(row)
+    return _summarise(rows, inputs)
+
+
+def _cached_row(inputs: ReportInputs, task: Task) -> dict[str, Any] | None:
+    """A finished row of this task from an interrupted run, if it was made by the same generator and variants."""
+    if inputs.rows_dir is None:
+        return None
+    path = inputs.rows_dir / f"{safe_name(task.name)}.json"
+    if not path.is_file():
+        return None
+    row: dict[str, Any] = read_json(path)
+    same_generator = row.get("generator_id") == inputs.generator.generator_id
+    return row if same_generator and set(row.get("scores", {})) <= set(inputs.variants) else None
+
+
+def _score_variants(
+    inputs: ReportInputs, task: Task, split: str, position: int, vector: TaskVector, generated: torch.Tensor
+) -> dict[str, float]:
+    gen = inputs.generator
+    wanted = set(inputs.variants)
+    index = {name: i for i, name in enumerate(inputs.collection.tasks)}
+    scores: dict[str, float] = {}
+    with inputs.lora.base_only() as base:
+        if "base" in wanted:
             scores["base"] = score_task(base, inputs.tokenizer, task, max_length=inputs.max_length)
+        if "in_context" in wanted:
             prefix = in_context_prefix(task, inputs.in_context_examples)
             scores["in_context"] = score_task(base, inputs.tokenizer, task, prefix, max_length=inputs.max_length * 6)
-        if task.name in index:
-            checkpoints = inputs.collection.checkpoints[index[task.name]]
+    if task.name in index:
+        checkpoints = inputs.collection.checkpoints[index[task.name]]
+        if "trained" in wanted:
             scores["trained"] = _score_vector(inputs, task, checkpoints[-1])
+        if "checkpoint_avg" in wanted:
             scores["checkpoint_avg"] = _score_vector(inputs, task, checkpoints.mean(dim=0))
-        if inputs.collection.multitask is not None:
-            scores["multitask"] = _score_vector(inputs, task, inputs.collection.multitask)
-        spec = task.spec(gen.encoder.settings.max_examples)
-        vector = gen.encoder.encode(spec)
-        generated = gen.decode_vector(vector)
+    if inputs.collection.multitask is not None and "multitask" in wanted:
+        scores["multitask"] = _score_vector(inputs, task, inputs.collection.multitask)
+    if "generated" in wanted:
         scores["generated"] = _score_vector(inputs, task, generated)
-        if vector.description is not None:
-            scores["generated_desc"] = _score_vector(
-                inputs, task, gen.decode_vector(TaskVector(vector.description, None))
-            )
-        if vector.in_context is not None:
-            scores["generated_examples"] = _score_vector(
-                inputs, task, gen.decode_vector(TaskVector(None, vector.in_context))
-            )
-        if split == "seen" and len(inputs.seen) > 1:
-            other = inputs.seen[(position + 1) % len(inputs.seen)]
-            scores["wrong_vector"] = _score_vector(inputs, task, gen.decode_vector(seen_vectors[other.name]))
-        rows.append(
-            {
-                "task": task.name,
-                "family": task.family,
-                "split": split,
-                "test_examples": len(task.test),
-                "scores": scores,
-                "nearest_checkpoint": _nearest_checkpoint(inputs, generated),
-            }
+    if vector.description is not None and "generated_desc" in wanted:
+        scores["generated_desc"] = _score_vector(inputs, task, gen.decode_vector(TaskVector(vector.description, None)))
+    if vector.in_context is not None and "generated_examples" in wanted:
+        scores["generated_examples"] = _score_vector(
+            inputs, task, gen.decode_vector(TaskVector(None, vector.in_context))
         )
-    return _summarise(rows, inputs)
+    if split == "seen" and len(inputs.seen) > 1 and "wrong_vector" in wanted:
+        other = _wrong_task(inputs.seen, position)
+        wrong = gen.encoder.encode(other.spec(gen.encoder.settings.max_examples))
+        scores["wrong_vector"] = _score_vector(inputs, task, gen.decode_vector(wrong))
+    return scores
+
+
+def _wrong_task(seen: Sequence[Task], position: int) -> Task:
+    """Another seen task, from another family where there is one (a sibling task may share the right answer)."""
+    task = seen[position]
+    for step in range(1, len(seen)):
+        other = seen[(position + step) % len(seen)]
+        if other.family != task.family:
+            return other
+    return seen[(position + 1) % len(seen)]
 
 
 def _score_vector(inputs: ReportInputs, task: Task, vector: torch.Tensor) -> float:
@@ -140,9 +186,15 @@ def _mean(values: list[float]) -> float | None:
 
 def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, Any]:
     means: dict[str, dict[str, float | None]] = {}
-    for split in ("seen", "unseen"):
-        split_rows = [r for r in rows if r["split"] == split]
-        means[split] = {v: _mean([r["scores"][v] for r in split_rows if v in r["scores"]]) for v in VARIANTS}
+    groups = {
+        "seen": [r for r in rows if r["split"] == "seen"],
+        "unseen": [r for r in rows if r["split"] == "unseen"],
+        "unseen_seen_family": [r for r in rows if r["split"] == "unseen" and r.get("family_seen")],
+        "unseen_new_family": [r for r in rows if r["split"] == "unseen" and not r.get("family_seen", True)],
+    }
+    for group, group_rows in groups.items():
+        if group_rows or group in ("seen", "unseen"):
+            means[group] = {v: _mean([r["scores"][v] for r in group_rows if v in r["scores"]]) for v in VARIANTS}
     ratios = [
         r["scores"]["generated"] / r["scores"]["trained"]
         for r in rows
@@ -181,8 +233,14 @@ def markdown_table(report: dict[str, Any]) -> str:
         return "–" if value is None else f"{value:.3f}"
 
     lines = ["| split | " + " | ".join(VARIANTS) + " |", "| --- | " + " | ".join("---" for _ in VARIANTS) + " |"]
+    counts = {
+        "seen": sum(r["split"] == "seen" for r in report["tasks"]),
+        "unseen": sum(r["split"] == "unseen" for r in report["tasks"]),
+        "unseen_seen_family": sum(r["split"] == "unseen" and r.get("family_seen", False) for r in report["tasks"]),
+        "unseen_new_family": sum(r["split"] == "unseen" and not r.get("family_seen", True) for r in report["tasks"]),
+    }
     for split, means in report["means"].items():
-        n = sum(r["split"] == split for r in report["tasks"])
+        n = counts.get(split, 0)
         lines.append(f"| **{split}** (mean of {n}) | " + " | ".join(fmt(means[v]) for v in VARIANTS) + " |")
     lines.append("")
     lines.append("| task | split | " + " | ".join(VARIANTS) + " |")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,46 @@ from generator.lora_layout import LoraLayout
 from generator.lora_model import LoraModel
 from generator.task_encoder import TaskEncoder
 from generator.tasks import Task, TaskFormatError, load_bigbench_suite, load_jsonl_suite, synthetic_suite
-from generator.training.evaluate import ReportInputs, evaluate, write_report
+from generator.training.evaluate import VARIANTS, ReportInputs, evaluate, write_report
 from generator.training.train_cvae import train_and_save
-from generator.training.train_loras import collect_loras, load_collection
+from generator.training.train_loras import collect_loras, load_collection, trained_names
 
 RUN_FILE = "run.json"
+
+
+BIGBENCH_MAX_TEST = 40  # test examples scored per BIG-bench task (log-likelihood scoring is the slow part on CPU)
+BIGBENCH_MAX_EXAMPLES = 2000  # a seeded sample of the larger tasks (some have 50,000 examples)
+
+
+def read_names_file(path: Path) -> tuple[list[str], list[str]]:
+    """Task names, one per line (``#`` starts a comment); a line ``NAME unseen`` marks a held-out task.
+
+    Returns (all names in file order, the held-out ones).
+    """
+    names: list[str] = []
+    unseen: list[str] = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) > 2 or (len(parts) == 2 and parts[1] != "unseen"):
+            raise TaskFormatError(f"{path}:{number}: expected 'TASK' or 'TASK unseen', got {raw.strip()!r}")
+        names.append(parts[0])
+        if len(parts) == 2:
+            unseen.append(parts[0])
+    if len(set(names)) != len(names):
+        raise TaskFormatError(f"{path}: a task is listed twice")
+    return names, unseen
+
+
+def suite_unseen(spec: str) -> list[str] | None:
+    """The held-out tasks a suite file marks (``bigbench:`` suites), or None when the suite marks none."""
+    kind, _, rest = spec.partition(":")
+    if kind != "bigbench":
+        return None
+    _, unseen = read_names_file(Path(rest.rpartition(":")[2]))
+    return unseen or None
 
 
 def load_suite(spec: str) -> list[Task]:
@@ -51,8 +87,10 @@ def load_suite(spec: str) -> list[Task]:
         return load_jsonl_suite(Path(rest))
     if kind == "bigbench":
         root, _, names_file = rest.rpartition(":")
-        names = [n.strip() for n in Path(names_file).read_text().splitlines() if n.strip() and not n.startswith("#")]
-        return load_bigbench_suite(Path(root), names)
+        names, _ = read_names_file(Path(names_file))
+        return load_bigbench_suite(
+            Path(root), names, max_test=BIGBENCH_MAX_TEST, max_examples=BIGBENCH_MAX_EXAMPLES
+        )
     raise TaskFormatError(f"unknown suite {spec!r}: use synthetic:N, jsonl:FOLDER or bigbench:ROOT:NAMES_FILE")
 
 
@@ -75,6 +113,8 @@ class Run:
     ) -> Run:
         tasks = load_suite(suite)
         names = [t.name for t in tasks]
+        if unseen is None:
+            unseen = suite_unseen(suite)
         if unseen is None:
             shuffled = names[:]
             random.Random(0).shuffle(shuffled)
@@ -116,17 +156,28 @@ class Run:
         return self.folder / "report"
 
 
-def step_train_loras(run: Run, base: BaseModel, multitask_steps: int | None = None, progress: bool = True) -> None:
+def step_train_loras(
+    run: Run,
+    base: BaseModel,
+    multitask_steps: int | None = None,
+    progress: bool = True,
+    oracles: bool = True,
+    shard: tuple[int, int] = (0, 1),
+) -> None:
+    """``oracles``: also train LoRAs for the unseen tasks (the report's upper bound there; the generator never
+    sees them). Skipping them saves a quarter of the collection time on the real model."""
     seen, unseen = run.tasks()
     collect_loras(
         base,
-        seen + unseen,
+        seen + (unseen if oracles else []),
         run.folder,
         run.settings.lora,
         run.settings.lora_training,
         multitask_steps,
         progress,
         multitask_tasks=[t.name for t in seen],
+        shard=shard[0],
+        shard_count=shard[1],
     )
 
 
@@ -149,15 +200,26 @@ def step_train_generator(run: Run, base: BaseModel, progress: bool = True) -> Ad
     return AdapterGenerator(checkpoint, encoder)
 
 
-def step_evaluate(run: Run, base: BaseModel, progress: bool = True, plot: bool = True) -> dict[str, Any]:
+def step_evaluate(
+    run: Run, base: BaseModel, progress: bool = True, plot: bool = True, variants: Sequence[str] = VARIANTS
+) -> dict[str, Any]:
+    """Score the report's variants on every task (resumable: finished tasks are kept in report/rows/)."""
     seen, unseen = run.tasks()
-    collection = load_collection(run.folder, [t.name for t in seen + unseen])
+    collection = load_collection(run.folder, [t.name for t in seen] + trained_names(run.folder, unseen))
     lora = LoraModel(base.model, run.settings.lora, run.settings.lora_training.init_seed)
     try:
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder, no_adapter=lora.base_only)
         generator = AdapterGenerator.from_folder(run.generator_dir, encoder)
         inputs = ReportInputs(
-            seen, unseen, collection, generator, lora, base.tokenizer, max_length=run.settings.lora_training.max_length
+            seen,
+            unseen,
+            collection,
+            generator,
+            lora,
+            base.tokenizer,
+            max_length=run.settings.lora_training.max_length,
+            variants=variants,
+            rows_dir=run.report_dir / "rows",
         )
         report = evaluate(inputs, show_progress=progress)
     finally:

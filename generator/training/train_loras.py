@@ -12,14 +12,16 @@ interrupted run leaves only finished tasks behind.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save
@@ -145,44 +147,52 @@ def collect_loras(
     multitask_steps: int | None = None,
     show_progress: bool = True,
     multitask_tasks: Sequence[str] | None = None,
+    shard: int = 0,
+    shard_count: int = 1,
 ) -> dict[str, object]:
     """Train (or skip, if already done) every task's LoRA and the multi-task LoRA; return the manifest.
 
     The multi-task LoRA learns from the train examples of ``multitask_tasks`` (default: all tasks), mixed.
+    ``shard``/``shard_count``: this process trains tasks ``i`` with ``i % shard_count == shard`` (the last shard also
+    the multi-task LoRA), so several single-threaded processes can share one collection folder.
     """
+    if not 0 <= shard < shard_count:
+        raise ValueError(f"shard must be in [0, {shard_count}), got {shard}")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError("task names must be unique")
     sid = settings_id(base.name, lora_settings, training)
     lora = LoraModel(base.model, lora_settings, init_seed=training.init_seed)
     pad_id = base.tokenizer.pad_token_id
-    manifest_path = out_dir / MANIFEST
-    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
-    if manifest.get("settings_id") not in (None, sid):
-        log.warning("collection settings changed: every task is retrained")
-        manifest = {}
-    manifest.update(
+    manifest = ManifestWriter(
+        out_dir / MANIFEST,
         {
             "settings_id": sid,
             "base_model": base.name,
             "lora": lora_settings.to_dict(),
             "lora_training": training.to_dict(),
             "layout_dim": lora.layout.dim,
-        }
+        },
     )
-    entries: dict[str, dict[str, object]] = manifest.setdefault("tasks", {})
-    todo = [t for t in tasks if not _is_done(out_dir / "loras" / f"{safe_name(t.name)}.safetensors", sid)]
+    mine = [t for i, t in enumerate(tasks) if i % shard_count == shard]
+    todo = [t for t in mine if not _is_done(out_dir / "loras" / f"{safe_name(t.name)}.safetensors", sid)]
+    known = manifest.read().get("tasks", {})
+    for task in mine:  # finished files whose manifest entry was lost (a kill between the two writes)
+        if task not in todo and isinstance(known, dict) and task.name not in known:
+            manifest.set_task(task.name, {"file": f"loras/{safe_name(task.name)}.safetensors"})
     jobs: list[tuple[str, list[Example], int]] = [(t.name, list(t.train), training.steps) for t in todo]
     multi_steps = multitask_steps if multitask_steps is not None else training.steps * 4
     multi_path = out_dir / "loras" / f"{MULTITASK_NAME}.safetensors"
     multi_training = _with_steps(training, multi_steps)
     multi_names = list(multitask_tasks) if multitask_tasks is not None else names
     multi_sid = settings_id(base.name, lora_settings, multi_training) + ":" + _names_id(multi_names)
-    if multi_steps > 0 and not _is_done(multi_path, multi_sid):
+    multitask_shard = shard == shard_count - 1
+    if multitask_shard and multi_steps > 0 and not _is_done(multi_path, multi_sid):
         jobs.append((MULTITASK_NAME, [e for t in tasks if t.name in multi_names for e in t.train], multi_steps))
-    skipped = len(tasks) - len(todo)
+    skipped = len(mine) - len(todo)
     total_steps = sum(steps for _, _, steps in jobs)
-    desc = f"LoRA collection ({len(tasks)} tasks, {skipped} done already)"
+    where = f", shard {shard + 1}/{shard_count}" if shard_count > 1 else ""
+    desc = f"LoRA collection ({len(mine)} tasks{where}, {skipped} done already)"
     with tqdm(total=total_steps, desc=desc, disable=not show_progress, unit="step") as bar:
         for name, examples, steps in jobs:
             task_training = _with_steps(training, steps)
@@ -190,19 +200,53 @@ def collect_loras(
             trained = train_lora(lora, pad_id, pairs, task_training, name, bar)
             if name == MULTITASK_NAME:
                 _save_trained(multi_path, trained, multi_sid)
-                manifest["multitask"] = {"steps": steps, "final_loss": trained.losses[-1], "tasks": multi_names}
+                manifest.set_multitask({"steps": steps, "final_loss": trained.losses[-1], "tasks": multi_names})
             else:
                 _save_trained(out_dir / "loras" / f"{safe_name(name)}.safetensors", trained, sid)
-                entries[name] = {
-                    "file": f"loras/{safe_name(name)}.safetensors",
-                    "train_examples": len(examples),
-                    "final_loss": trained.losses[-1],
-                    "first_loss": trained.losses[0],
-                    "seconds": round(trained.seconds, 2),
-                }
-            write_json(manifest_path, manifest)
+                manifest.set_task(
+                    name,
+                    {
+                        "file": f"loras/{safe_name(name)}.safetensors",
+                        "train_examples": len(examples),
+                        "final_loss": trained.losses[-1],
+                        "first_loss": trained.losses[0],
+                        "seconds": round(trained.seconds, 2),
+                    },
+                )
     lora.model.unload()  # give the base model back without LoRA layers
-    return manifest
+    return manifest.read()
+
+
+class ManifestWriter:
+    """Read-merge-write of the collection manifest under a file lock, so that shards of one collection (separate
+    processes over disjoint tasks) never drop each other's entries."""
+
+    def __init__(self, path: Path, header: dict[str, object]) -> None:
+        self.path = path
+        self.header = header
+        self._update(lambda manifest: None)
+
+    def read(self) -> dict[str, object]:
+        return read_json(self.path) if self.path.is_file() else {}
+
+    def set_task(self, name: str, entry: dict[str, object]) -> None:
+        self._update(lambda manifest: manifest.setdefault("tasks", {}).__setitem__(name, entry))
+
+    def set_multitask(self, entry: dict[str, object]) -> None:
+        self._update(lambda manifest: manifest.__setitem__("multitask", entry))
+
+    def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            manifest: dict[str, Any] = self.read()
+            if manifest.get("settings_id") not in (None, self.header["settings_id"]):
+                log.warning("collection settings changed: every task is retrained")
+                manifest = {}
+            manifest.update(self.header)
+            manifest.setdefault("tasks", {})
+            change(manifest)
+            write_json(self.path, manifest)
 
 
 def _with_steps(training: LoraTrainingSettings, steps: int) -> LoraTrainingSettings:
@@ -217,6 +261,12 @@ def _with_steps(training: LoraTrainingSettings, steps: int) -> LoraTrainingSetti
 
 def _names_id(names: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:8]
+
+
+def trained_names(out_dir: Path, tasks: Sequence[Task]) -> list[str]:
+    """Those of ``tasks`` that have a trained LoRA in the collection."""
+    entries = read_json(out_dir / MANIFEST).get("tasks", {})
+    return [t.name for t in tasks if t.name in entries]
 
 
 @dataclass

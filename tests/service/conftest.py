@@ -3,65 +3,22 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
-import uvicorn
 
+from service.background import BackgroundServer, free_port, serve  # noqa: F401 (re-exported to the tests)
 from service.config import Settings
-from service.main import create_app
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RunningService:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def start(self) -> RunningService:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)  # type: ignore[arg-type]
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[RunningService]:
-    service = RunningService(settings).start()
-    try:
-        yield service
-    finally:
-        service.stop()
+RunningService = BackgroundServer  # the name the tests use
 
 
 @pytest.fixture

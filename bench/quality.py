@@ -1,0 +1,155 @@
+"""Quality report of a generator run on real tasks, with generation latency and the issue's targets checked.
+
+    python bench/quality.py --run runs/smollm2-bigbench            # resumable; hours on a 2-core CPU for 40 tasks
+
+Scores every report variant on every task of the run (``generator.training.evaluate``; finished tasks are kept in
+``RUN/report/rows/`` so an interrupted run resumes), then times the generation of one adapter from a description
+alone and from a description + 8 examples (encode + CVAE decode + unflatten, the work the service does on a cache
+miss), and writes ``bench/results/quality.json``, ``quality.md`` and ``quality.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from generator.base_model import load_base_model
+from generator.generate import AdapterGenerator
+from generator.task_encoder import TaskEncoder
+from generator.tasks import Task, TaskSpec
+from generator.training.evaluate import VARIANTS, markdown_table, write_report
+from generator.training.pipeline import Run, step_evaluate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+TARGETS = {
+    "seen_median_generated_over_trained": 0.97,
+    "wrong_vector_gap_points": 2.0,
+    "generator_over_collection": 0.02,
+    "desc_only_p50_ms": 50.0,
+    "with_8_examples_p50_ms": 1500.0,
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def time_generation(generator: AdapterGenerator, specs: list[TaskSpec], repeats: int) -> dict[str, float]:
+    """Milliseconds per ``generate`` call over ``repeats`` rounds of ``specs`` (after one warm-up call)."""
+    generator.generate(specs[0])
+    durations: list[float] = []
+    for _ in range(repeats):
+        for spec in specs:
+            start = time.perf_counter()
+            generator.generate(spec)
+            durations.append((time.perf_counter() - start) * 1000)
+    return {
+        "calls": len(durations),
+        "p50_ms": round(statistics.median(durations), 2),
+        "p95_ms": round(percentile(durations, 0.95), 2),
+    }
+
+
+def latency(run: Run, tasks: list[Task], repeats: int) -> dict[str, Any]:
+    base = load_base_model(run.settings.base_model)
+    encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder)
+    generator = AdapterGenerator.from_folder(run.generator_dir, encoder)
+    # Distinct descriptions per call: the description embedder must not answer from a cache.
+    desc_only = [TaskSpec(description=f"{t.description} (variant {i})") for i, t in enumerate(tasks)]
+    with_examples = [t.spec(8) for t in tasks]
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "description_only": time_generation(generator, desc_only, repeats),
+        "description_and_8_examples": time_generation(generator, with_examples, max(1, repeats // 5)),
+    }
+
+
+def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target of the real-task issue: the measured figure, the target, and whether it is met."""
+    summary, means, timing = report["summary"], report["means"], report["latency"]
+    seen, unseen = means["seen"], means["unseen"]
+    checks: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, value: float | None, target: float | None, higher_is_better: bool = True) -> None:
+        met = None
+        if value is not None and target is not None:
+            met = value >= target if higher_is_better else value <= target
+        checks[name] = {"value": value, "target": target, "met": met}
+
+    check("seen_median_generated_over_trained", summary["median_generated_over_trained_seen"], 0.97)
+    check("unseen_generated_minus_multitask", _diff(unseen, "generated", "multitask"), 0.0)
+    check("unseen_generated_minus_in_context", _diff(unseen, "generated", "in_context"), 0.0)
+    gap = _diff(seen, "generated", "wrong_vector")
+    check("wrong_vector_gap_points", None if gap is None else round(gap * 100, 2), TARGETS["wrong_vector_gap_points"])
+    ratio = summary["generator_bytes"] / max(1, summary["collection_bytes"])
+    check("generator_over_collection", round(ratio, 4), TARGETS["generator_over_collection"], higher_is_better=False)
+    check("desc_only_p50_ms", timing["description_only"]["p50_ms"], TARGETS["desc_only_p50_ms"], False)
+    check(
+        "with_8_examples_p50_ms",
+        timing["description_and_8_examples"]["p50_ms"],
+        TARGETS["with_8_examples_p50_ms"],
+        higher_is_better=False,
+    )
+    return checks
+
+
+def _diff(means: dict[str, float | None], a: str, b: str) -> float | None:
+    if means.get(a) is None or means.get(b) is None:
+        return None
+    return round(float(means[a]) - float(means[b]), 4)  # type: ignore[arg-type]
+
+
+def targets_markdown(checks: dict[str, dict[str, Any]], timing: dict[str, Any]) -> str:
+    lines = ["", "| target | measured | goal | met |", "| --- | --- | --- | --- |"]
+    for name, row in checks.items():
+        met = {True: "yes", False: "**no**", None: "–"}[row["met"]]
+        lines.append(f"| {name} | {row['value']} | {row['target']} | {met} |")
+    lines.append("")
+    for kind, figures in timing.items():
+        if isinstance(figures, dict):
+            label = kind.replace("_", " ")
+            lines.append(f"- generation, {label}: p50 {figures['p50_ms']} ms, p95 {figures['p95_ms']} ms")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/smollm2-bigbench"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated report variants")
+    parser.add_argument("--latency-repeats", type=int, default=5, help="rounds over the tasks for the latency")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+
+    run = Run.open(args.run)
+    started = time.perf_counter()
+    base = load_base_model(run.settings.base_model)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    report = step_evaluate(run, base, progress=not args.no_progress, plot=False, variants=variants)
+    del base
+    seen, unseen = run.tasks()
+    report["latency"] = latency(run, seen + unseen, args.latency_repeats)
+    report["targets"] = check_targets(report)
+    report["run"] = {"folder": str(args.run), "suite": run.suite, "settings": run.settings.to_dict()}
+    report["machine"] = {"platform": platform.platform(), "cpus": torch.get_num_threads()}
+    report["evaluate_seconds"] = round(time.perf_counter() - started, 1)
+    write_report(report, args.out, plot=True)
+    table = markdown_table(report) + targets_markdown(report["targets"], report["latency"])
+    (args.out / "quality.md").write_text(table, encoding="utf-8")
+    print(table)
+    print(f"written to {args.out}/quality.json, quality.md, quality.png")
+
+
+if __name__ == "__main__":
+    main()
