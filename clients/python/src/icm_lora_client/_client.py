@@ -1,0 +1,186 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Unpack, overload
+
+import httpx
+
+from . import _requests as api
+from ._config import DEFAULT_TIMEOUT, ClientConfig, Timeout
+from ._requests import APIRequest, ExampleLike, MessageLike
+from ._retry import RetryPolicy, delay_or_raise
+from ._streaming import Stream
+from ._types import (
+    AdapterMetadata,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Health,
+    ModelList,
+    SamplingOptions,
+    Task,
+    TaskPage,
+)
+from ._zip import extract_peft_zip
+
+
+class Client:
+    """Client for an icm-lora service.
+
+    ``base_url`` defaults to ``$ICM_LORA_BASE_URL`` (else ``http://127.0.0.1:8000``), ``api_key`` to
+    ``$ICM_LORA_API_KEY``. Idempotent calls are retried ``max_retries`` times on connection errors, 429 and 503
+    (see :class:`RetryPolicy`); ``sleep`` is what waits between tries. Use it as a context manager, or call ``close``.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        retry: RetryPolicy | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = ClientConfig.resolve(base_url, api_key, timeout, max_retries, retry)
+        self._sleep = sleep
+        self._http = httpx.Client(
+            base_url=self.config.base_url,
+            headers=self.config.headers(headers),
+            timeout=self.config.timeout,
+            transport=transport,
+        )
+
+    # --- tasks ---------------------------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        description: str = "",
+        examples: Sequence[ExampleLike] | None = None,
+        *,
+        task_id: str | None = None,
+        seed: int | None = None,
+    ) -> Task:
+        """Register a task and generate its adapter; the answer carries the adapter's metadata in ``adapter``."""
+        return api.parse(self._send(api.create_task(description, examples, task_id, seed)), Task)
+
+    def get_task(self, task_id: str) -> Task:
+        return api.parse(self._send(api.get_task(task_id)), Task)
+
+    def list_tasks(self, *, page_size: int = 100) -> Iterator[Task]:
+        """Every registered task in id order, fetching pages of ``page_size`` as the iteration goes."""
+        cursor: str | None = None
+        while True:
+            page = api.parse(self._send(api.list_tasks(page_size, cursor)), TaskPage)
+            yield from page.data
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def delete_task(self, task_id: str) -> Task:
+        return api.parse(self._send(api.delete_task(task_id)), Task)
+
+    # --- adapters ------------------------------------------------------------------------------------------------
+
+    def generate_adapter(
+        self, description: str = "", examples: Sequence[ExampleLike] | None = None, *, seed: int | None = None
+    ) -> AdapterMetadata:
+        """Generate (or find cached) the adapter of a task spec without registering the task."""
+        return api.parse(self._send(api.generate_adapter(description, examples, seed)), AdapterMetadata)
+
+    def get_adapter(self, adapter_id: str) -> AdapterMetadata:
+        return api.parse(self._send(api.get_adapter(adapter_id)), AdapterMetadata)
+
+    def download_adapter(self, adapter: str | AdapterMetadata | Task, path: str | os.PathLike[str]) -> Path:
+        """Download an adapter (by id, metadata or task) as a PEFT folder at ``path``, which
+        ``peft.PeftModel.from_pretrained(base_model, path)`` loads."""
+        return extract_peft_zip(api.check_zip(self._send(api.adapter_zip(adapter))), path)
+
+    # --- inference -----------------------------------------------------------------------------------------------
+
+    @overload
+    def complete(
+        self, model: str, prompt: str, *, stream: Literal[False] = False, **options: Unpack[SamplingOptions]
+    ) -> Completion: ...
+
+    @overload
+    def complete(
+        self, model: str, prompt: str, *, stream: Literal[True], **options: Unpack[SamplingOptions]
+    ) -> Stream[CompletionChunk]: ...
+
+    def complete(
+        self, model: str, prompt: str, *, stream: bool = False, **options: Unpack[SamplingOptions]
+    ) -> Completion | Stream[CompletionChunk]:
+        """Text completion; ``model`` is a task id, or the base model's name for no adapter."""
+        request = api.completion(model, prompt, stream, options)
+        if stream:
+            return Stream(self._send(request, stream=True), CompletionChunk)
+        return api.parse(self._send(request), Completion)
+
+    @overload
+    def chat(
+        self,
+        model: str,
+        messages: Sequence[MessageLike],
+        *,
+        stream: Literal[False] = False,
+        **options: Unpack[SamplingOptions],
+    ) -> ChatCompletion: ...
+
+    @overload
+    def chat(
+        self, model: str, messages: Sequence[MessageLike], *, stream: Literal[True], **options: Unpack[SamplingOptions]
+    ) -> Stream[ChatCompletionChunk]: ...
+
+    def chat(
+        self, model: str, messages: Sequence[MessageLike], *, stream: bool = False, **options: Unpack[SamplingOptions]
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]:
+        """Chat completion with the base model's chat template; ``model`` as in :meth:`complete`."""
+        request = api.chat(model, messages, stream, options)
+        if stream:
+            return Stream(self._send(request, stream=True), ChatCompletionChunk)
+        return api.parse(self._send(request), ChatCompletion)
+
+    def models(self) -> ModelList:
+        return api.parse(self._send(api.models()), ModelList)
+
+    def health(self) -> Health:
+        return api.parse(self._send(api.health()), Health)
+
+    # --- plumbing ------------------------------------------------------------------------------------------------
+
+    def _send(self, request: APIRequest, *, stream: bool = False) -> httpx.Response:
+        """A 2xx response (left open when ``stream``), after the retries the policy allows."""
+        attempt = 0
+        while True:
+            try:
+                response = self._http.send(request.build(self._http), stream=stream)
+                if response.is_success:
+                    return response
+                response.read()  # the error body; reading it also closes a streamed response
+            except httpx.RequestError as exc:
+                delay = delay_or_raise(self.config.retry, attempt, idempotent=request.idempotent, error=exc)
+            else:
+                delay = delay_or_raise(self.config.retry, attempt, idempotent=request.idempotent, response=response)
+            self._sleep(delay)
+            attempt += 1
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

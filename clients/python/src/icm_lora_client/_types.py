@@ -1,0 +1,181 @@
+"""Request and response models: the service's wire contract (``service/schemas.py``), written again here so that the
+client depends on httpx and pydantic only. Unknown response fields are ignored, so a newer service stays readable."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Example(_Model):
+    """One input/output example of a task; ``choices`` for multiple-choice tasks."""
+
+    input: str
+    output: str
+    choices: list[str] | None = None
+
+
+class AdapterMetadata(_Model):
+    adapter_id: str
+    generator_id: str
+    base_model: str
+    seed: int | None = None
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    num_parameters: int
+    sha256: str
+    cached: bool
+    weights_url: str
+
+
+class Task(_Model):
+    task_id: str
+    description: str
+    examples: list[Example]
+    seed: int | None = None
+    created_at: float
+    adapter_id: str | None = None
+    adapter: AdapterMetadata | None = Field(None, description="Only in the answer to create_task")
+
+
+class TaskPage(_Model):
+    data: list[Task]
+    next_cursor: str | None = None
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(_Model):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+
+
+class Completion(_Model):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (the service answers with one choice)."""
+        return self.choices[0].text if self.choices else ""
+
+
+class ChatChoice(_Model):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Model):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+    @property
+    def content(self) -> str:
+        """The first choice's message content."""
+        return self.choices[0].message.content if self.choices else ""
+
+
+class CompletionChunkChoice(_Model):
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class CompletionChunk(_Model):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.choices)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason if self.choices else None
+
+
+class ChatDelta(_Model):
+    role: Literal["system", "user", "assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Model):
+    index: int = 0
+    delta: ChatDelta = Field(default_factory=ChatDelta)
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Model):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+
+    @property
+    def text(self) -> str:
+        return "".join(c.delta.content or "" for c in self.choices)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason if self.choices else None
+
+
+class Model(_Model):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "icm-lora"
+
+
+class ModelList(_Model):
+    object: str = "list"
+    data: list[Model]
+
+
+class Health(_Model):
+    status: str
+    checks: dict[str, Any] = Field(default_factory=dict)
+
+
+class SamplingOptions(TypedDict, total=False):
+    """Optional fields of ``complete`` and ``chat``, passed through to the service as given."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: str | list[str]
+    seed: int
+    user: str
