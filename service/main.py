@@ -17,7 +17,7 @@ from generator.config import LoraSettings
 from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
-from service.api.middleware import BodySizeLimit, RequestMetrics
+from service.api.middleware import BodySizeLimit, RequestId, RequestMetrics
 from service.api.routes import adapters, health, openai, tasks
 from service.api.security import Guard
 from service.cache import AdapterCache, RedisTier
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestId)  # outermost: even a 413 from BodySizeLimit carries the id
     return app
 
 

@@ -1,8 +1,10 @@
-"""Pure ASGI middleware (streaming-safe): request size limit, and request metrics labelled by route template."""
+"""Pure ASGI middleware (streaming-safe): body size limit, request metrics by route template, request ids."""
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -92,3 +94,32 @@ def _route_template(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     return str(path) if path else "unmatched"
+
+
+class RequestId:
+    """Every response carries ``X-Request-Id``: the caller's own (when it is a short token) or a new one, so a
+    client's error report can be matched with the service's logs."""
+
+    HEADER = b"x-request-id"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers", [])).get(self.HEADER, b"")
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def tagging_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != self.HEADER]
+                message = {**message, "headers": [*headers, (self.HEADER, request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, tagging_send)
+
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")

@@ -61,3 +61,14 @@ def test_cors_closed_by_default(settings_for) -> None:  # type: ignore[no-untype
             "access-control-allow-origin"
             not in client.get("/v1/tasks", headers={"Origin": "https://evil.example"}).headers
         )
+
+
+def test_every_response_carries_a_request_id(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for(max_body_bytes=2048)) as service, service.client() as client:
+        generated = {client.get("/healthz").headers["x-request-id"] for _ in range(3)}
+        assert len(generated) == 3 and all(len(r) == 32 for r in generated)
+        assert client.get("/v1/tasks/nope", headers={"X-Request-Id": "abc-123"}).headers["x-request-id"] == "abc-123"
+        too_large = client.post("/v1/tasks", content=b"x" * 4096, headers={"X-Request-Id": "big.1"})
+        assert too_large.status_code == 413 and too_large.headers["x-request-id"] == "big.1"
+        hostile = client.get("/healthz", headers={"X-Request-Id": "a" * 500})
+        assert hostile.headers["x-request-id"] != "a" * 500
