@@ -150,8 +150,10 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _strip_quantization_config(tmp / "config.json")
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder  # another process (a second replica) finished first; it may be loading from it now
         if folder.exists():
-            shutil.rmtree(folder)
+            shutil.rmtree(folder)  # a half-written folder from an older version
         tmp.rename(folder)
     finally:
         if tmp.exists():

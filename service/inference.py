@@ -54,6 +54,8 @@ def start_engine(state: ServiceState, max_rank: int, target_modules: Sequence[st
     engine = Engine(state.base, config, PrometheusObserver(state.metrics))
     state.metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
     state.metrics.adapters_resident.set_function(lambda: engine.stats().adapters_resident)
+    state.metrics.queue_capacity.set(settings.max_queue)
+    state.metrics.slots.set(settings.num_slots)
     return engine
 
 

@@ -44,6 +44,8 @@ class ServiceMetrics:
             f"{PREFIX}batch_size", "Rows per decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Requests waiting for the engine", registry=r)
+        self.queue_capacity = Gauge(f"{PREFIX}queue_capacity", "Engine queue size (max_queue)", registry=r)
+        self.slots = Gauge(f"{PREFIX}slots", "LoRA slots in the resident model (num_slots)", registry=r)
         self.redis_up = Gauge(
             f"{PREFIX}redis_up", "1 when Redis answers, 0 when not", registry=r if redis_configured else None
         )
