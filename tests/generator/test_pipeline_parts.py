@@ -142,3 +142,19 @@ def test_generator_refuses_a_mismatched_encoder(small_run: Path, tiny_base: Base
     other_settings = TaskEncoderSettings(max_examples=3, max_length=32)
     with pytest.raises(GeneratorMismatchError, match="settings"):
         AdapterGenerator(checkpoint, TaskEncoder.for_model(tiny_base.model, tiny_base.tokenizer, other_settings))
+
+
+def test_hidden_states_at_matches_the_full_forward() -> None:
+    from generator.task_encoder import hidden_states_at
+
+    base = load_base_model("tiny")
+    texts = ["Input: a\nOutput: b", "Input: longer text here\nOutput: c"]
+    ids = base.tokenizer(texts, return_tensors="pt", padding=True)
+    decoder = base.model.base_model
+    with torch.no_grad():
+        full = decoder(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], output_hidden_states=True)
+        hooks_before = [len(block._forward_hooks) for block in decoder.layers]  # transformers' own, installed lazily
+        for layer in range(len(full.hidden_states)):
+            partial = hidden_states_at(decoder, ids["input_ids"], ids["attention_mask"], layer)
+            assert torch.equal(partial, full.hidden_states[layer]), layer
+    assert [len(block._forward_hooks) for block in decoder.layers] == hooks_before  # the early-exit hook is removed
