@@ -129,14 +129,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated report variants")
     parser.add_argument("--latency-repeats", type=int, default=5, help="rounds over the tasks for the latency")
+    parser.add_argument("--shard", default="", help="I/N: only score every N-th task from the I-th, then stop")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    shard = (0, 1)
+    if args.shard:
+        index, _, count = args.shard.partition("/")
+        shard = (int(index) - 1, int(count))
 
     run = Run.open(args.run)
     started = time.perf_counter()
     base = load_base_model(run.settings.base_model)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    report = step_evaluate(run, base, progress=not args.no_progress, plot=False, variants=variants)
+    report = step_evaluate(run, base, progress=not args.no_progress, plot=False, variants=variants, shard=shard)
+    if shard[1] > 1:
+        print(f"shard {args.shard} scored; run without --shard to assemble the report")
+        return
     del base
     seen, unseen = run.tasks()
     report["latency"] = latency(run, seen + unseen, args.latency_repeats)

@@ -72,10 +72,12 @@ class _StopForward(Exception):
 def hidden_states_at(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, layer: int) -> torch.Tensor:
     """``hidden_states[layer]`` of a decoder (a model's ``base_model``; 0 = embeddings, k = after block k, the last
     one after the final norm), running only the blocks needed: a middle layer costs half the model and no logits."""
-    blocks = decoder.layers  # type: ignore[union-attr]
+    blocks = decoder.get_submodule("layers")
+    assert isinstance(blocks, torch.nn.ModuleList)
     if layer == 0 or layer >= len(blocks):
         out = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-        return out.hidden_states[layer]  # type: ignore[no-any-return]
+        hidden: torch.Tensor = out.hidden_states[layer]
+        return hidden
     captured: list[torch.Tensor] = []
 
     def stop_after(module: torch.nn.Module, args: object, output: object) -> None:

@@ -59,10 +59,11 @@ class ReportInputs:
     generator: AdapterGenerator
     lora: LoraModel
     tokenizer: PreTrainedTokenizerBase
-    in_context_examples: int = 4
+    in_context_examples: int = 3
     max_length: int = 96
     variants: Sequence[str] = VARIANTS
     rows_dir: Path | None = None  # finished tasks' rows are kept here, so an interrupted evaluation resumes
+    only: frozenset[str] | None = None  # score just these tasks (a shard of a parallel evaluation)
 
 
 def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]:
@@ -75,6 +76,8 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
     rows: list[dict[str, Any]] = []
     all_tasks = [(t, "seen") for t in inputs.seen] + [(t, "unseen") for t in inputs.unseen]
     for position, (task, split) in enumerate(tqdm(all_tasks, desc="evaluating", disable=not show_progress)):
+        if inputs.only is not None and task.name not in inputs.only:
+            continue
         cached = _cached_row(inputs, task)
         if cached is not None:
             rows.append(cached)
@@ -216,6 +219,7 @@ def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, An
         "collection_bytes": inputs.collection.nbytes(),
     }
     return {
+        "in_context_examples": inputs.in_context_examples,
         "generator_id": checkpoint.generator_id,
         "base_model": checkpoint.base_model,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

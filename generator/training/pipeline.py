@@ -201,9 +201,17 @@ def step_train_generator(run: Run, base: BaseModel, progress: bool = True) -> Ad
 
 
 def step_evaluate(
-    run: Run, base: BaseModel, progress: bool = True, plot: bool = True, variants: Sequence[str] = VARIANTS
+    run: Run,
+    base: BaseModel,
+    progress: bool = True,
+    plot: bool = True,
+    variants: Sequence[str] = VARIANTS,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
-    """Score the report's variants on every task (resumable: finished tasks are kept in report/rows/)."""
+    """Score the report's variants on every task (resumable: finished tasks are kept in report/rows/).
+
+    With ``shard`` = (i, n), n > 1: score only every n-th task from the i-th and write no report (several processes
+    fill report/rows/ in parallel; a last run without a shard assembles the report from them)."""
     seen, unseen = run.tasks()
     collection = load_collection(run.folder, [t.name for t in seen] + trained_names(run.folder, unseen))
     lora = LoraModel(base.model, run.settings.lora, run.settings.lora_training.init_seed)
@@ -220,11 +228,13 @@ def step_evaluate(
             max_length=run.settings.lora_training.max_length,
             variants=variants,
             rows_dir=run.report_dir / "rows",
+            only=frozenset(t.name for i, t in enumerate(seen + unseen) if i % shard[1] == shard[0]),
         )
         report = evaluate(inputs, show_progress=progress)
     finally:
         lora.model.unload()
-    write_report(report, run.report_dir, plot=plot)
+    if shard[1] == 1:
+        write_report(report, run.report_dir, plot=plot)
     return report
 
 
