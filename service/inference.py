@@ -84,7 +84,11 @@ def completion_prompt_ids(state: ServiceState, prompt: str) -> list[int]:
 def chat_prompt_ids(state: ServiceState, messages: Sequence[ChatMessage]) -> list[int]:
     if not getattr(state.base.tokenizer, "chat_template", None):
         raise APIError(400, f"base model {state.base.name!r} has no chat template; use /v1/completions")
-    return _check_prompt(state, state.engine.chat_prompt([m.model_dump() for m in messages]))
+    try:
+        ids = state.engine.chat_prompt([m.model_dump() for m in messages])
+    except RequestError as exc:
+        raise APIError(400, str(exc)) from None
+    return _check_prompt(state, ids)
 
 
 def _check_prompt(state: ServiceState, ids: list[int]) -> list[int]:

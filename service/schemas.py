@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def _valid_unicode(value: str) -> str:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer, hash or database takes: a 422 here
+    instead of a 500 further in."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (a lone surrogate escape such as \\ud800 is not)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 _EXAMPLE_SPEC: dict[str, Any] = {
     "description": "Classify the sentiment of a hotel review as positive or negative.",
@@ -20,9 +33,9 @@ _EXAMPLE_SPEC: dict[str, Any] = {
 class ExampleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: str
-    output: str
-    choices: list[str] | None = Field(None, min_length=2, max_length=32)
+    input: Text
+    output: Text
+    choices: list[Text] | None = Field(None, min_length=2, max_length=32)
 
 
 class TaskSpecIn(BaseModel):
@@ -30,7 +43,7 @@ class TaskSpecIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_SPEC]})
 
-    description: str = ""
+    description: Text = ""
     examples: list[ExampleIn] = Field(default_factory=list)
 
 
@@ -80,15 +93,15 @@ class TaskList(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    model: str = Field(description="A task id, or the base model's name for no adapter")
+    model: Text = Field(description="A task id, or the base model's name for no adapter")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported")
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -108,12 +121,12 @@ class CompletionRequest(_SamplingFields):
         }
     )
 
-    prompt: str
+    prompt: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_SamplingFields):

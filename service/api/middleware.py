@@ -28,20 +28,36 @@ class BodySizeLimit:
             await _send_json(send, 413, f"request body larger than {self.max_bytes} bytes")
             return
         received = 0
+        too_large = started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise _TooLarge
             return message
 
+        async def guarded_send(message: Message) -> None:
+            # A body without Content-Length (chunked) goes over the limit while the route reads it; the framework
+            # may catch _TooLarge itself and answer 400 ("error parsing the body"): answer 413 instead.
+            nonlocal started
+            if too_large:
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await _send_json(send, 413, f"request body larger than {self.max_bytes} bytes")
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
-            await _send_json(send, 413, f"request body larger than {self.max_bytes} bytes")
+            if not started:
+                await _send_json(send, 413, f"request body larger than {self.max_bytes} bytes")
 
 
 class _TooLarge(Exception):

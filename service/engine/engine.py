@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -148,16 +149,17 @@ class Engine:
             handle.cancel()  # no-op when finished
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` as a prompt (as ``tokenizer(text)``); safe from any thread."""
+        """Token ids of ``text`` as a prompt (as ``tokenizer(text)``), except that text spelling a special token
+        (``"</s>"``, ``"<|im_start|>"``) is plain text, never that token's id; safe from any thread."""
         with self._encode_lock:
-            return list(self.tokenizer(text)["input_ids"])
+            return list(self.tokenizer(text, split_special_tokens=True)["input_ids"])
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a chat (``[{"role": ..., "content": ...}]``) through the tokenizer's chat template, ending
-        with the assistant's turn; safe from any thread."""
+        with the assistant's turn; safe from any thread. The template's own special tokens are special; a message's
+        content is plain text even where it spells one (``RequestError`` for a template that rewrites contents)."""
         with self._encode_lock:
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-            return list(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
+            return chat_token_ids(self.tokenizer, messages)
 
     # --- adapters ---------------------------------------------------------------------------------------------
 
@@ -291,6 +293,42 @@ class Engine:
         if not ids:
             raise RequestError("the prompt is empty")
         return ids
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")  # private-use placeholders for message contents
+
+
+def chat_token_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The chat template's token ids, with every message's content tokenised as plain text.
+
+    Without special-token text in any content this is ``tokenizer(template_text, add_special_tokens=False)``.
+    Otherwise the template is rendered around a placeholder per message; the template's text is tokenised as usual
+    (its own special tokens stay special) and each content in its place with ``split_special_tokens=True``, so a
+    user's "</s>" or "<|im_start|>" never becomes a control token.
+    """
+    messages = [dict(m) for m in messages]
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+    if not any(s in str(m.get("content", "")) for m in messages for s in specials):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    rendered = str(tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False))
+    ids: list[int] = []
+    placed: list[int] = []
+    position = 0
+    for match in _MARK.finditer(rendered):
+        index = int(match.group(1))
+        ids += tokenizer(rendered[position : match.start()], add_special_tokens=False)["input_ids"]
+        ids += tokenizer(messages[index]["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        placed.append(index)
+        position = match.end()
+    ids += tokenizer(rendered[position:], add_special_tokens=False)["input_ids"]
+    if sorted(placed) != list(range(len(messages))):
+        raise RequestError(
+            "this model's chat template rewrites message contents, so a message that spells a special token "
+            "cannot be tokenised as plain text; remove the special-token text"
+        )
+    return ids
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

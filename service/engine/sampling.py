@@ -68,9 +68,13 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator
     """One draw from softmax(logits / temperature), restricted to the smallest set of tokens whose probability
     reaches ``top_p`` (nucleus sampling; the most likely token is always kept)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        # a temperature so small that logits / temperature overflows (1e-300 is valid input): its limit is greedy
+        return int(logits.argmax().item())
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        outside[0] = False  # a top_p that rounds to 0 in fp32 (5e-324) must not mask every token
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice].item())

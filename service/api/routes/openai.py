@@ -7,13 +7,14 @@ cancels its request in the engine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from service.engine import EngineClosed, EngineError
@@ -73,7 +74,9 @@ async def _stream_chunks(
 
 
 @router.post("/completions", response_model=CompletionResponse, summary="Text completion with a task's adapter")
-async def completions(body: CompletionRequest, state: Annotated[ServiceState, Depends(get_state)]) -> Any:
+async def completions(
+    body: CompletionRequest, request: Request, state: Annotated[ServiceState, Depends(get_state)]
+) -> Any:
     params = sampling_params(state, body)
     ids = completion_prompt_ids(state, body.prompt)
     adapter = await resolve_adapter(state, body.model)
@@ -86,7 +89,7 @@ async def completions(body: CompletionRequest, state: Annotated[ServiceState, De
             return _envelope(request_id, "text_completion", created, body.model, choice)
 
         return _sse(_stream_chunks(handle, chunk))
-    result = await _wait(handle)
+    result = await _wait(handle, request)
     return CompletionResponse(
         id=request_id,
         created=created,
@@ -97,7 +100,9 @@ async def completions(body: CompletionRequest, state: Annotated[ServiceState, De
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion (chat template)")
-async def chat_completions(body: ChatCompletionRequest, state: Annotated[ServiceState, Depends(get_state)]) -> Any:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: Annotated[ServiceState, Depends(get_state)]
+) -> Any:
     params = sampling_params(state, body)
     ids = chat_prompt_ids(state, body.messages)
     adapter = await resolve_adapter(state, body.model)
@@ -116,7 +121,7 @@ async def chat_completions(body: ChatCompletionRequest, state: Annotated[Service
             return _envelope(request_id, "chat.completion.chunk", created, body.model, choice)
 
         return _sse(_stream_chunks(handle, chunk))
-    result = await _wait(handle)
+    result = await _wait(handle, request)
     return ChatCompletionResponse(
         id=request_id,
         created=created,
@@ -128,13 +133,23 @@ async def chat_completions(body: ChatCompletionRequest, state: Annotated[Service
     )
 
 
-async def _wait(handle: Any) -> Any:
+async def _wait(handle: Any, request: Request) -> Any:
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     try:
         return await handle.wait()
     except EngineClosed:
         raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"}) from None
     finally:
+        watcher.cancel()
         handle.cancel()  # when the awaiting request was cancelled (client gone), free the engine's resources
+
+
+async def _cancel_on_disconnect(request: Request, handle: Any) -> None:
+    """A non-streamed request is not cancelled by the server when its client goes away (a client timeout): watch for
+    the disconnect (the body is read already, so the next message is ``http.disconnect``) and cancel it here."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    handle.cancel()
 
 
 @router.get("/models", response_model=ModelList, summary="The base model and every registered task")
