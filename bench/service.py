@@ -10,8 +10,9 @@ Adapter requests (``POST /v1/adapters``, JSON metadata), each spec distinct unle
 * memory hit: a spec this process generated before;
 * Redis hit: the same specs after a restart of the service (an empty memory tier, the same Redis prefix).
 
-Throughput: ``--concurrency`` completions at once, greedy, ``--max-tokens`` each; over HTTP (one thread per request,
-httpx) and in-process (``Engine.submit`` with the same token ids and sampling), ``--pairs`` times alternating, the
+Throughput: ``--concurrency`` chat completions at once (an instruction each, so the model writes until
+``--max-tokens``), greedy; over HTTP (one thread per request, httpx) and in-process (``Engine.submit`` with the same
+token ids and sampling), ``--pairs`` times alternating, the
 median of the per-pair ratios (this machine's speed drifts; pairing cancels most of it). The cache tier each phase
 hit is checked against the service's own ``icm_lora_adapter_cache_total`` counters.
 """
@@ -37,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.background import BackgroundServer
 from service.config import Settings
 from service.engine.sampling import SamplingParams
-from service.inference import completion_prompt_ids
+from service.inference import chat_prompt_ids
+from service.schemas import ChatMessage
 from service.state import ServiceState
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,8 +112,9 @@ def measured_phase(client: Any, specs: list[dict[str, Any]]) -> dict[str, Any]:
 def http_throughput(service: BackgroundServer, prompts: list[str], model: str, max_tokens: int) -> tuple[float, int]:
     def one(prompt: str) -> int:
         with service.client() as client:
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-            response = client.post("/v1/completions", json=body)
+            messages = [{"role": "user", "content": prompt}]
+            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+            response = client.post("/v1/chat/completions", json=body)
             response.raise_for_status()
             return int(response.json()["usage"]["completion_tokens"])
 
@@ -123,7 +126,7 @@ def http_throughput(service: BackgroundServer, prompts: list[str], model: str, m
 
 def engine_throughput(state: ServiceState, prompts: list[str], max_tokens: int) -> tuple[float, int]:
     assert state.engine is not None
-    ids = [completion_prompt_ids(state, p) for p in prompts]
+    ids = [chat_prompt_ids(state, [ChatMessage(role="user", content=p)]) for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     start = time.perf_counter()
     handles = [state.engine.submit(i, None, params) for i in ids]
@@ -138,7 +141,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--misses", type=int, default=30, help="description-only misses (half as many with examples)")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "service.json")
     args = parser.parse_args()
