@@ -31,9 +31,6 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +43,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from generator.training.pipeline import run_small  # noqa: E402 (after the path set-up)
+from service.background import ServiceProcess  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 KINDS = {  # kind -> weight in the mix
     "completion": 25,
@@ -57,87 +57,6 @@ KINDS = {  # kind -> weight in the mix
     "task_create_existing": 10,
     "task_create_new": 5,
 }
-
-
-# --- the service as a subprocess ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServiceProcess:
-    """``python -m icm_lora.cli serve`` on a free loopback port, configured by ICM_LORA_* variables."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 300) -> float:
-        start = time.perf_counter()
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "icm_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the service was not ready in {timeout_s} s; see {self.log_path}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
-def build_small_generator(folder: Path) -> Path:
-    """The tests' small generator (tests/conftest.py): 6 synthetic tasks on the tiny model, ~30-60 s on 2 cores."""
-    from generator.base_model import load_base_model
-    from generator.config import (
-        CVAETrainingSettings,
-        LoraTrainingSettings,
-        PipelineSettings,
-        TaskEncoderSettings,
-    )
-    from generator.training.pipeline import Run, step_train_generator, step_train_loras
-
-    settings = PipelineSettings(
-        base_model="tiny",
-        lora_training=LoraTrainingSettings(
-            steps=60, batch_size=16, learning_rate=1e-2, max_length=32, checkpoints=3, checkpoint_every=5
-        ),
-        encoder=TaskEncoderSettings(max_examples=8, max_length=32),
-        cvae_training=CVAETrainingSettings(steps=150, batch_size=16),
-    )
-    run = Run.create(folder, settings, "synthetic:6", unseen_fraction=0.34)
-    base = load_base_model("tiny")
-    step_train_loras(run, base, multitask_steps=60, progress=False)
-    step_train_generator(run, base, progress=False)
-    return run.generator_dir
 
 
 # --- workload ------------------------------------------------------------------------------------------------------
@@ -362,7 +281,7 @@ def main() -> int:
         generator = args.generator
         if generator is None:
             start = time.perf_counter()
-            generator = build_small_generator(work / "run")
+            generator = run_small(work / "run").generator_dir
             figures["setup"]["generator_build_s"] = round(time.perf_counter() - start, 1)
         env = {
             "ICM_LORA_BASE_MODEL": args.base_model,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,11 +81,10 @@ def summary(durations_s: list[float]) -> dict[str, float]:
 def cache_counts(client: Any) -> dict[str, float]:
     """``tier/result`` -> count, from /metrics."""
     counts: dict[str, float] = {}
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith("icm_lora_adapter_cache_total{"):
-            labels, value = line[len("icm_lora_adapter_cache_total{") :].split("} ")
-            parts = dict(item.split("=") for item in labels.split(","))
-            counts[f"{parts['tier'].strip(chr(34))}/{parts['result'].strip(chr(34))}"] = float(value)
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "icm_lora_adapter_cache_total":
+                counts[f"{sample.labels['tier']}/{sample.labels['result']}"] = sample.value
     return counts
 
 

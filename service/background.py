@@ -1,12 +1,18 @@
-"""Run the service under uvicorn in a background thread on a free loopback port (tests, benchmarks, examples)."""
+"""Run the service on a free loopback port: under uvicorn in a background thread, or as a separate process that can be
+killed (tests, benchmarks, examples)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -58,3 +64,55 @@ def serve(settings: Settings) -> Iterator[BackgroundServer]:
         yield service
     finally:
         service.stop()
+
+
+class ServiceProcess:
+    """``python -m icm_lora.cli serve`` as its own process on a free loopback port, configured by ``ICM_LORA_*``
+    variables in ``env``; stdout and stderr (uvicorn's access log included) go to ``log_path``."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 300) -> float:
+        """Start and wait until ``/readyz`` answers 200; returns the seconds that took."""
+        start = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "icm_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env,
+                cwd=Path(__file__).resolve().parents[1],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - start > timeout_s:
+                self.kill()
+                raise RuntimeError(f"the service was not ready in {timeout_s} s:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM (uvicorn shuts down cleanly), SIGKILL when that takes over 30 s."""
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

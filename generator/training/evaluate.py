@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,13 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
         raise ValueError(f"unknown report variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     gen = inputs.generator
     seen_families = {t.family for t in inputs.seen}
+    vectors: dict[str, TaskVector] = {}  # each task is encoded once, for its own row and as another's wrong vector
+
+    def vector_of(task: Task) -> TaskVector:
+        if task.name not in vectors:
+            vectors[task.name] = gen.encoder.encode(task.spec(gen.encoder.settings.max_examples))
+        return vectors[task.name]
+
     rows: list[dict[str, Any]] = []
     all_tasks = [(t, "seen") for t in inputs.seen] + [(t, "unseen") for t in inputs.unseen]
     for position, (task, split) in enumerate(tqdm(all_tasks, desc="evaluating", disable=not show_progress)):
@@ -82,9 +89,9 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
         if cached is not None:
             rows.append(cached)
             continue
-        vector = gen.encoder.encode(task.spec(gen.encoder.settings.max_examples))
+        vector = vector_of(task)
         generated = gen.decode_vector(vector)
-        scores = _score_variants(inputs, task, split, position, vector, generated)
+        scores = _score_variants(inputs, task, split, position, vector, generated, vector_of)
         row = {
             "task": task.name,
             "family": task.family,
@@ -114,7 +121,13 @@ def _cached_row(inputs: ReportInputs, task: Task) -> dict[str, Any] | None:
 
 
 def _score_variants(
-    inputs: ReportInputs, task: Task, split: str, position: int, vector: TaskVector, generated: torch.Tensor
+    inputs: ReportInputs,
+    task: Task,
+    split: str,
+    position: int,
+    vector: TaskVector,
+    generated: torch.Tensor,
+    vector_of: Callable[[Task], TaskVector],
 ) -> dict[str, float]:
     gen = inputs.generator
     wanted = set(inputs.variants)
@@ -143,8 +156,7 @@ def _score_variants(
             inputs, task, gen.decode_vector(TaskVector(None, vector.in_context))
         )
     if split == "seen" and len(inputs.seen) > 1 and "wrong_vector" in wanted:
-        other = _wrong_task(inputs.seen, position)
-        wrong = gen.encoder.encode(other.spec(gen.encoder.settings.max_examples))
+        wrong = vector_of(_wrong_task(inputs.seen, position))
         scores["wrong_vector"] = _score_vector(inputs, task, gen.decode_vector(wrong))
     return scores
 

@@ -228,7 +228,11 @@ def step_evaluate(
             max_length=run.settings.lora_training.max_length,
             variants=variants,
             rows_dir=run.report_dir / "rows",
-            only=frozenset(t.name for i, t in enumerate(seen + unseen) if i % shard[1] == shard[0]),
+            only=(
+                frozenset(t.name for i, t in enumerate(seen + unseen) if i % shard[1] == shard[0])
+                if shard[1] > 1
+                else None
+            ),
         )
         report = evaluate(inputs, show_progress=progress)
     finally:
@@ -236,6 +240,27 @@ def step_evaluate(
     if shard[1] == 1:
         write_report(report, run.report_dir, plot=plot)
     return report
+
+
+# --- the small preset: a 6-task tiny-model generator in well under a minute (tests, the load benchmark) ---------
+
+SMALL_SETTINGS = PipelineSettings(
+    base_model="tiny",
+    lora_training=LoraTrainingSettings(
+        steps=60, batch_size=16, learning_rate=1e-2, max_length=32, checkpoints=3, checkpoint_every=5
+    ),
+    encoder=TaskEncoderSettings(max_examples=8, max_length=32),
+    cvae_training=CVAETrainingSettings(steps=150, batch_size=16),
+)
+
+
+def run_small(folder: Path) -> Run:
+    """6 synthetic tasks (2 unseen) on the tiny model: their LoRAs and a trained generator in ``folder``."""
+    run = Run.create(folder, SMALL_SETTINGS, "synthetic:6", unseen_fraction=0.34)
+    base = load_base_model("tiny")
+    step_train_loras(run, base, multitask_steps=60, progress=False)
+    step_train_generator(run, base, progress=False)
+    return run
 
 
 # --- the demo preset ----------------------------------------------------------------------------------------------

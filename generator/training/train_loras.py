@@ -177,8 +177,9 @@ def collect_loras(
     mine = [t for i, t in enumerate(tasks) if i % shard_count == shard]
     todo = [t for t in mine if not _is_done(out_dir / "loras" / f"{safe_name(t.name)}.safetensors", sid)]
     known = manifest.read().get("tasks", {})
+    pending = {t.name for t in todo}
     for task in mine:  # finished files whose manifest entry was lost (a kill between the two writes)
-        if task not in todo and isinstance(known, dict) and task.name not in known:
+        if task.name not in pending and isinstance(known, dict) and task.name not in known:
             manifest.set_task(task.name, {"file": f"loras/{safe_name(task.name)}.safetensors"})
     jobs: list[tuple[str, list[Example], int]] = [(t.name, list(t.train), training.steps) for t in todo]
     multi_steps = multitask_steps if multitask_steps is not None else training.steps * 4

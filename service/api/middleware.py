@@ -127,7 +127,6 @@ class RequestId:
             return
         incoming = dict(scope.get("headers", [])).get(self.HEADER, b"")
         request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
 
         async def tagging_send(message: Message) -> None:
             if message["type"] == "http.response.start":

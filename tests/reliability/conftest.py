@@ -7,10 +7,6 @@ bounded load driver. Traffic goes to 127.0.0.1 only and every loop is bounded in
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.background import ServiceProcess
 from tests.service.conftest import (  # noqa: F401 (fixtures re-exported to this folder)
     REDIS_URL,
     RedisProcess,
@@ -60,50 +57,6 @@ def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
     server.start()
     yield server
     server.kill()
-
-
-class ServiceProcess:
-    """The service as a real process (``python -m icm_lora.cli serve``, ICM_LORA_* variables), so it can be killed
-    with SIGKILL. Its stdout and stderr (uvicorn's access log included) go to ``log_path``."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout_s: float = 240) -> float:
-        start = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "icm_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - start > timeout_s:
-                self.kill()
-                raise RuntimeError(f"the service was not ready in {timeout_s} s:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @pytest.fixture
