@@ -26,6 +26,7 @@ import torch
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
+from generator.batching import EncodedPair
 from service.engine.config import EngineConfig
 from service.engine.errors import AdapterError, RequestError
 from service.engine.hidden import EngineHiddenStateReader
@@ -34,6 +35,7 @@ from service.engine.observer import EngineObserver, EngineStats
 from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Job, Scheduler
+from service.engine.scoring import score_pairs
 from service.engine.text import TextStream
 
 Prompt = str | Sequence[int]
@@ -73,6 +75,7 @@ class Engine:
             max_positions=self.max_positions,
             pad_id=int(pad),
         )
+        self.pad_id = int(pad)
         self._ids = itertools.count()
         self._closed = False
         self._scheduler.start()
@@ -208,6 +211,26 @@ class Engine:
         """A ``HiddenStateReader`` over the resident base model, adapter-free."""
         return EngineHiddenStateReader(
             self._scheduler.call, self.model, self.tokenizer, self.bank, layer, max_length, self._encode_lock
+        )
+
+    def answer_logprobs(
+        self, pairs: Sequence[EncodedPair], adapter: GeneratedAdapter | PreparedAdapter | None, batch_size: int = 16
+    ) -> torch.Tensor:
+        """[len(pairs)] mean log-probability per answer token of right-padded (prompt, answer) pairs, with every row
+        on ``adapter``'s slot (loaded when not resident) or on none: the self-check's ``AnswerScorer``, computed by the
+        resident model on the engine thread. Blocks the calling thread; never call it from the engine thread."""
+        if self._scheduler.on_engine_thread:
+            raise RuntimeError("answer_logprobs() cannot be used from the engine thread")
+        prepared = None if adapter is None else self.prepare_adapter(adapter)
+        return score_pairs(
+            self._scheduler.call,
+            self.model,
+            self.bank,
+            self._scheduler.load_now,
+            pairs,
+            prepared,
+            self.pad_id,
+            batch_size,
         )
 
     # --- lifecycle and metrics --------------------------------------------------------------------------------
