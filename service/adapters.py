@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 
 from generator.adapter import GeneratedAdapter
 from generator.generate import AdapterGenerator
+from generator.selfcheck import SelfCheck, SelfCheckPolicy
 from generator.tasks import Example, TaskFormatError, TaskSpec
 from service.cache import AdapterCache, Tier
 from service.config import Settings
+from service.engine import EngineError
 from service.errors import APIError
 from service.metrics import ServiceMetrics
+from service.refine import RefineOrigin, RefinePlan, Refiner, refined_adapter_id
 from service.schemas import TaskSpecIn
-from service.task_store import TaskStore
+from service.selfcheck import AdapterChecker, with_check
+from service.task_store import StoredSpec, TaskStore
+
+log = logging.getLogger(__name__)
+OUTCOMES = {"fallback": "fallback", "keep": "kept", "refine": "refined"}  # a failed check's metric outcome per policy
 
 
 def spec_from_request(body: TaskSpecIn, settings: Settings) -> TaskSpec:
@@ -33,19 +42,38 @@ def spec_from_request(body: TaskSpecIn, settings: Settings) -> TaskSpec:
         raise APIError(422, str(exc)) from None
 
 
+def refine_plan(settings: Settings, steps: int) -> RefinePlan:
+    """The refinement of ``steps`` steps with this service's fixed settings."""
+    return RefinePlan(steps=steps, learning_rate=settings.refine_learning_rate, batch_size=settings.refine_batch_size)
+
+
 class AdapterService:
+    """``checker``: the self-check run on every adapter it makes (None: none are checked). ``refiner``: trains refined
+    adapters (None: refinement answers 503). ``policy``: what a failed check means (see ``service.selfcheck``)."""
+
     def __init__(
         self,
         generator: AdapterGenerator | None,
         cache: AdapterCache,
         store: TaskStore,
         metrics: ServiceMetrics,
+        checker: AdapterChecker | None = None,
+        refiner: Refiner | None = None,
+        policy: SelfCheckPolicy = "fallback",
     ) -> None:
         self.generator = generator
         self.cache = cache
         self.store = store
         self.metrics = metrics
+        self.checker = checker
+        self.refiner = refiner
+        self.policy: SelfCheckPolicy = policy
         self._generate_lock = asyncio.Lock()  # generation is CPU-bound: one at a time, off the event loop
+        self._refine_lock = asyncio.Lock()  # training too, and longer: one refinement at a time
+        self._stop = threading.Event()  # set on shutdown: a running refinement stops at its next step
+
+    def close(self) -> None:
+        self._stop.set()
 
     def _require_generator(self) -> AdapterGenerator:
         if self.generator is None:
@@ -62,11 +90,11 @@ class AdapterService:
     async def get_or_generate(self, spec: TaskSpec, seed: int | None) -> tuple[GeneratedAdapter, Tier]:
         generator = self._require_generator()
         adapter_id = generator.adapter_id(spec, seed)
-        await self.store.put_adapter_spec(adapter_id, spec, seed)
+        await self.store.put_adapter_spec(adapter_id, StoredSpec(spec, seed))
         return await self.cache.get_or_create(adapter_id, lambda: self._generate(generator, spec, seed))
 
     async def by_id(self, adapter_id: str) -> tuple[GeneratedAdapter, Tier]:
-        """From a cache tier, or regenerated from the stored spec; 404 for an id this service never made."""
+        """From a cache tier, or regenerated (refined again) from the stored spec; 404 for an id never made here."""
         found = await self.cache.lookup(adapter_id)
         if found is not None:
             return found
@@ -74,17 +102,74 @@ class AdapterService:
         if stored is None:
             raise APIError(404, f"unknown adapter {adapter_id!r}")
         generator = self._require_generator()
-        spec, seed = stored
-        if generator.adapter_id(spec, seed) != adapter_id:
+        parent_id = generator.adapter_id(stored.spec, stored.seed)
+        if stored.refine is not None:
+            if stored.refine.parent_id != parent_id or refined_adapter_id(parent_id, stored.refine.plan) != adapter_id:
+                raise APIError(404, f"adapter {adapter_id!r} was refined from another generator version's adapter")
+            parent, _ = await self.get_or_generate(stored.spec, stored.seed)
+            return await self.refined(parent, stored.spec, stored.seed, stored.refine.plan)
+        if parent_id != adapter_id:
             raise APIError(404, f"adapter {adapter_id!r} was made by another generator version")
-        return await self.cache.get_or_create(adapter_id, lambda: self._generate(generator, spec, seed))
+        return await self.cache.get_or_create(adapter_id, lambda: self._generate(generator, stored.spec, stored.seed))
+
+    async def refined(
+        self, parent: GeneratedAdapter, spec: TaskSpec, seed: int | None, plan: RefinePlan
+    ) -> tuple[GeneratedAdapter, Tier]:
+        """The refinement of ``parent`` by ``plan``: cached, or trained now (single-flight, one at a time)."""
+        refiner = self.refiner
+        if refiner is None:
+            raise APIError(503, "adapter refinement is not available on this service", "refinement_unavailable")
+        adapter_id = await self.plan_refinement(parent, spec, seed, plan)
+        return await self.cache.get_or_create(adapter_id, lambda: self._refine(refiner, parent, spec, plan, adapter_id))
+
+    async def plan_refinement(
+        self, parent: GeneratedAdapter, spec: TaskSpec, seed: int | None, plan: RefinePlan
+    ) -> str:
+        """Store the durable spec of ``parent``'s refinement by ``plan`` (from then on its id can be fetched, trained
+        on demand when no cache has it) and return that id."""
+        if self.refiner is None:
+            raise APIError(503, "adapter refinement is not available on this service", "refinement_unavailable")
+        if not spec.examples:
+            raise APIError(422, "refine_steps needs examples: a refinement trains on the task's examples")
+        adapter_id = refined_adapter_id(parent.adapter_id, plan)
+        await self.store.put_adapter_spec(adapter_id, StoredSpec(spec, seed, RefineOrigin(parent.adapter_id, plan)))
+        return adapter_id
 
     async def _generate(self, generator: AdapterGenerator, spec: TaskSpec, seed: int | None) -> GeneratedAdapter:
         async with self._generate_lock:
             start = time.perf_counter()
             adapter = await asyncio.to_thread(generator.generate, spec, seed)
             timings = generator.last_timings
+            check, adapter = await self._checked(spec, adapter)
         self.metrics.generation_seconds.labels("encode").observe(timings.encode_s)
         self.metrics.generation_seconds.labels("decode").observe(timings.decode_s)
         self.metrics.generation_seconds.labels("total").observe(time.perf_counter() - start)
+        if self.checker is not None:
+            outcome = "unchecked" if check is None else "passed" if check.passed else OUTCOMES[self.policy]
+            self.metrics.self_checks.labels(outcome).inc()
         return adapter
+
+    async def _refine(
+        self, refiner: Refiner, parent: GeneratedAdapter, spec: TaskSpec, plan: RefinePlan, adapter_id: str
+    ) -> GeneratedAdapter:
+        async with self._refine_lock:
+            adapter = await asyncio.to_thread(refiner, spec, parent, plan, adapter_id, self._stop)
+        if adapter.adapter_id != adapter_id:
+            raise RuntimeError(f"the refiner returned adapter {adapter.adapter_id!r}, expected {adapter_id!r}")
+        async with self._generate_lock:
+            _, adapter = await self._checked(spec, adapter)
+        return adapter
+
+    async def _checked(self, spec: TaskSpec, adapter: GeneratedAdapter) -> tuple[SelfCheck | None, GeneratedAdapter]:
+        """Run the self-check (in a worker thread: it scores through the engine) and store it in the metadata."""
+        if self.checker is None or not spec.examples:
+            return None, adapter
+        try:
+            check = await asyncio.to_thread(self.checker, spec, adapter)
+        except EngineError as exc:  # closed, or every slot pinned for too long: try again later, never unchecked
+            raise APIError(
+                503, f"the adapter's self-check could not run: {exc}", headers={"Retry-After": "1"}
+            ) from None
+        if check is None:
+            return None, adapter
+        return check, with_check(adapter, check)

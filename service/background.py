@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.main import create_app
+from service.refine import Refiner
 
 
 def free_port() -> int:
@@ -31,11 +32,11 @@ def free_port() -> int:
 class BackgroundServer:
     """One service instance; ``start`` returns once uvicorn accepts connections (the lifespan has run)."""
 
-    def __init__(self, settings: Settings, port: int | None = None) -> None:
+    def __init__(self, settings: Settings, port: int | None = None, refiner: Refiner | None = None) -> None:
         self.settings = settings
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.app: FastAPI = create_app(settings)
+        self.app: FastAPI = create_app(settings, refiner)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -58,8 +59,8 @@ class BackgroundServer:
 
 
 @contextmanager
-def serve(settings: Settings) -> Iterator[BackgroundServer]:
-    service = BackgroundServer(settings).start()
+def serve(settings: Settings, refiner: Refiner | None = None) -> Iterator[BackgroundServer]:
+    service = BackgroundServer(settings, refiner=refiner).start()
     try:
         yield service
     finally:

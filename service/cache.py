@@ -109,6 +109,10 @@ class AdapterCache:
         while len(self._memory) > self.memory_size:
             self._memory.popitem(last=False)
 
+    def in_memory(self, adapter_id: str) -> bool:
+        """Whether the memory tier holds the adapter (not counted as a lookup)."""
+        return adapter_id in self._memory
+
     async def lookup(self, adapter_id: str) -> tuple[GeneratedAdapter, Tier] | None:
         """Memory, then Redis (verified). Never generates."""
         adapter = self._memory.get(adapter_id)

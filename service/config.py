@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,6 +43,25 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(2048, ge=1)
     max_tokens: int = Field(512, ge=1, description="Upper bound for max_tokens in completions")
     max_body_bytes: int = Field(1_000_000, ge=1024)
+
+    # adapter quality
+    self_check: Literal["fallback", "refine", "keep"] = Field(
+        "fallback",
+        description="An adapter that explains its task's examples worse than the base model: serve the base model "
+        "(fallback), refine it and serve the base model until the refined one passes (refine), or serve it (keep); "
+        "every response about it carries a warning",
+    )
+    self_check_margin: float = Field(
+        0.0,
+        ge=-100.0,
+        le=100.0,
+        description="An adapter passes when its mean answer log-likelihood per token is at least base - margin "
+        "(a negative margin demands an improvement)",
+    )
+    refine_default_steps: int = Field(16, ge=1, le=64, description="Refinement steps the refine policy starts")
+    refine_learning_rate: float = Field(2e-3, gt=0.0, le=1.0, description="Learning rate of refinements")
+    refine_batch_size: int = Field(8, ge=1, le=64, description="Examples per refinement step")
+    refine_queue_size: int = Field(8, ge=1, le=1024, description="Refinements waiting before 429")
 
     # security
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated")

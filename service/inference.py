@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from generator.adapter import GeneratedAdapter
+from generator.base_model import BaseModel
+from service.config import Settings
 from service.engine import (
     AdapterError,
     Engine,
@@ -18,8 +20,11 @@ from service.engine import (
 )
 from service.errors import APIError
 from service.metrics import ServiceMetrics
-from service.schemas import ChatMessage, _SamplingFields
+from service.schemas import ChatMessage, ServingInfo, _SamplingFields
+from service.selfcheck import check_of, choose_adapter
 from service.state import ServiceState
+
+WARNING_HEADER = "X-ICM-LoRA-Warning"
 
 
 class PrometheusObserver(EngineObserver):
@@ -42,8 +47,9 @@ class PrometheusObserver(EngineObserver):
         self.metrics.tokens_generated.inc(count)
 
 
-def start_engine(state: ServiceState, max_rank: int, target_modules: Sequence[str]) -> Engine:
-    settings = state.settings
+def start_engine(
+    settings: Settings, base: BaseModel, metrics: ServiceMetrics, max_rank: int, target_modules: Sequence[str]
+) -> Engine:
     config = EngineConfig(
         num_slots=settings.num_slots,
         max_rank=max_rank,
@@ -51,25 +57,43 @@ def start_engine(state: ServiceState, max_rank: int, target_modules: Sequence[st
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
     )
-    engine = Engine(state.base, config, PrometheusObserver(state.metrics))
-    state.metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
-    state.metrics.adapters_resident.set_function(lambda: engine.stats().adapters_resident)
-    state.metrics.queue_capacity.set(settings.max_queue)
-    state.metrics.slots.set(settings.num_slots)
+    engine = Engine(base, config, PrometheusObserver(metrics))
+    metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
+    metrics.adapters_resident.set_function(lambda: engine.stats().adapters_resident)
+    metrics.queue_capacity.set(settings.max_queue)
+    metrics.slots.set(settings.num_slots)
     return engine
 
 
-async def resolve_adapter(state: ServiceState, model: str) -> GeneratedAdapter | None:
-    """``model`` is the base model's name (no adapter) or a registered task id (404 otherwise)."""
+async def resolve_adapter(state: ServiceState, model: str) -> tuple[GeneratedAdapter | None, ServingInfo | None]:
+    """``model`` is the base model's name (no adapter) or a registered task id (404 otherwise). For a task: the
+    adapter the self-check policy picks (None: the base model) and what to tell the client about it."""
     if model == state.settings.model_name:
-        return None
+        return None, None
     record = await state.store.get(model)
     if record is None:
         raise APIError(
             404, f"model {model!r} is neither a registered task id nor {state.settings.model_name!r}", "model_not_found"
         )
-    adapter, _ = await state.adapters.get_or_generate(record.spec, record.seed)
-    return adapter
+    generated, _ = await state.adapters.get_or_generate(record.spec, record.seed)
+    check = record.self_check if record.self_check is not None else check_of(generated)
+    choice = choose_adapter(state.settings.self_check, generated.adapter_id, check, record.refinement)
+    adapter: GeneratedAdapter | None = generated
+    if choice.use == "refined":
+        adapter, _ = await state.adapters.by_id(choice.adapter_id)
+    elif choice.use == "base":
+        adapter = None
+    info = ServingInfo(
+        adapter_id=choice.adapter_id,
+        served="base" if adapter is None else "adapter",
+        refined=choice.adapter_id != generated.adapter_id,
+        warning=choice.warning,
+    )
+    return adapter, info
+
+
+def serving_headers(info: ServingInfo | None) -> dict[str, str]:
+    return {WARNING_HEADER: info.warning} if info is not None and info.warning else {}
 
 
 def completion_prompt_ids(state: ServiceState, prompt: str) -> list[int]:

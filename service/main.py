@@ -25,19 +25,23 @@ from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.inference import start_engine
 from service.metrics import ServiceMetrics
+from service.refine import Refiner, TrainingRefiner
+from service.refinements import RefinementQueue
+from service.selfcheck import AdapterChecker
 from service.state import ServiceState
 from service.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, refiner: Refiner | None = None) -> FastAPI:
+    """``refiner``: what trains refined adapters; default a ``TrainingRefiner`` on a private copy of the base model."""
     settings = settings or get_settings()
     metrics = ServiceMetrics(redis_configured=bool(settings.redis_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _build_state(settings, metrics)
+        state = await _build_state(settings, metrics, refiner)
         app.state.icm = state
         try:
             yield
@@ -67,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _build_state(settings: Settings, metrics: ServiceMetrics) -> ServiceState:
+async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Refiner | None) -> ServiceState:
     start = time.perf_counter()
     base = load_base_model(settings.base_model, settings.data_dir)
     redis = (
@@ -85,24 +89,31 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics) -> ServiceSt
         store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
     checkpoint = _load_checkpoint(settings)
     cache = AdapterCache(settings.memory_cache_size, metrics, redis_tier)
+    lora = checkpoint.layout.settings if checkpoint else LoraSettings()
+    engine = start_engine(settings, base, metrics, max_rank=lora.rank, target_modules=lora.target_modules)
+    generator = checker = None
+    if checkpoint is not None:
+        # the task encoder reads hidden states through the engine, and the self-check scores answers through it:
+        # one copy of the base model in memory (refinement trains on its own copy, loaded on first use)
+        reader = engine.hidden_state_reader(checkpoint.encoder.hidden_layer, checkpoint.encoder.max_length)
+        encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder)
+        generator = AdapterGenerator(checkpoint, encoder)
+        read, length = checkpoint.encoder.max_examples, checkpoint.encoder.max_length
+        checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)
+        refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora)
+    adapters = AdapterService(generator, cache, store, metrics, checker, refiner, settings.self_check)
     state = ServiceState(
         settings=settings,
         metrics=metrics,
         base=base,
         store=store,
         cache=cache,
-        adapters=AdapterService(None, cache, store, metrics),
+        adapters=adapters,
+        refinements=RefinementQueue(adapters, store, metrics, settings.refine_queue_size),
         redis_tier=redis_tier,
+        engine=engine,
         started_at=time.time(),
     )
-    lora = checkpoint.layout.settings if checkpoint else LoraSettings()
-    state.engine = start_engine(state, max_rank=lora.rank, target_modules=lora.target_modules)
-    if checkpoint is not None:
-        # the task encoder reads hidden states through the engine: one copy of the base model in memory
-        reader = state.engine.hidden_state_reader(checkpoint.encoder.hidden_layer, checkpoint.encoder.max_length)
-        encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder)
-        state.adapters.generator = AdapterGenerator(checkpoint, encoder)
-    generator = state.adapters.generator
     if redis_tier is not None:
         await redis_tier.ping()
     log.info(
@@ -123,6 +134,8 @@ def _load_checkpoint(settings: Settings) -> GeneratorCheckpoint | None:
 
 
 async def _close_state(state: ServiceState) -> None:
+    state.adapters.close()  # a running refinement stops at its next step
+    await state.refinements.close()
     if state.engine is not None:
         state.engine.close()
     await state.store.close()

@@ -28,6 +28,18 @@ class ServiceMetrics:
             registry=r,
         )
         self.cache = Counter(f"{PREFIX}adapter_cache", "Adapter cache lookups", ["tier", "result"], registry=r)
+        self.self_checks = Counter(
+            f"{PREFIX}adapter_self_checks",
+            "Self-checks of generated adapters by outcome (passed, fallback, kept, refined, unchecked)",
+            ["outcome"],
+            registry=r,
+        )
+        self.refinements = Counter(
+            f"{PREFIX}adapter_refinements",
+            "Adapter refinements by result (done, failed, rejected)",
+            ["result"],
+            registry=r,
+        )
         self.swaps = Counter(f"{PREFIX}adapter_swaps", "Adapters copied into an engine slot", registry=r)
         self.swap_seconds = Histogram(
             f"{PREFIX}adapter_swap_seconds",

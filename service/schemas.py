@@ -47,8 +47,33 @@ class TaskSpecIn(BaseModel):
     examples: list[ExampleIn] = Field(default_factory=list)
 
 
+MAX_REFINE_STEPS = 64
+RefineSteps = Annotated[
+    int,
+    Field(
+        strict=True,
+        ge=0,
+        le=MAX_REFINE_STEPS,
+        description="Refine the generated adapter on the examples with this many training steps, in the background "
+        "(0: no refinement)",
+    ),
+]
+
+
 class AdapterRequest(TaskSpecIn):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sample z from this seed; default z = 0")
+    refine_steps: RefineSteps = 0
+
+
+class SelfCheckOut(BaseModel):
+    """Mean log-likelihood per answer token of the task's examples, with the adapter and with the base model."""
+
+    base_loglik: float
+    adapter_loglik: float
+    delta: float = Field(description="adapter_loglik - base_loglik")
+    examples: int = Field(description="Examples scored")
+    held_out: bool = Field(description="True when they were not read by the task encoder")
+    passed: bool
 
 
 class AdapterMetadata(BaseModel):
@@ -63,6 +88,14 @@ class AdapterMetadata(BaseModel):
     sha256: str
     cached: bool = Field(description="True when served from a cache tier instead of generated for this request")
     weights_url: str
+    self_check: SelfCheckOut | None = Field(
+        None, description="The adapter's self-check, run once when it was made (None: the task has no examples)"
+    )
+    parent_adapter_id: str | None = Field(None, description="For a refined adapter: the generated one it refines")
+    refine_steps: int | None = Field(None, description="For a refined adapter: its training steps")
+    refined_adapter_id: str | None = Field(
+        None, description="In the answer to POST with refine_steps: the id the refined adapter will have"
+    )
 
 
 class TaskCreate(TaskSpecIn):
@@ -72,6 +105,15 @@ class TaskCreate(TaskSpecIn):
 
     task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="Default: derived from the spec")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    refine_steps: RefineSteps = 0
+
+
+class RefinementOut(BaseModel):
+    status: Literal["none", "queued", "running", "done", "failed"] = "none"
+    steps: int = 0
+    adapter_id: str | None = Field(None, description="The refined adapter's id (its content address)")
+    error: str | None = Field(None, description="Why it failed")
+    self_check: SelfCheckOut | None = None
 
 
 class TaskOut(BaseModel):
@@ -82,6 +124,8 @@ class TaskOut(BaseModel):
     created_at: float
     adapter_id: str | None = Field(None, description="Content address of the task's adapter")
     adapter: AdapterMetadata | None = Field(None, description="Full metadata (in the response to POST)")
+    self_check: SelfCheckOut | None = Field(None, description="The generated adapter's self-check")
+    refinement: RefinementOut = Field(default_factory=RefinementOut)
 
 
 class TaskList(BaseModel):
@@ -152,6 +196,15 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
+class ServingInfo(BaseModel):
+    """Which adapter served a task's request (``icm_lora`` in completion responses, not part of OpenAI's format)."""
+
+    adapter_id: str = Field(description="The task's adapter this is about (the one that served, unless served=base)")
+    served: Literal["adapter", "base"]
+    refined: bool = Field(description="True when adapter_id is the refined adapter")
+    warning: str | None = Field(None, description="Set when the adapter failed its self-check")
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -159,6 +212,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    icm_lora: ServingInfo | None = None
 
 
 class ChatChoice(BaseModel):
@@ -174,6 +228,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    icm_lora: ServingInfo | None = None
 
 
 class ModelCard(BaseModel):

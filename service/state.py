@@ -12,6 +12,7 @@ from service.adapters import AdapterService
 from service.cache import AdapterCache, RedisTier
 from service.config import Settings
 from service.metrics import ServiceMetrics
+from service.refinements import RefinementQueue
 from service.task_store import TaskStore
 
 
@@ -23,6 +24,7 @@ class ServiceState:
     store: TaskStore
     cache: AdapterCache
     adapters: AdapterService
+    refinements: RefinementQueue
     redis_tier: RedisTier | None = None
     engine: Any = None
     started_at: float = 0.0

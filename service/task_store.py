@@ -12,16 +12,20 @@ import json
 import sqlite3
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from generator.tasks import TaskSpec
+from service.refine import RefineOrigin
 
 T = TypeVar("T")
+CheckResult = dict[str, float | int | bool]
+"""``generator.selfcheck.SelfCheck.to_dict()``: base_loglik, adapter_loglik, delta, examples, held_out, passed."""
+RefineStatus = Literal["none", "queued", "running", "done", "failed"]
 
 
 class StoreUnavailable(RuntimeError):
@@ -29,24 +33,98 @@ class StoreUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Refinement:
+    """A task's refinement: ``adapter_id`` is the refined adapter's content address (known once queued), ``error``
+    why it failed, ``self_check`` the refined adapter's check."""
+
+    status: RefineStatus = "none"
+    steps: int = 0
+    adapter_id: str | None = None
+    error: str | None = None
+    self_check: CheckResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "steps": self.steps,
+            "adapter_id": self.adapter_id,
+            "error": self.error,
+            "self_check": self.self_check,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Refinement:
+        if not data:
+            return cls()
+        status = data.get("status", "none")
+        if status not in get_args(RefineStatus):
+            status = "failed"
+        return cls(status, int(data.get("steps", 0)), data.get("adapter_id"), data.get("error"), data.get("self_check"))
+
+
+@dataclass(frozen=True)
 class TaskRecord:
+    """``self_check``: the generated adapter's check, recorded at creation (None: no examples, or a record from
+    before checks existed). Records without the newer fields read as no check and no refinement."""
+
     task_id: str
     spec: TaskSpec
     seed: int | None
     created_at: float
+    self_check: CheckResult | None = None
+    refinement: Refinement = field(default_factory=Refinement)
 
     def same_content(self, spec: TaskSpec, seed: int | None) -> bool:
         return self.spec.canonical_json() == spec.canonical_json() and self.seed == seed
 
+    def same_task(self, other: TaskRecord) -> bool:
+        """The same registration (not a deleted and re-created task of the same id)."""
+        return self.task_id == other.task_id and self.created_at == other.created_at
+
     def to_json(self) -> str:
         return json.dumps(
-            {"task_id": self.task_id, "spec": self.spec.to_dict(), "seed": self.seed, "created_at": self.created_at}
+            {
+                "task_id": self.task_id,
+                "spec": self.spec.to_dict(),
+                "seed": self.seed,
+                "created_at": self.created_at,
+                "self_check": self.self_check,
+                "refinement": self.refinement.to_dict(),
+            }
         )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> TaskRecord:
         data = json.loads(raw)
-        return cls(data["task_id"], TaskSpec.from_dict(data["spec"]), data["seed"], float(data["created_at"]))
+        return cls(
+            data["task_id"],
+            TaskSpec.from_dict(data["spec"]),
+            data["seed"],
+            float(data["created_at"]),
+            data.get("self_check"),
+            Refinement.from_dict(data.get("refinement")),
+        )
+
+
+@dataclass(frozen=True)
+class StoredSpec:
+    """The durable spec behind an adapter id; ``refine`` for a refined adapter (records without it: generated)."""
+
+    spec: TaskSpec
+    seed: int | None
+    refine: RefineOrigin | None = None
+
+    def to_json(self) -> str:
+        body: dict[str, Any] = {"spec": self.spec.to_dict(), "seed": self.seed}
+        if self.refine is not None:
+            body["refine"] = self.refine.to_dict()
+        return json.dumps(body)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> StoredSpec:
+        data = json.loads(raw)
+        refine = RefineOrigin.from_dict(data["refine"]) if data.get("refine") else None
+        return cls(TaskSpec.from_dict(data["spec"]), data["seed"], refine)
 
 
 class TaskStore(Protocol):
@@ -62,9 +140,13 @@ class TaskStore(Protocol):
         """Up to ``limit`` records with ids greater than ``after``, in id order."""
         ...
 
-    async def put_adapter_spec(self, adapter_id: str, spec: TaskSpec, seed: int | None) -> None: ...
+    async def update_refinement(self, record: TaskRecord, refinement: Refinement) -> bool:
+        """Set the refinement of ``record``'s task if it is still the same registration; False when it is gone."""
+        ...
 
-    async def get_adapter_spec(self, adapter_id: str) -> tuple[TaskSpec, int | None] | None: ...
+    async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None: ...
+
+    async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None: ...
 
     async def close(self) -> None: ...
 
@@ -117,16 +199,30 @@ class SqliteTaskStore:
         )
         return [TaskRecord.from_json(str(r[0])) for r in rows]
 
-    async def put_adapter_spec(self, adapter_id: str, spec: TaskSpec, seed: int | None) -> None:
-        body = json.dumps({"spec": spec.to_dict(), "seed": seed})
-        await self._run("INSERT OR IGNORE INTO adapter_specs (adapter_id, body) VALUES (?, ?)", (adapter_id, body))
+    async def update_refinement(self, record: TaskRecord, refinement: Refinement) -> bool:
+        async with self._lock:
 
-    async def get_adapter_spec(self, adapter_id: str) -> tuple[TaskSpec, int | None] | None:
+            def update() -> bool:
+                row = self._db.execute("SELECT record FROM tasks WHERE task_id = ?", (record.task_id,)).fetchone()
+                if row is None:
+                    return False
+                current = TaskRecord.from_json(row[0])
+                if not current.same_task(record):
+                    return False
+                updated = replace(current, refinement=refinement)
+                self._db.execute("UPDATE tasks SET record = ? WHERE task_id = ?", (updated.to_json(), record.task_id))
+                return True
+
+            return await asyncio.to_thread(update)
+
+    async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
+        await self._run(
+            "INSERT OR IGNORE INTO adapter_specs (adapter_id, body) VALUES (?, ?)", (adapter_id, stored.to_json())
+        )
+
+    async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None:
         rows = await self._run("SELECT body FROM adapter_specs WHERE adapter_id = ?", (adapter_id,))
-        if not rows:
-            return None
-        data = json.loads(str(rows[0][0]))
-        return TaskSpec.from_dict(data["spec"]), data["seed"]
+        return StoredSpec.from_json(str(rows[0][0])) if rows else None
 
     async def close(self) -> None:
         async with self._lock:
@@ -183,20 +279,45 @@ class RedisTaskStore:
         )
         return [TaskRecord.from_json(r) for r in raws if r is not None]
 
-    async def put_adapter_spec(self, adapter_id: str, spec: TaskSpec, seed: int | None) -> None:
-        body = json.dumps({"spec": spec.to_dict(), "seed": seed})
-        await self._call(self._redis.set(f"{self._prefix}:adapter-spec:{adapter_id}", body, nx=True))
+    async def update_refinement(self, record: TaskRecord, refinement: Refinement) -> bool:
+        """Optimistic: WATCH the key, check it is the same registration, write in a transaction; retried on a race."""
+        key = self._task_key(record.task_id)
+        for _ in range(10):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        return False
+                    current = TaskRecord.from_json(raw)
+                    if not current.same_task(record):
+                        return False
+                    pipe.multi()
+                    pipe.set(key, replace(current, refinement=refinement).to_json(), xx=True)
+                    await pipe.execute()
+                    return True
+            except WatchError:
+                continue
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"task registry (Redis) unavailable: {exc}") from None
+        raise StoreUnavailable(f"task {record.task_id!r} kept changing while its refinement was recorded")
 
-    async def get_adapter_spec(self, adapter_id: str) -> tuple[TaskSpec, int | None] | None:
+    async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
+        await self._call(self._redis.set(f"{self._prefix}:adapter-spec:{adapter_id}", stored.to_json(), nx=True))
+
+    async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None:
         raw = await self._call(self._redis.get(f"{self._prefix}:adapter-spec:{adapter_id}"))
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return TaskSpec.from_dict(data["spec"]), data["seed"]
+        return StoredSpec.from_json(raw) if raw is not None else None
 
     async def close(self) -> None:
         return None
 
 
-def new_record(task_id: str, spec: TaskSpec, seed: int | None) -> TaskRecord:
-    return TaskRecord(task_id=task_id, spec=spec, seed=seed, created_at=time.time())
+def new_record(
+    task_id: str,
+    spec: TaskSpec,
+    seed: int | None,
+    self_check: CheckResult | None = None,
+    refinement: Refinement | None = None,
+) -> TaskRecord:
+    return TaskRecord(task_id, spec, seed, time.time(), self_check, refinement or Refinement())

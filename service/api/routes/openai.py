@@ -14,12 +14,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.engine import EngineClosed, EngineError
 from service.errors import APIError
-from service.inference import chat_prompt_ids, completion_prompt_ids, resolve_adapter, sampling_params, submit
+from service.inference import (
+    chat_prompt_ids,
+    completion_prompt_ids,
+    resolve_adapter,
+    sampling_params,
+    serving_headers,
+    submit,
+)
 from service.schemas import (
     ChatChoice,
     ChatCompletionRequest,
@@ -30,6 +37,7 @@ from service.schemas import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    ServingInfo,
     Usage,
 )
 from service.state import ServiceState, get_state
@@ -51,35 +59,45 @@ def _envelope(request_id: str, kind: str, created: int, model: str, choice: dict
     return {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice]}
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict[str, Any]], info: ServingInfo | None) -> StreamingResponse:
     async def body() -> AsyncIterator[bytes]:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", **serving_headers(info)}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 async def _stream_chunks(
-    handle: Any, make_chunk: Callable[[str, str | None], dict[str, Any]]
+    handle: Any, make_chunk: Callable[[str, str | None], dict[str, Any]], info: ServingInfo | None
 ) -> AsyncIterator[dict[str, Any]]:
+    """The final chunk (the one with a finish reason) carries ``icm_lora`` for a task's request."""
+
+    def final(chunk: dict[str, Any]) -> dict[str, Any]:
+        return {**chunk, "icm_lora": info.model_dump()} if info is not None else chunk
+
     try:
         async for delta in handle:
             if delta.text or delta.finish_reason:
-                yield make_chunk(delta.text, delta.finish_reason)
+                chunk = make_chunk(delta.text, delta.finish_reason)
+                yield final(chunk) if delta.finish_reason else chunk
     except EngineError:  # closed or failed mid-stream: the status line is sent, so say it in the last chunk
-        yield make_chunk("", "error")
+        yield final(make_chunk("", "error"))
     finally:
         handle.cancel()  # no-op when finished; frees the slot and KV cache when the client went away
 
 
 @router.post("/completions", response_model=CompletionResponse, summary="Text completion with a task's adapter")
 async def completions(
-    body: CompletionRequest, request: Request, state: Annotated[ServiceState, Depends(get_state)]
+    body: CompletionRequest,
+    request: Request,
+    response: Response,
+    state: Annotated[ServiceState, Depends(get_state)],
 ) -> Any:
     params = sampling_params(state, body)
     ids = completion_prompt_ids(state, body.prompt)
-    adapter = await resolve_adapter(state, body.model)
+    adapter, info = await resolve_adapter(state, body.model)
     handle = submit(state, ids, adapter, params)
     request_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:
@@ -88,24 +106,29 @@ async def completions(
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             return _envelope(request_id, "text_completion", created, body.model, choice)
 
-        return _sse(_stream_chunks(handle, chunk))
+        return _sse(_stream_chunks(handle, chunk, info), info)
     result = await _wait(handle, request)
+    response.headers.update(serving_headers(info))
     return CompletionResponse(
         id=request_id,
         created=created,
         model=body.model,
         choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
         usage=_usage(result),
+        icm_lora=info,
     )
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, summary="Chat completion (chat template)")
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, state: Annotated[ServiceState, Depends(get_state)]
+    body: ChatCompletionRequest,
+    request: Request,
+    response: Response,
+    state: Annotated[ServiceState, Depends(get_state)],
 ) -> Any:
     params = sampling_params(state, body)
     ids = chat_prompt_ids(state, body.messages)
-    adapter = await resolve_adapter(state, body.model)
+    adapter, info = await resolve_adapter(state, body.model)
     handle = submit(state, ids, adapter, params)
     request_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:
@@ -120,8 +143,9 @@ async def chat_completions(
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             return _envelope(request_id, "chat.completion.chunk", created, body.model, choice)
 
-        return _sse(_stream_chunks(handle, chunk))
+        return _sse(_stream_chunks(handle, chunk, info), info)
     result = await _wait(handle, request)
+    response.headers.update(serving_headers(info))
     return ChatCompletionResponse(
         id=request_id,
         created=created,
@@ -130,6 +154,7 @@ async def chat_completions(
             ChatChoice(message=ChatMessage(role="assistant", content=result.text), finish_reason=result.finish_reason)
         ],
         usage=_usage(result),
+        icm_lora=info,
     )
 
 

@@ -8,15 +8,22 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
-from service.adapters import spec_from_request
+from service.adapters import refine_plan, spec_from_request
 from service.api.routes.adapters import adapter_metadata
 from service.errors import APIError
-from service.schemas import TASK_ID_PATTERN, ExampleIn, TaskCreate, TaskList, TaskOut
+from service.refine import refined_adapter_id
+from service.refinements import RefineJob
+from service.schemas import TASK_ID_PATTERN, ExampleIn, RefinementOut, SelfCheckOut, TaskCreate, TaskList, TaskOut
+from service.selfcheck import check_of, passed
 from service.state import ServiceState, get_state
-from service.task_store import TaskRecord, new_record
+from service.task_store import CheckResult, Refinement, TaskRecord, new_record
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
+
+
+def _check_out(check: CheckResult | None) -> SelfCheckOut | None:
+    return SelfCheckOut.model_validate(check) if check else None
 
 
 def task_out(record: TaskRecord, state: ServiceState) -> TaskOut:
@@ -28,6 +35,14 @@ def task_out(record: TaskRecord, state: ServiceState) -> TaskOut:
         seed=record.seed,
         created_at=record.created_at,
         adapter_id=adapter_id,
+        self_check=_check_out(record.self_check),
+        refinement=RefinementOut(
+            status=record.refinement.status,
+            steps=record.refinement.steps,
+            adapter_id=record.refinement.adapter_id,
+            error=record.refinement.error,
+            self_check=_check_out(record.refinement.self_check),
+        ),
     )
 
 
@@ -44,10 +59,37 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     existing = await state.store.get(task_id)
     if existing is not None and not existing.same_content(spec, body.seed):
         raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+    if body.refine_steps and not spec.examples:
+        raise APIError(422, "refine_steps needs examples: a refinement trains on the task's examples")
     adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
-    record, created = await state.store.create(new_record(task_id, spec, body.seed))
-    if not created and not record.same_content(spec, body.seed):  # registered by someone else meanwhile
-        raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+    check = check_of(adapter)
+    steps = body.refine_steps
+    if not steps and state.settings.self_check == "refine" and not passed(check):
+        steps = state.settings.refine_default_steps
+    plan = refine_plan(state.settings, steps) if steps else None
+    if plan is not None and existing is not None and existing.refinement.status not in ("none", "failed"):
+        plan = None  # already refining or refined: a repeated POST changes nothing
+    job = None
+    if plan is not None:
+        refined_id = refined_adapter_id(adapter.adapter_id, plan)
+        await state.adapters.plan_refinement(adapter, spec, body.seed, plan)
+        if not state.refinements.reserve():
+            raise APIError(429, "the refinement queue is full; retry shortly", "overloaded", {"Retry-After": "5"})
+        job = RefineJob(spec, body.seed, plan, refined_id)
+    queued = Refinement("queued", plan.steps, job.adapter_id) if plan and job else None
+    try:
+        record, created = await state.store.create(new_record(task_id, spec, body.seed, check, queued))
+        if not created and not record.same_content(spec, body.seed):  # registered by someone else meanwhile
+            raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+        if job is not None and queued is not None and (created or record.refinement.status in ("none", "failed")):
+            if not created and not await state.store.update_refinement(record, queued):
+                raise APIError(409, f"task {task_id!r} was deleted while it was registered; try again")
+            record = record if created else await state.store.get(task_id) or record
+            state.refinements.submit(RefineJob(spec, body.seed, job.plan, job.adapter_id, record))
+            job = None
+    finally:
+        if job is not None:
+            state.refinements.release()
     out = task_out(record, state)
     out.adapter = adapter_metadata(adapter, tier)
     return JSONResponse(out.model_dump(), status_code=201 if created else 200)
@@ -79,8 +121,9 @@ async def delete_task(task_id: TaskId, state: Annotated[ServiceState, Depends(ge
     if record is None:
         raise APIError(404, f"unknown task {task_id!r}")
     out = task_out(record, state)
-    if out.adapter_id is not None:
-        await state.cache.drop(out.adapter_id)
-        if state.engine is not None:
-            state.engine.release_adapter(out.adapter_id)
+    for adapter_id in (out.adapter_id, record.refinement.adapter_id):
+        if adapter_id is not None:
+            await state.cache.drop(adapter_id)
+            if state.engine is not None:
+                state.engine.release_adapter(adapter_id)
     return out

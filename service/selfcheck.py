@@ -1,0 +1,110 @@
+"""The self-check in the service: run once per adapter when it is made, stored in its metadata, and the serving
+decision it drives (``ICM_LORA_SELF_CHECK``).
+
+The check (``generator.selfcheck``) scores the task's examples with the adapter and with the base model through the
+engine (``Engine.answer_logprobs``), so the service keeps one copy of the model. Its result goes into the adapter's
+metadata (``self_check``, JSON), which the safetensors header carries: every cache tier keeps it, and a regenerated
+adapter gets the same result. The adapter id does not depend on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from generator.adapter import GeneratedAdapter
+from generator.selfcheck import AnswerScorer, SelfCheck, SelfCheckPolicy, self_check
+from generator.tasks import TaskSpec
+from service.task_store import CheckResult, Refinement
+
+CHECK_KEY = "self_check"
+
+
+class AdapterChecker:
+    """``(spec, adapter) -> SelfCheck | None``; blocking, called from a worker thread one at a time (it owns its
+    tokenizer copy: fast tokenizers are not safe to share between threads)."""
+
+    def __init__(
+        self, scorer: AnswerScorer, tokenizer: PreTrainedTokenizerBase, read: int, max_length: int, margin: float
+    ) -> None:
+        self.scorer = scorer
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.read = read
+        self.max_length = max_length
+        self.margin = margin
+
+    def __call__(self, spec: TaskSpec, adapter: GeneratedAdapter) -> SelfCheck | None:
+        return self_check(spec, adapter, self.scorer, self.tokenizer, self.read, self.max_length, self.margin)
+
+
+def with_check(adapter: GeneratedAdapter, check: SelfCheck) -> GeneratedAdapter:
+    """The same adapter (same id and tensors) with the check in its metadata."""
+    metadata = {**adapter.metadata, CHECK_KEY: json.dumps(check.to_dict(), sort_keys=True)}
+    return dataclasses.replace(adapter, metadata=metadata)
+
+
+def check_of(adapter: GeneratedAdapter) -> CheckResult | None:
+    """The check stored in an adapter's metadata; None when it has none (no examples, or made before checks)."""
+    raw = adapter.metadata.get(CHECK_KEY)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def passed(check: CheckResult | None) -> bool:
+    """An unchecked adapter (no examples to check against) counts as passing: there is nothing to compare."""
+    return check is None or bool(check.get("passed", True))
+
+
+Use = Literal["refined", "generated", "base"]
+
+
+@dataclass(frozen=True)
+class ServingChoice:
+    """Which adapter serves a task, and the warning every response about it carries (None when all is well)."""
+
+    use: Use
+    adapter_id: str
+    warning: str | None = None
+
+
+def _describe(kind: str, adapter_id: str, check: CheckResult | None) -> str:
+    delta = check.get("delta") if check else None
+    how = f" (answer log-likelihood {float(delta):+.3f} nats/token vs the base model)" if delta is not None else ""
+    return f"the {kind} adapter {adapter_id} failed its self-check{how}"
+
+
+def choose_adapter(
+    policy: SelfCheckPolicy,
+    generated_id: str,
+    generated_check: CheckResult | None,
+    refinement: Refinement,
+) -> ServingChoice:
+    """A refined adapter that passes wins, then a generated one that passes. When neither passes: ``keep`` serves
+    the adapter anyway (the refined one if there is one), ``fallback`` and ``refine`` serve the base model; either
+    way with a warning. Never a silent downgrade."""
+    refined = refinement.adapter_id if refinement.status == "done" else None
+    if refined is not None and passed(refinement.self_check):
+        return ServingChoice("refined", refined)
+    if passed(generated_check):
+        return ServingChoice("generated", generated_id)
+    if refined is not None:
+        failed_id, why = refined, _describe("refined", refined, refinement.self_check)
+    else:
+        failed_id, why = generated_id, _describe("generated", generated_id, generated_check)
+    if policy == "keep":
+        return ServingChoice("refined" if refined else "generated", failed_id, f"{why}; served anyway (policy keep)")
+    if policy == "refine" and refinement.status in ("queued", "running"):
+        return ServingChoice(
+            "base", failed_id, f"{why}; the base model serves until its refinement ({refinement.status}) passes"
+        )
+    return ServingChoice("base", failed_id, f"{why}; the base model served this request instead")
