@@ -70,9 +70,13 @@ class AsyncClient:
         *,
         task_id: str | None = None,
         seed: int | None = None,
+        refine_steps: int = 0,
     ) -> Task:
-        """Register a task and generate its adapter; the answer carries the adapter's metadata in ``adapter``."""
-        return api.parse(await self._send(api.create_task(description, examples, task_id, seed)), Task)
+        """Register a task and generate its adapter; the answer carries the adapter's metadata in ``adapter``, its
+        self-check in ``self_check``. ``refine_steps`` (1 to 64) also refines the adapter on the examples in the
+        background: follow ``get_task(task_id).refinement`` until its status is done (completions then use it)."""
+        request = api.create_task(description, examples, task_id, seed, refine_steps)
+        return api.parse(await self._send(request), Task)
 
     async def get_task(self, task_id: str) -> Task:
         return api.parse(await self._send(api.get_task(task_id)), Task)
@@ -94,10 +98,17 @@ class AsyncClient:
     # --- adapters ------------------------------------------------------------------------------------------------
 
     async def generate_adapter(
-        self, description: str = "", examples: Sequence[ExampleLike] | None = None, *, seed: int | None = None
+        self,
+        description: str = "",
+        examples: Sequence[ExampleLike] | None = None,
+        *,
+        seed: int | None = None,
+        refine_steps: int = 0,
     ) -> AdapterMetadata:
-        """Generate (or find cached) the adapter of a task spec without registering the task."""
-        return api.parse(await self._send(api.generate_adapter(description, examples, seed)), AdapterMetadata)
+        """Generate (or find cached) the adapter of a task spec without registering the task. With ``refine_steps``
+        its refinement is trained in the background; ``refined_adapter_id`` names it (``get_adapter`` waits for it)."""
+        request = api.generate_adapter(description, examples, seed, refine_steps)
+        return api.parse(await self._send(request), AdapterMetadata)
 
     async def get_adapter(self, adapter_id: str) -> AdapterMetadata:
         return api.parse(await self._send(api.get_adapter(adapter_id)), AdapterMetadata)

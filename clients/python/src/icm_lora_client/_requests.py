@@ -50,7 +50,11 @@ def _spec(description: str, examples: Sequence[ExampleLike] | None) -> dict[str,
 
 
 def create_task(
-    description: str, examples: Sequence[ExampleLike] | None, task_id: str | None, seed: int | None
+    description: str,
+    examples: Sequence[ExampleLike] | None,
+    task_id: str | None,
+    seed: int | None,
+    refine_steps: int = 0,
 ) -> APIRequest:
     # idempotent by design: the same id and spec answers 200 with the same task, another spec 409 (never a duplicate)
     body = _spec(description, examples)
@@ -58,6 +62,8 @@ def create_task(
         body["task_id"] = task_id
     if seed is not None:
         body["seed"] = seed
+    if refine_steps:
+        body["refine_steps"] = refine_steps
     return APIRequest("POST", "/v1/tasks", json=body)
 
 
@@ -76,11 +82,15 @@ def delete_task(task_id: str) -> APIRequest:
     return APIRequest("DELETE", f"/v1/tasks/{_segment(task_id)}")
 
 
-def generate_adapter(description: str, examples: Sequence[ExampleLike] | None, seed: int | None) -> APIRequest:
+def generate_adapter(
+    description: str, examples: Sequence[ExampleLike] | None, seed: int | None, refine_steps: int = 0
+) -> APIRequest:
     # idempotent: generation is deterministic for (generator, spec, seed) and the adapter id is its content address
     body = _spec(description, examples)
     if seed is not None:
         body["seed"] = seed
+    if refine_steps:
+        body["refine_steps"] = refine_steps
     return APIRequest("POST", "/v1/adapters", json=body)
 
 

@@ -20,6 +20,38 @@ class Example(_Model):
     choices: list[str] | None = None
 
 
+class SelfCheck(_Model):
+    """An adapter's self-check: mean log-likelihood per answer token of the task's examples, with the adapter and
+    with the base model; ``passed`` when the adapter is not worse (by the service's margin)."""
+
+    base_loglik: float
+    adapter_loglik: float
+    delta: float
+    examples: int
+    held_out: bool
+    passed: bool
+
+
+class Refinement(_Model):
+    """A task's refinement: ``status`` none, queued, running, done or failed; ``adapter_id`` the refined adapter."""
+
+    status: Literal["none", "queued", "running", "done", "failed"] = "none"
+    steps: int = 0
+    adapter_id: str | None = None
+    error: str | None = None
+    self_check: SelfCheck | None = None
+
+
+class ServingInfo(_Model):
+    """``icm_lora`` in a task's completion: which adapter served it (``served`` "adapter" or "base") and the
+    warning the service gives when the adapter failed its self-check (also the ``X-ICM-LoRA-Warning`` header)."""
+
+    adapter_id: str
+    served: Literal["adapter", "base"]
+    refined: bool = False
+    warning: str | None = None
+
+
 class AdapterMetadata(_Model):
     adapter_id: str
     generator_id: str
@@ -32,6 +64,10 @@ class AdapterMetadata(_Model):
     sha256: str
     cached: bool
     weights_url: str
+    self_check: SelfCheck | None = None
+    parent_adapter_id: str | None = Field(None, description="For a refined adapter: the adapter it refines")
+    refine_steps: int | None = None
+    refined_adapter_id: str | None = Field(None, description="Only in the answer to generate_adapter(refine_steps=N)")
 
 
 class Task(_Model):
@@ -42,6 +78,8 @@ class Task(_Model):
     created_at: float
     adapter_id: str | None = None
     adapter: AdapterMetadata | None = Field(None, description="Only in the answer to create_task")
+    self_check: SelfCheck | None = None
+    refinement: Refinement = Field(default_factory=Refinement)
 
 
 class TaskPage(_Model):
@@ -73,6 +111,7 @@ class Completion(_Model):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    icm_lora: ServingInfo | None = None
 
     @property
     def text(self) -> str:
@@ -93,6 +132,7 @@ class ChatCompletion(_Model):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    icm_lora: ServingInfo | None = None
 
     @property
     def content(self) -> str:
@@ -114,6 +154,7 @@ class CompletionChunk(_Model):
     created: int
     model: str
     choices: list[CompletionChunkChoice]
+    icm_lora: ServingInfo | None = Field(None, description="In the final chunk of a task's stream")
 
     @property
     def text(self) -> str:
@@ -143,6 +184,7 @@ class ChatCompletionChunk(_Model):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    icm_lora: ServingInfo | None = Field(None, description="In the final chunk of a task's stream")
 
     @property
     def text(self) -> str:
