@@ -40,6 +40,10 @@ class ServiceMetrics:
             ["result"],
             registry=r,
         )
+        for outcome in ("passed", "fallback", "kept", "refined", "unchecked"):  # every series exists from the start
+            self.self_checks.labels(outcome)
+        for result in ("done", "failed", "rejected"):
+            self.refinements.labels(result)
         self.swaps = Counter(f"{PREFIX}adapter_swaps", "Adapters copied into an engine slot", registry=r)
         self.swap_seconds = Histogram(
             f"{PREFIX}adapter_swap_seconds",
