@@ -124,26 +124,60 @@ def generate(
     out: Annotated[Path, typer.Option(help="Output PEFT adapter folder")],
     seed: Annotated[int | None, typer.Option(help="Sample z from this seed (default: deterministic z = 0)")] = None,
     base_model: Annotated[str, typer.Option(help="Override the base model the checkpoint names")] = "",
+    check: Annotated[
+        bool, typer.Option("--self-check/--no-self-check", help="Score the task's examples with the adapter vs base")
+    ] = True,
 ) -> None:
-    """Generate one adapter for a task file and write it as a PEFT folder."""
+    """Generate one adapter for a task file and write it as a PEFT folder.
+
+    With examples in the task, the adapter is self-checked first (as the service does): the mean log-likelihood per
+    answer token of the examples with the adapter vs the base model. The result is printed and stored in the
+    adapter's metadata (``self_check``)."""
     from generator.base_model import load_base_model
     from generator.checkpoint import load_checkpoint
     from generator.generate import AdapterGenerator
+    from generator.lora_model import LoraModel
+    from generator.selfcheck import LoraModelScorer, self_check
     from generator.task_encoder import TaskEncoder
     from generator.tasks import TaskSpec
+    from service.selfcheck import with_check
 
+    result = None
     try:
         spec = TaskSpec.from_dict(json.loads(task.read_text(encoding="utf-8")))
         checkpoint = load_checkpoint(generator_dir)
         base = load_base_model(base_model or checkpoint.base_model)
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)
         adapter = AdapterGenerator(checkpoint, encoder).generate(spec, seed)
+        if check and spec.examples:
+            tokenizer = base.tokenizer
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            scorer = LoraModelScorer(LoraModel(base.model, adapter.lora), int(pad or 0))
+            encoding = checkpoint.encoder
+            result = self_check(spec, adapter, scorer, tokenizer, encoding.max_examples, encoding.max_length)
+            if result is not None:
+                adapter = with_check(adapter, result)
         adapter.save_peft(out)
     except json.JSONDecodeError as exc:
         raise _fail(f"{task}: invalid JSON ({exc.msg})") from None
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"adapter {adapter.adapter_id} ({adapter.num_parameters} parameters) written to {out}")
+    if result is None:
+        typer.echo("self-check: skipped" + ("" if not check else " (the task has no examples)"))
+        return
+    where = "held-out" if result.held_out else "in-sample"
+    typer.echo(
+        f"self-check: {'passed' if result.passed else 'FAILED'}: answer log-likelihood {result.adapter:.4f} with the "
+        f"adapter vs {result.base:.4f} without ({result.delta:+.4f} nats/token) on {result.examples} {where} examples"
+    )
+    if not result.passed:
+        typer.secho(
+            "warning: the adapter explains the task's examples worse than the base model; the service would serve "
+            "the base model instead (ICM_LORA_SELF_CHECK=fallback)",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
 
 
 @app.command("demo")
