@@ -23,15 +23,21 @@ class EncodedPair:
     answer_start: int
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int) -> EncodedPair:
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, max_length: int, end: bool = False
+) -> EncodedPair:
     """Tokenise prompt and answer separately (so the boundary is exact) and cut the prompt from the left if needed.
 
     The end of the prompt ("... Output:") is what matters for the answer, so long prompts lose their beginning.
+    ``end``: the answer is followed by the tokenizer's end-of-sequence token (training targets, so that a completion
+    stops after the answer); scoring leaves it out, so choices are compared on their own tokens.
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     answer_ids = answer_ids[: max(1, max_length // 2)]
+    if end and tokenizer.eos_token_id is not None:
+        answer_ids.append(int(tokenizer.eos_token_id))
     room = max_length - len(bos) - len(answer_ids)
     prompt_ids = prompt_ids[-room:] if room > 0 else []
     ids = bos + list(prompt_ids) + list(answer_ids)

@@ -60,6 +60,9 @@ class LoraTrainingSettings(_DictMixin):
     ``init_seed`` is the same for every task on purpose: all LoRAs then start from the same A matrices, so their
     weights live in one shared coordinate system that a generator can learn (different random inits would make the
     collection mostly noise).
+
+    ``end_token``: every training answer is followed by the tokenizer's end-of-sequence token, so an adapter learns to
+    stop after its answer (a label task's completion is " negative", then ``finish_reason: "stop"``).
     """
 
     steps: int = 40
@@ -71,6 +74,7 @@ class LoraTrainingSettings(_DictMixin):
     checkpoint_every: int = 4
     init_seed: int = 0
     data_seed: int = 0
+    end_token: bool = True
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "steps must be >= 1")
@@ -140,8 +144,13 @@ class CVAEConfig(_DictMixin):
 class CVAETrainingSettings(_DictMixin):
     """How the CVAE is trained on the collection.
 
-    ``condition_dropout``: probability of hiding the description part or the examples part of a task vector during
-    training, so that the generator also works from a description alone or from examples alone.
+    ``condition_dropout``: probability of hiding the examples part of a task vector during training;
+    ``description_dropout`` (default: the same) that of hiding the description, so that the generator works from a
+    description alone or from examples alone, and has to read the examples where tasks share a description.
+
+    ``steps`` train the CVAE to reconstruct the collection's LoRAs; ``e2e_steps`` then (or from scratch, with
+    ``steps = 0``) train it end to end: the generated LoRA is applied to the base model and the loss is the task's
+    next-token loss on its train examples (``e2e_tasks_per_step`` tasks x ``e2e_examples_per_task`` examples a step).
     """
 
     steps: int = 2000
@@ -153,14 +162,40 @@ class CVAETrainingSettings(_DictMixin):
     condition_dropout: float = 0.15
     condition_noise: float = 0.05
     seed: int = 0
+    description_dropout: float | None = None
+    e2e_steps: int = 0
+    e2e_tasks_per_step: int = 4
+    e2e_examples_per_task: int = 4
+    e2e_learning_rate: float = 3e-4
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "steps must be >= 1")
+        _require(self.steps >= 0 and self.e2e_steps >= 0, "steps and e2e_steps must be >= 0")
+        _require(self.steps + self.e2e_steps >= 1, "the generator needs reconstruction steps, e2e steps or both")
         _require(self.batch_size >= 1, "batch_size must be >= 1")
-        _require(self.learning_rate > 0, "learning_rate must be positive")
+        _require(self.learning_rate > 0 and self.e2e_learning_rate > 0, "learning rates must be positive")
         _require(self.kl_weight >= 0, "kl_weight must be >= 0")
         _require(0 <= self.condition_dropout < 0.5, "condition_dropout must be in [0, 0.5)")
+        _require(
+            self.description_dropout is None or 0 <= self.description_dropout <= 0.9,
+            "description_dropout must be in [0, 0.9]",
+        )
+        _require(
+            self.condition_dropout + self.hide_description < 1, "condition_dropout + description_dropout must be < 1"
+        )
         _require(self.condition_noise >= 0, "condition_noise must be >= 0")
+        _require(self.e2e_tasks_per_step >= 1 and self.e2e_examples_per_task >= 1, "e2e batch sizes must be >= 1")
+
+    @property
+    def hide_description(self) -> float:
+        """Probability of hiding the description (``description_dropout``, or ``condition_dropout`` when unset)."""
+        return self.condition_dropout if self.description_dropout is None else self.description_dropout
+
+    @property
+    def objective(self) -> str:
+        """``reconstruction``, ``e2e`` (end to end from scratch) or ``reconstruction+e2e``."""
+        if self.e2e_steps == 0:
+            return "reconstruction"
+        return "e2e" if self.steps == 0 else "reconstruction+e2e"
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,20 @@ class NormStats:
         scale = torch.stack([residual[:, s.offset : s.end].pow(2).mean().sqrt() for s in layout.segments])
         return cls(mean=mean, scale=scale.clamp_min(min_scale), segment_ids=seg)
 
+    @classmethod
+    def at_init(cls, init: torch.Tensor, layout: LoraLayout, a_scale: float = 0.1, b_scale: float = 0.01) -> NormStats:
+        """For a generator trained end to end from scratch (no collection): centred on the LoRA initialisation (so an
+        output of zeros is the untrained LoRA, i.e. the base model), A segments scaled to ``a_scale`` times the spread
+        of their initial values, B segments (zero at init) to ``b_scale``."""
+        if init.ndim != 1 or init.numel() != layout.dim:
+            raise LayoutError(f"expected a [{layout.dim}] init vector, got {tuple(init.shape)}")
+        scale = []
+        for s in layout.segments:
+            values = init[s.offset : s.end]
+            spread = float(values.std()) if s.key.endswith("lora_A.weight") else 0.0
+            scale.append(a_scale * spread if spread > 0 else b_scale)
+        return cls(mean=init.clone(), scale=torch.tensor(scale), segment_ids=layout.segment_ids())
+
     def _expanded_scale(self) -> torch.Tensor:
         return self.scale[self.segment_ids]
 

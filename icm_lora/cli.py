@@ -9,9 +9,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from generator.training.pipeline import Run
 
 app = typer.Typer(help="icm-lora: generate LoRA adapters from task descriptions and examples.", no_args_is_help=True)
 
@@ -24,16 +27,41 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+SuiteOption = Annotated[str, typer.Option(help="synthetic:N[:SEED] | jsonl:FOLDER | bigbench:ROOT:NAMES_FILE")]
+BaseModelOption = Annotated[str, typer.Option(help="smollm2-135m (packaged), tiny, or a HF path/id")]
+SettingsOption = Annotated[Path | None, typer.Option(help="JSON file of pipeline settings (see README)")]
+UnseenFractionOption = Annotated[float, typer.Option(help="Share of tasks the generator never sees")]
+UnseenOption = Annotated[
+    str, typer.Option(help="Comma-separated task names held out (default: marked in the suite file, or a fraction)")
+]
+
+
+def _open_or_create_run(
+    run: Path, suite: str, settings: Path | None, base_model: str, unseen: str, unseen_fraction: float
+) -> Run:
+    """The run folder's ``Run``: opened when it exists (then the creating options must be left out), else created."""
+    from generator.config import PipelineSettings
+    from generator.training.pipeline import RUN_FILE, Run
+
+    if (run / RUN_FILE).is_file():
+        if suite or settings or base_model or unseen:
+            raise _fail(f"{run} already has a {RUN_FILE}; resume without --suite/--settings/--base-model/--unseen")
+        return Run.open(run)
+    data = json.loads(settings.read_text()) if settings else {}
+    if base_model:
+        data["base_model"] = base_model
+    held_out = [n.strip() for n in unseen.split(",") if n.strip()] or None
+    return Run.create(run, PipelineSettings.from_dict(data), suite or "synthetic:32", unseen_fraction, held_out)
+
+
 @app.command("train-loras")
 def train_loras(
     run: RunOption,
-    suite: Annotated[str, typer.Option(help="synthetic:N[:SEED] | jsonl:FOLDER | bigbench:ROOT:NAMES_FILE")] = "",
-    base_model: Annotated[str, typer.Option(help="smollm2-135m (packaged), tiny, or a HF path/id")] = "",
-    settings: Annotated[Path | None, typer.Option(help="JSON file of pipeline settings (see README)")] = None,
-    unseen_fraction: Annotated[float, typer.Option(help="Share of tasks the generator never sees")] = 0.25,
-    unseen: Annotated[
-        str, typer.Option(help="Comma-separated task names held out (default: marked in the suite file, or a fraction)")
-    ] = "",
+    suite: SuiteOption = "",
+    base_model: BaseModelOption = "",
+    settings: SettingsOption = None,
+    unseen_fraction: UnseenFractionOption = 0.25,
+    unseen: UnseenOption = "",
     multitask_steps: Annotated[int | None, typer.Option(help="Steps of the multi-task LoRA (default 4x steps)")] = None,
     oracles: Annotated[bool, typer.Option(help="Also train LoRAs for unseen tasks (report only)")] = True,
     shard: Annotated[str, typer.Option(help="I/N: every N-th task from the I-th, for parallel runs")] = "",
@@ -41,22 +69,10 @@ def train_loras(
 ) -> None:
     """Train one LoRA per task (resumable: finished tasks are skipped) and the multi-task baseline."""
     from generator.base_model import load_base_model
-    from generator.config import PipelineSettings
-    from generator.training.pipeline import RUN_FILE, Run, step_train_loras
+    from generator.training.pipeline import step_train_loras
 
     try:
-        if (run / RUN_FILE).is_file():
-            if suite or settings or base_model or unseen:
-                raise _fail(f"{run} already has a {RUN_FILE}; resume without --suite/--settings/--base-model/--unseen")
-            pipeline_run = Run.open(run)
-        else:
-            data = json.loads(settings.read_text()) if settings else {}
-            if base_model:
-                data["base_model"] = base_model
-            held_out = [n.strip() for n in unseen.split(",") if n.strip()] or None
-            pipeline_run = Run.create(
-                run, PipelineSettings.from_dict(data), suite or "synthetic:32", unseen_fraction, held_out
-            )
+        pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction)
         base = load_base_model(pipeline_run.settings.base_model)
         step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard))
     except (ValueError, FileNotFoundError, OSError) as exc:
@@ -79,13 +95,23 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 @app.command("train-generator")
-def train_generator(run: RunOption, progress: ProgressOption = True) -> None:
-    """Train the CVAE on the run's collection (seen tasks) and write run/generator/."""
+def train_generator(
+    run: RunOption,
+    suite: SuiteOption = "",
+    base_model: BaseModelOption = "",
+    settings: SettingsOption = None,
+    unseen_fraction: UnseenFractionOption = 0.25,
+    unseen: UnseenOption = "",
+    progress: ProgressOption = True,
+) -> None:
+    """Train the generator on the run's seen tasks and write run/generator/: reconstruction of the run's collection
+    and/or end to end through the base model (settings ``cvae_training.steps`` / ``e2e_steps``). End-to-end training
+    from scratch (``steps: 0``) needs no collection, so it can create the run folder itself."""
     from generator.base_model import load_base_model
-    from generator.training.pipeline import Run, step_train_generator
+    from generator.training.pipeline import step_train_generator
 
     try:
-        pipeline_run = Run.open(run)
+        pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction)
         generator = step_train_generator(pipeline_run, load_base_model(pipeline_run.settings.base_model), progress)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None

@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Download the bigbench==1.0.0 sdist (358 MB, PyPI) once and extract only the task.json files a suite names.
-#   bash scripts/fetch-bigbench.sh [SUITE_FILE] [DEST]
-# Defaults: bench/suites/bigbench.txt, $ICM_LORA_DATA_DIR/bigbench (or ~/.cache/icm-lora/bigbench).
-# The files stay outside the repository: BIG-bench asks not to end up in training corpora (its canary string).
+# Download the bigbench==1.0.0 sdist (358 MB, PyPI) once and keep only the task.json files.
+#   bash scripts/fetch-bigbench.sh [DEST]
+# Default DEST: $ICM_LORA_DATA_DIR/bigbench (or ~/.cache/icm-lora/bigbench); the tasks end up in
+# DEST/bigbench-1.0.0/bigbench/benchmark_tasks. The files stay outside the repository: BIG-bench asks not to end up in
+# training corpora (its canary string).
+#
+# pip cannot build bigbench's metadata (it declares a direct-URL dependency), and recent pips delete the downloaded
+# sdist when that fails; `--no-clean` keeps pip's unpacked copy, from which the task files are taken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-suite="${1:-bench/suites/bigbench.txt}"
-dest="${2:-${ICM_LORA_DATA_DIR:-$HOME/.cache/icm-lora}/bigbench}"
+dest="${1:-${ICM_LORA_DATA_DIR:-$HOME/.cache/icm-lora}/bigbench}"
+tasks="$dest/bigbench-1.0.0/bigbench/benchmark_tasks"
 python="${PYTHON:-.venv/bin/python}"
 [ -x "$python" ] || python=python3
-mkdir -p "$dest/download"
-sdist="$dest/download/bigbench-1.0.0.tar.gz"
-if [ ! -s "$sdist" ]; then
-  "$python" -m pip download --no-deps --no-build-isolation --no-binary :all: "bigbench==1.0.0" -d "$dest/download" \
-    || [ -s "$sdist" ]  # pip may fail preparing metadata after the download; the tarball is all we need
+if [ -f "$tasks/.complete" ]; then
+  echo "BIG-bench tasks already in $tasks"; exit 0
 fi
-mapfile -t names < <(sed -e 's/#.*//' -e 's/[[:space:]]unseen[[:space:]]*$//' -e 's/[[:space:]]*$//' "$suite" | grep -v '^$')
-members=()
-for name in "${names[@]}"; do members+=("bigbench-1.0.0/bigbench/benchmark_tasks/$name/task.json"); done
-tar -xzf "$sdist" -C "$dest" "${members[@]}"
-echo "${#names[@]} BIG-bench tasks in $dest/bigbench-1.0.0/bigbench/benchmark_tasks"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+TMPDIR="$work" "$python" -m pip download --no-clean --no-deps --no-build-isolation --no-binary :all: \
+  "bigbench==1.0.0" -d "$work/sdist" >"$work/pip.log" 2>&1 || true
+src=$(find "$work" -maxdepth 3 -type d -path '*/bigbench/benchmark_tasks' | head -n 1)
+if [ -z "$src" ] && [ -s "$work/sdist/bigbench-1.0.0.tar.gz" ]; then  # older pips keep the tarball instead
+  tar -xzf "$work/sdist/bigbench-1.0.0.tar.gz" -C "$work" --wildcards '*/benchmark_tasks/*/task.json'
+  src=$(find "$work" -maxdepth 3 -type d -path '*/bigbench/benchmark_tasks' | head -n 1)
+fi
+if [ -z "$src" ]; then
+  tail -n 20 "$work/pip.log" >&2; echo "could not fetch bigbench==1.0.0" >&2; exit 1
+fi
+mkdir -p "$tasks"
+(cd "$src" && find . -name task.json -print0 | tar --null -cf - -T -) | tar -xf - -C "$tasks"
+touch "$tasks/.complete"
+echo "$(find "$tasks" -name task.json | wc -l) BIG-bench task files in $tasks"

@@ -1,20 +1,26 @@
 """The quality report: generated adapters against the base model, in-context prompting, trained and multi-task LoRAs.
 
-Per task, on its test examples only:
+Per task, on its test examples only (every variant that uses examples uses the same 8 train examples, the spec a user
+of the task would send: ``task.spec(8)``):
 
-=================  ==========================================================================================
-base               the base model, no adapter
-in_context         the base model with the description and a few train examples in the prompt
-trained            the task's own trained LoRA (last checkpoint); for unseen tasks an oracle the generator never saw
-checkpoint_avg     the mean of the task's kept checkpoints
-multitask          one LoRA trained on all training tasks' examples
-generated          the generator's adapter from the task's description + examples
-generated_desc     ... from the description alone
-generated_examples ... from the examples alone
-wrong_vector       the generator's adapter for *another* task's vector (it should score lower)
-=================  ==========================================================================================
+==================  =========================================================================================
+base                the base model, no adapter
+in_context          the base model with the description and 3 of the examples in the prompt
+in_context_8        ... with all 8 examples in the prompt
+trained             the task's own trained LoRA (last checkpoint); for unseen tasks an oracle the generator never saw
+checkpoint_avg      the mean of the task's kept checkpoints
+multitask           one LoRA trained on all training tasks' examples
+generated           the generator's adapter from the task's description + examples
+generated_desc      ... from the description alone
+generated_examples  ... from the examples alone
+wrong_vector        the generator's adapter for *another* task of the same split (another family where there is one)
+generated_checked   ``generated`` after its self-check: where the adapter fails, the base model answers
+refined             ``generated`` refined by ``REFINE`` steps on the 8 examples (``generator.refine``)
+lora_from_init      a LoRA trained from the standard initialisation with the same steps and examples
+==================  =========================================================================================
 
-Writes ``quality.json``, ``quality.md`` and ``quality.png``.
+Each row keeps the per-example results of each variant, so differences between variants get paired bootstrap
+intervals (``paired_bootstrap``). Writes ``quality.json``, ``quality.md`` and ``quality.png``.
 """
 
 from __future__ import annotations
@@ -33,14 +39,17 @@ from transformers import PreTrainedTokenizerBase
 from generator.files import read_json, safe_name, write_atomic, write_json
 from generator.generate import AdapterGenerator
 from generator.lora_model import LoraModel
+from generator.refine import RefineSettings, refine
+from generator.selfcheck import LoraModelScorer, self_check
 from generator.task_encoder import TaskVector
 from generator.tasks import Task
-from generator.training.scoring import in_context_prefix, score_task
+from generator.training.scoring import in_context_prefix, score_examples
 from generator.training.train_loras import Collection
 
 VARIANTS = (
     "base",
     "in_context",
+    "in_context_8",
     "trained",
     "checkpoint_avg",
     "multitask",
@@ -48,6 +57,20 @@ VARIANTS = (
     "generated_desc",
     "generated_examples",
     "wrong_vector",
+    "generated_checked",
+    "refined",
+    "lora_from_init",
+)
+SPEC_EXAMPLES = 8
+REFINE = RefineSettings(steps=32)
+COMPARISONS = (  # (a, b): paired interval of a - b
+    ("generated", "base"),
+    ("generated", "in_context_8"),
+    ("generated", "wrong_vector"),
+    ("generated", "multitask"),
+    ("generated_checked", "base"),
+    ("refined", "lora_from_init"),
+    ("refined", "base"),
 )
 
 
@@ -77,12 +100,12 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
 
     def vector_of(task: Task) -> TaskVector:
         if task.name not in vectors:
-            vectors[task.name] = gen.encoder.encode(task.spec(gen.encoder.settings.max_examples))
+            vectors[task.name] = gen.encoder.encode(task.spec(SPEC_EXAMPLES))
         return vectors[task.name]
 
     rows: list[dict[str, Any]] = []
     all_tasks = [(t, "seen") for t in inputs.seen] + [(t, "unseen") for t in inputs.unseen]
-    for position, (task, split) in enumerate(tqdm(all_tasks, desc="evaluating", disable=not show_progress)):
+    for task, split in tqdm(all_tasks, desc="evaluating", disable=not show_progress):
         if inputs.only is not None and task.name not in inputs.only:
             continue
         cached = _cached_row(inputs, task)
@@ -91,14 +114,18 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
             continue
         vector = vector_of(task)
         generated = gen.decode_vector(vector)
-        scores = _score_variants(inputs, task, split, position, vector, generated, vector_of)
+        peers = inputs.seen if split == "seen" else inputs.unseen
+        correct, extra = _score_variants(inputs, task, vector, generated, vector_of, _wrong_task(peers, task))
         row = {
             "task": task.name,
             "family": task.family,
             "split": split,
+            "kind": "multiple_choice" if task.is_multiple_choice else "generative",
             "family_seen": task.family in seen_families,
             "test_examples": len(task.test),
-            "scores": scores,
+            "scores": {k: round(sum(v) / max(1, len(v)), 4) for k, v in correct.items()},
+            "correct": correct,
+            **extra,
             "nearest_checkpoint": _nearest_checkpoint(inputs, generated),
             "generator_id": gen.generator_id,
         }
@@ -123,57 +150,77 @@ def _cached_row(inputs: ReportInputs, task: Task) -> dict[str, Any] | None:
 def _score_variants(
     inputs: ReportInputs,
     task: Task,
-    split: str,
-    position: int,
     vector: TaskVector,
     generated: torch.Tensor,
     vector_of: Callable[[Task], TaskVector],
-) -> dict[str, float]:
+    wrong: Task | None,
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Per-example results of each wanted variant, and extra facts for the row (self-check, refinement time)."""
     gen = inputs.generator
     wanted = set(inputs.variants)
     index = {name: i for i, name in enumerate(inputs.collection.tasks)}
-    scores: dict[str, float] = {}
+    spec = task.spec(SPEC_EXAMPLES)
+    out: dict[str, list[float]] = {}
+    extra: dict[str, Any] = {}
     with inputs.lora.base_only() as base:
-        if "base" in wanted:
-            scores["base"] = score_task(base, inputs.tokenizer, task, max_length=inputs.max_length)
-        if "in_context" in wanted:
-            prefix = in_context_prefix(task, inputs.in_context_examples)
-            scores["in_context"] = score_task(base, inputs.tokenizer, task, prefix, max_length=inputs.max_length * 6)
+        if wanted & {"base", "generated_checked"}:
+            out["base"] = score_examples(base, inputs.tokenizer, task, max_length=inputs.max_length)
+        for name, n in (("in_context", inputs.in_context_examples), ("in_context_8", SPEC_EXAMPLES)):
+            if name in wanted:
+                prefix = in_context_prefix(task.description, spec.examples[:n])
+                out[name] = score_examples(base, inputs.tokenizer, task, prefix, max_length=inputs.max_length * 10)
     if task.name in index:
         checkpoints = inputs.collection.checkpoints[index[task.name]]
         if "trained" in wanted:
-            scores["trained"] = _score_vector(inputs, task, checkpoints[-1])
+            out["trained"] = _score_vector(inputs, task, checkpoints[-1])
         if "checkpoint_avg" in wanted:
-            scores["checkpoint_avg"] = _score_vector(inputs, task, checkpoints.mean(dim=0))
+            out["checkpoint_avg"] = _score_vector(inputs, task, checkpoints.mean(dim=0))
     if inputs.collection.multitask is not None and "multitask" in wanted:
-        scores["multitask"] = _score_vector(inputs, task, inputs.collection.multitask)
-    if "generated" in wanted:
-        scores["generated"] = _score_vector(inputs, task, generated)
+        out["multitask"] = _score_vector(inputs, task, inputs.collection.multitask)
+    if wanted & {"generated", "generated_checked"}:
+        out["generated"] = _score_vector(inputs, task, generated)
     if vector.description is not None and "generated_desc" in wanted:
-        scores["generated_desc"] = _score_vector(inputs, task, gen.decode_vector(TaskVector(vector.description, None)))
+        out["generated_desc"] = _score_vector(inputs, task, gen.decode_vector(TaskVector(vector.description, None)))
     if vector.in_context is not None and "generated_examples" in wanted:
-        scores["generated_examples"] = _score_vector(
-            inputs, task, gen.decode_vector(TaskVector(None, vector.in_context))
+        out["generated_examples"] = _score_vector(inputs, task, gen.decode_vector(TaskVector(None, vector.in_context)))
+    if wrong is not None and "wrong_vector" in wanted:
+        out["wrong_vector"] = _score_vector(inputs, task, gen.decode_vector(vector_of(wrong)))
+        extra["wrong_task"] = wrong.name
+    if "generated_checked" in wanted:
+        adapter = gen.from_task_vector(vector, identity="evaluation")
+        check = self_check(
+            spec,
+            adapter,
+            LoraModelScorer(inputs.lora, int(inputs.tokenizer.pad_token_id)),
+            inputs.tokenizer,
+            read=gen.encoder.settings.max_examples,
+            max_length=inputs.max_length,
         )
-    if split == "seen" and len(inputs.seen) > 1 and "wrong_vector" in wanted:
-        wrong = vector_of(_wrong_task(inputs.seen, position))
-        scores["wrong_vector"] = _score_vector(inputs, task, gen.decode_vector(wrong))
-    return scores
+        passed = check is None or check.passed
+        out["generated_checked"] = out["generated"] if passed else out["base"]
+        extra["self_check"] = check.to_dict() if check is not None else None
+    for name, start in (("refined", generated), ("lora_from_init", None)):
+        if name in wanted:
+            began = time.perf_counter()
+            vector_out = refine(inputs.lora, inputs.tokenizer, spec, REFINE, start)
+            extra[f"{name}_seconds"] = round(time.perf_counter() - began, 2)
+            out[name] = _score_vector(inputs, task, vector_out)
+    return {k: v for k, v in out.items() if k in wanted}, extra
 
 
-def _wrong_task(seen: Sequence[Task], position: int) -> Task:
-    """Another seen task, from another family where there is one (a sibling task may share the right answer)."""
-    task = seen[position]
-    for step in range(1, len(seen)):
-        other = seen[(position + step) % len(seen)]
-        if other.family != task.family:
-            return other
-    return seen[(position + 1) % len(seen)]
+def _wrong_task(peers: Sequence[Task], task: Task) -> Task | None:
+    """Another task of the same split, from another family where there is one (a sibling may share the answer)."""
+    others = [t for t in peers if t.name != task.name]
+    if not others:
+        return None
+    position = [t.name for t in peers].index(task.name) if task in peers else 0
+    ordered = others[position % len(others) :] + others[: position % len(others)]
+    return next((t for t in ordered if t.family != task.family), ordered[0])
 
 
-def _score_vector(inputs: ReportInputs, task: Task, vector: torch.Tensor) -> float:
+def _score_vector(inputs: ReportInputs, task: Task, vector: torch.Tensor) -> list[float]:
     inputs.lora.load_vector(vector)
-    return score_task(inputs.lora.model, inputs.tokenizer, task, max_length=inputs.max_length)
+    return score_examples(inputs.lora.model, inputs.tokenizer, task, max_length=inputs.max_length)
 
 
 def _nearest_checkpoint(inputs: ReportInputs, generated: torch.Tensor) -> dict[str, Any]:
@@ -195,21 +242,64 @@ def _nearest_checkpoint(inputs: ReportInputs, generated: torch.Tensor) -> dict[s
     }
 
 
+def report_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    unseen = [r for r in rows if r["split"] == "unseen"]
+    return {
+        "seen": [r for r in rows if r["split"] == "seen"],
+        "unseen": unseen,
+        "unseen_seen_family": [r for r in unseen if r.get("family_seen")],
+        "unseen_new_family": [r for r in unseen if not r.get("family_seen", True)],
+        "unseen_multiple_choice": [r for r in unseen if r.get("kind") == "multiple_choice"],
+        "unseen_generative": [r for r in unseen if r.get("kind") == "generative"],
+    }
+
+
+def paired_bootstrap(
+    rows: Sequence[dict[str, Any]], a: str, b: str, resamples: int = 2000, seed: int = 0
+) -> dict[str, float | int] | None:
+    """Mean of (a - b) over every test example of ``rows`` that has both variants, with a 95% bootstrap interval.
+
+    Examples are resampled within each task (a stratified bootstrap), so every task keeps its weight; each example is
+    paired with itself across the two variants. None when no row has both."""
+    diffs = [
+        torch.tensor(r["correct"][a]) - torch.tensor(r["correct"][b])
+        for r in rows
+        if a in r.get("correct", {}) and b in r.get("correct", {})
+    ]
+    if not diffs:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(len(d) for d in diffs)
+    means = torch.zeros(resamples)
+    for d in diffs:
+        picks = torch.randint(len(d), (resamples, len(d)), generator=generator)
+        means += d[picks].sum(dim=1) / total
+    point = float(sum(d.sum() for d in diffs) / total)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975])).tolist()
+    return {
+        "mean": round(point, 4),
+        "low": round(low, 4),
+        "high": round(high, 4),
+        "examples": total,
+        "tasks": len(diffs),
+    }
+
+
 def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
 
 def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, Any]:
     means: dict[str, dict[str, float | None]] = {}
-    groups = {
-        "seen": [r for r in rows if r["split"] == "seen"],
-        "unseen": [r for r in rows if r["split"] == "unseen"],
-        "unseen_seen_family": [r for r in rows if r["split"] == "unseen" and r.get("family_seen")],
-        "unseen_new_family": [r for r in rows if r["split"] == "unseen" and not r.get("family_seen", True)],
-    }
+    groups = report_groups(rows)
     for group, group_rows in groups.items():
         if group_rows or group in ("seen", "unseen"):
             means[group] = {v: _mean([r["scores"][v] for r in group_rows if v in r["scores"]]) for v in VARIANTS}
+    intervals = {
+        group: {f"{a} - {b}": paired_bootstrap(group_rows, a, b) for a, b in COMPARISONS}
+        for group, group_rows in groups.items()
+        if group_rows and group.startswith("unseen")
+    }
     ratios = [
         r["scores"]["generated"] / r["scores"]["trained"]
         for r in rows
@@ -229,6 +319,10 @@ def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, An
         ),
         "generator_bytes": checkpoint.nbytes(),
         "collection_bytes": inputs.collection.nbytes(),
+        "objective": checkpoint.info.get("objective", "reconstruction"),
+        "self_check_failed_unseen": sum(
+            1 for r in rows if r["split"] == "unseen" and (r.get("self_check") or {}).get("passed") is False
+        ),
     }
     return {
         "in_context_examples": inputs.in_context_examples,
@@ -237,6 +331,7 @@ def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, An
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "variants": list(VARIANTS),
         "means": means,
+        "intervals": intervals,
         "summary": summary,
         "tasks": rows,
     }
@@ -249,12 +344,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         return "–" if value is None else f"{value:.3f}"
 
     lines = ["| split | " + " | ".join(VARIANTS) + " |", "| --- | " + " | ".join("---" for _ in VARIANTS) + " |"]
-    counts = {
-        "seen": sum(r["split"] == "seen" for r in report["tasks"]),
-        "unseen": sum(r["split"] == "unseen" for r in report["tasks"]),
-        "unseen_seen_family": sum(r["split"] == "unseen" and r.get("family_seen", False) for r in report["tasks"]),
-        "unseen_new_family": sum(r["split"] == "unseen" and not r.get("family_seen", True) for r in report["tasks"]),
-    }
+    counts = {group: len(group_rows) for group, group_rows in report_groups(report["tasks"]).items()}
     for split, means in report["means"].items():
         n = counts.get(split, 0)
         lines.append(f"| **{split}** (mean of {n}) | " + " | ".join(fmt(means[v]) for v in VARIANTS) + " |")
@@ -264,15 +354,25 @@ def markdown_table(report: dict[str, Any]) -> str:
     for row in report["tasks"]:
         cells = " | ".join(fmt(row["scores"].get(v)) for v in VARIANTS)
         lines.append(f"| {row['task']} | {row['split']} | {cells} |")
+    for group, comparisons in report.get("intervals", {}).items():
+        found = {name: ci for name, ci in comparisons.items() if ci is not None}
+        if found:
+            lines += ["", f"Paired differences, {group} (mean over test examples, 95% bootstrap interval):", ""]
+            lines += [
+                f"- {name}: {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]" for name, ci in found.items()
+            ]
     summary = report["summary"]
     lines.append("")
     lines.append(f"- median generated / trained on seen tasks: {fmt(summary['median_generated_over_trained_seen'])}")
     lines.append(f"- right vector minus wrong vector on seen tasks: {fmt(summary['wrong_vector_gap_seen'])}")
-    ratio = summary["generator_bytes"] / max(1, summary["collection_bytes"])
-    lines.append(
-        f"- generator {summary['generator_bytes'] / 1e6:.2f} MB vs LoRA collection "
-        f"{summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
-    )
+    if summary["collection_bytes"]:
+        ratio = summary["generator_bytes"] / summary["collection_bytes"]
+        lines.append(
+            f"- generator {summary['generator_bytes'] / 1e6:.2f} MB vs LoRA collection "
+            f"{summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
+        )
+    else:
+        lines.append(f"- generator {summary['generator_bytes'] / 1e6:.2f} MB (trained end to end: no collection)")
     return "\n".join(lines) + "\n"
 
 

@@ -88,9 +88,7 @@ def load_suite(spec: str) -> list[Task]:
     if kind == "bigbench":
         root, _, names_file = rest.rpartition(":")
         names, _ = read_names_file(Path(names_file))
-        return load_bigbench_suite(
-            Path(root), names, max_test=BIGBENCH_MAX_TEST, max_examples=BIGBENCH_MAX_EXAMPLES
-        )
+        return load_bigbench_suite(Path(root), names, max_test=BIGBENCH_MAX_TEST, max_examples=BIGBENCH_MAX_EXAMPLES)
     raise TaskFormatError(f"unknown suite {spec!r}: use synthetic:N, jsonl:FOLDER or bigbench:ROOT:NAMES_FILE")
 
 
@@ -182,20 +180,27 @@ def step_train_loras(
 
 
 def step_train_generator(run: Run, base: BaseModel, progress: bool = True) -> AdapterGenerator:
+    """Reconstruction on the collection and/or end-to-end training (``cvae_training.steps`` / ``e2e_steps``); end to
+    end from scratch needs no collection."""
     seen, _ = run.tasks()
-    collection = load_collection(run.folder, [t.name for t in seen])
-    layout = LoraLayout.from_model(base.model, run.settings.lora)
+    training = run.settings.cvae_training
+    collection = load_collection(run.folder, [t.name for t in seen]) if training.steps > 0 else None
+    lora = LoraModel(base.model, run.settings.lora, run.settings.lora_training.init_seed)
+    layout, init_vector = lora.layout, lora.init_vector
+    lora.model.unload()  # the base model without LoRA layers again
     encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder)
     checkpoint = train_and_save(
         collection,
         seen,
         encoder,
+        base,
         layout,
-        base.name,
-        run.settings.cvae_training,
+        run.settings.lora_training,
+        training,
         run.generator_dir,
         cache_dir=run.folder,
         show_progress=progress,
+        init_vector=init_vector,
     )
     return AdapterGenerator(checkpoint, encoder)
 
@@ -213,7 +218,9 @@ def step_evaluate(
     With ``shard`` = (i, n), n > 1: score only every n-th task from the i-th and write no report (several processes
     fill report/rows/ in parallel; a last run without a shard assembles the report from them)."""
     seen, unseen = run.tasks()
-    collection = load_collection(run.folder, [t.name for t in seen] + trained_names(run.folder, unseen))
+    trained = trained_names(run.folder, seen + unseen)  # none for a generator trained end to end from scratch
+    layout = LoraLayout.from_model(base.model, run.settings.lora)
+    collection = load_collection(run.folder, trained, dim=layout.dim)
     lora = LoraModel(base.model, run.settings.lora, run.settings.lora_training.init_seed)
     try:
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder, no_adapter=lora.base_only)

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from generator.base_model import BaseModel
 from generator.checkpoint import GeneratorCheckpoint, save_checkpoint
-from generator.config import CVAEConfig, CVAETrainingSettings, TaskEncoderSettings
+from generator.config import CVAEConfig, CVAETrainingSettings, LoraTrainingSettings, TaskEncoderSettings
 from generator.cvae import CVAE, cvae_loss
 from generator.files import safe_name, write_atomic
 from generator.lora_layout import LoraLayout, NormStats
@@ -73,7 +74,7 @@ def default_cvae_config(layout: LoraLayout, cond_dim: int) -> CVAEConfig:
 
 
 def train_cvae(
-    collection: Collection,
+    collection: Collection | None,
     tasks: Sequence[Task],
     vectors: TaskVectors,
     layout: LoraLayout,
@@ -82,14 +83,23 @@ def train_cvae(
     settings: CVAETrainingSettings,
     cvae_config: CVAEConfig | None = None,
     show_progress: bool = True,
+    init_vector: torch.Tensor | None = None,
 ) -> tuple[GeneratorCheckpoint, list[float]]:
-    """Returns the checkpoint (not yet saved) and the reconstruction-loss curve."""
-    if [t.name for t in tasks] != collection.tasks:
+    """Reconstruction training (``settings.steps``) on the collection; returns the checkpoint (not yet saved) and the
+    reconstruction-loss curve. With ``steps = 0`` (end-to-end training from scratch) there is no collection: the
+    normalisation is anchored at the LoRA initialisation ``init_vector`` instead (``NormStats.at_init``)."""
+    if collection is not None and [t.name for t in tasks] != collection.tasks:
         raise ValueError("tasks and collection must list the same tasks in the same order")
-    n_tasks, n_ckpt, dim = collection.checkpoints.shape
-    flat = collection.checkpoints.reshape(-1, dim)
-    norm = NormStats.fit(flat, layout)
-    targets = norm.normalise(collection.checkpoints.reshape(-1, dim)).reshape(n_tasks, n_ckpt, dim)
+    if settings.steps > 0 and collection is None:
+        raise ValueError("reconstruction training needs a LoRA collection")
+    if collection is not None:
+        n_tasks, n_ckpt, dim = collection.checkpoints.shape
+        norm = NormStats.fit(collection.checkpoints.reshape(-1, dim), layout)
+        targets = norm.normalise(collection.checkpoints.reshape(-1, dim)).reshape(n_tasks, n_ckpt, dim)
+    elif init_vector is not None:
+        norm = NormStats.at_init(init_vector, layout)
+    else:
+        raise ValueError("training from scratch needs the LoRA initialisation vector")
 
     present = [d for d in vectors.descriptions if d is not None]
     desc_stack = torch.stack(present) if present else torch.zeros(1, 384)
@@ -97,6 +107,41 @@ def train_cvae(
     config = cvae_config or default_cvae_config(layout, cond_stats.dim)
     torch.manual_seed(settings.seed)
     cvae = CVAE(config)
+    curve: list[float] = []
+    if settings.steps > 0:
+        curve = _reconstruct(cvae, targets, cond_stats, vectors, settings, show_progress)
+    cvae.eval()
+    info: dict[str, object] = {
+        "cvae_training": settings.to_dict(),
+        "objective": settings.objective,
+        "collection_bytes": collection.nbytes() if collection is not None else 0,
+    }
+    if collection is not None:
+        info["checkpoints_per_task"] = collection.checkpoints.shape[1]
+    if curve:
+        info["final_recon_loss"] = sum(curve[-20:]) / len(curve[-20:])
+    checkpoint = GeneratorCheckpoint(
+        cvae=cvae,
+        norm=norm,
+        cond=cond_stats,
+        layout=layout,
+        encoder=encoder_settings,
+        base_model=base_model,
+        training_tasks=[{"name": t.name, "family": t.family} for t in tasks],
+        info=info,
+    )
+    return checkpoint, curve
+
+
+def _reconstruct(
+    cvae: CVAE,
+    targets: torch.Tensor,
+    cond_stats: ConditionStats,
+    vectors: TaskVectors,
+    settings: CVAETrainingSettings,
+    show_progress: bool,
+) -> list[float]:
+    n_tasks, n_ckpt, _ = targets.shape
     optimizer = torch.optim.AdamW(cvae.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=settings.steps, eta_min=settings.learning_rate * 0.05
@@ -111,7 +156,7 @@ def train_cvae(
             for _ in range(settings.batch_size):
                 i, k, v = rng.randrange(n_tasks), rng.randrange(n_ckpt), rng.randrange(n_views)
                 rows.append(targets[i, k])
-                conds.append(_training_condition(cond_stats, vectors, i, v, settings, rng))
+                conds.append(training_condition(cond_stats, vectors, i, v, settings, rng))
             x, c = torch.stack(rows), torch.stack(conds)
             recon, mu, logvar = cvae(x, c)
             kl_weight = settings.kl_weight * min(1.0, step / max(1, settings.kl_warmup_steps))
@@ -125,25 +170,10 @@ def train_cvae(
             if step % 50 == 0 or step == settings.steps:
                 bar.set_postfix(recon=f"{float(recon_loss.detach()):.4f}", kl=f"{float(kl.detach()):.3f}")
     cvae.eval()
-    checkpoint = GeneratorCheckpoint(
-        cvae=cvae,
-        norm=norm,
-        cond=cond_stats,
-        layout=layout,
-        encoder=encoder_settings,
-        base_model=base_model,
-        training_tasks=[{"name": t.name, "family": t.family} for t in tasks],
-        info={
-            "cvae_training": settings.to_dict(),
-            "checkpoints_per_task": n_ckpt,
-            "final_recon_loss": sum(curve[-20:]) / len(curve[-20:]),
-            "collection_bytes": collection.nbytes(),
-        },
-    )
-    return checkpoint, curve
+    return curve
 
 
-def _training_condition(
+def training_condition(
     stats: ConditionStats,
     vectors: TaskVectors,
     task: int,
@@ -156,7 +186,7 @@ def _training_condition(
     roll = rng.random()
     if description is not None and roll < settings.condition_dropout:
         in_context = None
-    elif description is not None and roll < 2 * settings.condition_dropout:
+    elif description is not None and roll < settings.condition_dropout + settings.hide_description:
         description = None
     cond = stats.condition_parts(description, in_context)
     if settings.condition_noise > 0:
@@ -167,19 +197,48 @@ def _training_condition(
 
 
 def train_and_save(
-    collection: Collection,
+    collection: Collection | None,
     tasks: Sequence[Task],
     encoder: TaskEncoder,
+    base: BaseModel,
     layout: LoraLayout,
-    base_model: str,
+    lora_training: LoraTrainingSettings,
     settings: CVAETrainingSettings,
     out_dir: Path,
     cache_dir: Path | None = None,
     show_progress: bool = True,
+    init_vector: torch.Tensor | None = None,
 ) -> GeneratorCheckpoint:
+    """Reconstruction and/or end-to-end training (``settings.objective``), then the checkpoint is written."""
     vectors = compute_task_vectors(encoder, tasks, cache_dir, show_progress=show_progress)
     checkpoint, _ = train_cvae(
-        collection, tasks, vectors, layout, encoder.settings, base_model, settings, show_progress=show_progress
+        collection,
+        tasks,
+        vectors,
+        layout,
+        encoder.settings,
+        base.name,
+        settings,
+        show_progress=show_progress,
+        init_vector=init_vector,
     )
+    if settings.e2e_steps > 0:
+        from generator.training.train_e2e import train_end_to_end
+
+        result = train_end_to_end(
+            checkpoint.cvae,
+            checkpoint.norm,
+            checkpoint.cond,
+            vectors,
+            tasks,
+            base,
+            layout,
+            lora_training,
+            settings,
+            show_progress=show_progress,
+        )
+        checkpoint.info["e2e_final_loss"] = sum(result.losses[-20:]) / len(result.losses[-20:])
+        checkpoint.info["e2e_first_loss"] = sum(result.losses[:20]) / len(result.losses[:20])
+        checkpoint.info["e2e_seconds"] = round(result.seconds, 1)
     save_checkpoint(checkpoint, out_dir)
     return checkpoint

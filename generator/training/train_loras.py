@@ -59,10 +59,12 @@ def settings_id(base_model: str, lora: LoraSettings, training: LoraTrainingSetti
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int, end: bool = True
 ) -> list[EncodedPair]:
-    """Tokenised once per task and reused for every step."""
-    return [encode_pair(tokenizer, format_prompt(e.input), format_target(e.output), max_length) for e in examples]
+    """Tokenised once per task and reused for every step; ``end``: each answer ends with the EOS token."""
+    return [
+        encode_pair(tokenizer, format_prompt(e.input), format_target(e.output), max_length, end=end) for e in examples
+    ]
 
 
 def train_lora(
@@ -72,11 +74,16 @@ def train_lora(
     settings: LoraTrainingSettings,
     name: str,
     progress: tqdm | None = None,
+    start: torch.Tensor | None = None,
 ) -> TrainedLora:
-    """Train the LoRA from its shared initialisation on ``pairs``; loss on the answer tokens only."""
+    """Train the LoRA on ``pairs``, loss on the answer tokens only, from ``start`` (a flat LoRA vector, e.g. a
+    generated adapter being refined) or from the shared initialisation. Deterministic for the same inputs."""
     if not pairs:
         raise ValueError(f"task {name!r} has no training examples")
-    lora.reset()
+    if start is None:
+        lora.reset()
+    else:
+        lora.load_vector(start)
     params = lora.lora_parameters()
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     keep = set(settings.checkpoint_steps())
@@ -84,7 +91,7 @@ def train_lora(
     order: list[int] = []
     kept: list[torch.Tensor] = []
     losses: list[float] = []
-    start = time.perf_counter()
+    began = time.perf_counter()
     lora.model.train()
     try:
         for step in range(1, settings.steps + 1):
@@ -112,7 +119,7 @@ def train_lora(
         checkpoints=torch.stack(kept),
         checkpoint_steps=sorted(keep),
         losses=losses,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - began,
     )
 
 
@@ -197,7 +204,7 @@ def collect_loras(
     with tqdm(total=total_steps, desc=desc, disable=not show_progress, unit="step") as bar:
         for name, examples, steps in jobs:
             task_training = _with_steps(training, steps)
-            pairs = encode_examples(base.tokenizer, examples, training.max_length)
+            pairs = encode_examples(base.tokenizer, examples, training.max_length, training.end_token)
             trained = train_lora(lora, pad_id, pairs, task_training, name, bar)
             if name == MULTITASK_NAME:
                 _save_trained(multi_path, trained, multi_sid)
@@ -265,7 +272,9 @@ def _names_id(names: Sequence[str]) -> str:
 
 
 def trained_names(out_dir: Path, tasks: Sequence[Task]) -> list[str]:
-    """Those of ``tasks`` that have a trained LoRA in the collection."""
+    """Those of ``tasks`` that have a trained LoRA in the collection (none when there is no collection)."""
+    if not (out_dir / MANIFEST).is_file():
+        return []
     entries = read_json(out_dir / MANIFEST).get("tasks", {})
     return [t.name for t in tasks if t.name in entries]
 
@@ -283,7 +292,10 @@ class Collection:
         return self.checkpoints.numel() * 4
 
 
-def load_collection(out_dir: Path, tasks: Sequence[str] | None = None) -> Collection:
+def load_collection(out_dir: Path, tasks: Sequence[str] | None = None, dim: int = 0) -> Collection:
+    """``tasks`` = [] gives an empty collection (of vectors of ``dim``), also where no collection was trained."""
+    if tasks is not None and not tasks and not (out_dir / MANIFEST).is_file():
+        return Collection(tasks=[], checkpoints=torch.zeros(0, 1, dim), multitask=None, manifest={})
     manifest = read_json(out_dir / MANIFEST)
     entries = manifest.get("tasks", {})
     names = list(tasks) if tasks is not None else sorted(entries)
@@ -293,4 +305,9 @@ def load_collection(out_dir: Path, tasks: Sequence[str] | None = None) -> Collec
     stacks = [load_file(str(out_dir / entries[n]["file"]))["checkpoints"] for n in names]
     multi_path = out_dir / "loras" / f"{MULTITASK_NAME}.safetensors"
     multitask = load_file(str(multi_path))["checkpoints"][-1] if multi_path.is_file() else None
-    return Collection(tasks=names, checkpoints=torch.stack(stacks), multitask=multitask, manifest=manifest)
+    return Collection(
+        tasks=names,
+        checkpoints=torch.stack(stacks) if stacks else torch.zeros(0, 1, dim),
+        multitask=multitask,
+        manifest=manifest,
+    )

@@ -1,0 +1,176 @@
+"""End-to-end training pieces: functional LoRA parity with peft, e2e training, answers that stop, refinement,
+self-check, per-example scoring and paired bootstrap intervals."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from generator.adapter import GeneratedAdapter
+from generator.base_model import BaseModel, load_base_model
+from generator.batching import encode_pair, pad_pairs
+from generator.config import ConfigError, CVAETrainingSettings, LoraSettings, LoraTrainingSettings
+from generator.functional_lora import FunctionalLora, answer_loss
+from generator.lora_layout import NormStats
+from generator.lora_model import LoraModel
+from generator.refine import RefineSettings, refine, refined_adapter_id
+from generator.selfcheck import LoraModelScorer, check_examples, encode_answers
+from generator.tasks import Example, TaskSpec, format_prompt, format_target, synthetic_task
+from generator.training.evaluate import paired_bootstrap
+from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
+from generator.training.scoring import exact_match_correct
+from generator.training.train_loras import encode_examples, train_lora
+
+TASK = synthetic_task("fruit", "animal", ("yes", "no"))
+
+
+def _random_lora(lora: LoraModel, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return lora.init_vector + 0.05 * torch.randn(lora.layout.dim, generator=generator)
+
+
+def test_functional_lora_equals_peft_per_row(tiny_base: BaseModel) -> None:
+    lora = LoraModel(tiny_base.model, LoraSettings())
+    first, second = _random_lora(lora, 1), _random_lora(lora, 2)
+    pairs = [
+        encode_pair(tiny_base.tokenizer, format_prompt(e.input), format_target(e.output), 32) for e in TASK.test[:4]
+    ]
+    batch = pad_pairs(pairs, tiny_base.tokenizer.pad_token_id)
+    expected = []
+    for row, vector in enumerate((first, second, first, second)):
+        lora.load_vector(vector)
+        with torch.no_grad():
+            logits = lora.model(
+                input_ids=batch.input_ids[row : row + 1], attention_mask=batch.attention_mask[row : row + 1]
+            )
+        expected.append(logits.logits[0])
+    layout = lora.layout
+    plain = lora.model.unload()
+    functional = FunctionalLora(plain, layout)
+    with torch.no_grad(), functional.applied(torch.stack([first, second]), torch.tensor([0, 1, 0, 1])):
+        got = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for row in range(4):
+        valid = batch.attention_mask[row].bool()
+        torch.testing.assert_close(got[row][valid], expected[row][valid], atol=1e-5, rtol=1e-4)
+    functional.remove()
+    assert not any(type(m).__name__ == "_RowLoraLinear" for m in plain.modules())
+
+
+def test_answer_loss_matches_the_full_logits(tiny_base: BaseModel) -> None:
+    pairs = encode_examples(tiny_base.tokenizer, TASK.train[:6], 32)
+    batch = pad_pairs(pairs, tiny_base.tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = tiny_base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+        ours = answer_loss(tiny_base.model, batch.input_ids, batch.attention_mask, batch.labels)
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+
+
+def test_training_answers_end_with_eos_so_completions_stop(tiny_base: BaseModel) -> None:
+    tokenizer = tiny_base.tokenizer
+    pair = encode_examples(tokenizer, TASK.train[:1], 32)[0]
+    assert pair.ids[-1] == tokenizer.eos_token_id
+    assert encode_examples(tokenizer, TASK.train[:1], 32, end=False)[0].ids[-1] != tokenizer.eos_token_id
+    lora = LoraModel(tiny_base.model, LoraSettings())
+    settings = LoraTrainingSettings(steps=80, batch_size=16, learning_rate=1e-2, max_length=32, checkpoints=1)
+    trained = train_lora(lora, tokenizer.pad_token_id, encode_examples(tokenizer, TASK.train, 32), settings, "t")
+    lora.load_vector(trained.checkpoints[-1])
+    ids = torch.tensor([encode_pair(tokenizer, format_prompt(TASK.test[0].input), "", 32).ids])
+    with torch.no_grad():
+        out = lora.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    new = out[0, ids.shape[1] :].tolist()
+    assert tokenizer.eos_token_id in new, tokenizer.decode(new)
+    answer = tokenizer.decode(new[: new.index(tokenizer.eos_token_id)]).strip()
+    assert answer in ("yes", "no")
+
+
+def test_norm_at_init_maps_zero_to_the_lora_initialisation(tiny_base: BaseModel) -> None:
+    lora = LoraModel(tiny_base.model, LoraSettings())
+    norm = NormStats.at_init(lora.init_vector, lora.layout)
+    torch.testing.assert_close(norm.denormalise(torch.zeros(lora.layout.dim)), lora.init_vector)
+    b_segments = [i for i, s in enumerate(lora.layout.segments) if s.key.endswith("lora_B.weight")]
+    assert all(float(norm.scale[i]) == pytest.approx(0.01) for i in b_segments)
+
+
+def test_e2e_from_scratch_needs_no_collection_and_lowers_the_loss(tmp_path: Path) -> None:
+    settings = dataclasses.replace(
+        SMALL_SETTINGS,
+        cvae_training=CVAETrainingSettings(steps=0, e2e_steps=60, e2e_learning_rate=1e-3, description_dropout=0.5),
+    )
+    run = Run.create(tmp_path / "run", settings, "synthetic:6", unseen_fraction=0.34)
+    base = load_base_model("tiny")
+    generator = step_train_generator(run, base, progress=False)
+    info = generator.checkpoint.info
+    assert info["objective"] == "e2e" and info["collection_bytes"] == 0
+    assert info["e2e_final_loss"] < info["e2e_first_loss"]
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    report = step_evaluate(run, base, progress=False, plot=False, variants=("base", "generated", "wrong_vector"))
+    unseen = [r for r in report["tasks"] if r["split"] == "unseen"]
+    assert unseen and all(len(r["correct"]["generated"]) == r["test_examples"] for r in unseen)
+    assert all("wrong_task" in r and r["wrong_task"] != r["task"] for r in unseen)
+
+
+def test_settings_name_the_objective() -> None:
+    assert CVAETrainingSettings().objective == "reconstruction"
+    assert CVAETrainingSettings(steps=0, e2e_steps=5).objective == "e2e"
+    assert CVAETrainingSettings(steps=5, e2e_steps=5).objective == "reconstruction+e2e"
+    assert CVAETrainingSettings(description_dropout=0.6).hide_description == 0.6
+    with pytest.raises(ConfigError):
+        CVAETrainingSettings(steps=0, e2e_steps=0)
+    with pytest.raises(ConfigError):
+        CVAETrainingSettings(condition_dropout=0.4, description_dropout=0.7)
+
+
+def test_refinement_is_deterministic_and_fits_the_examples(tiny_base: BaseModel) -> None:
+    lora = LoraModel(tiny_base.model, LoraSettings())
+    spec = TaskSpec(TASK.description, TASK.train[:8])
+    settings = RefineSettings(steps=16, learning_rate=1e-2, max_length=32)
+    start = lora.init_vector
+    first = refine(lora, tiny_base.tokenizer, spec, settings, start)
+    again = refine(lora, tiny_base.tokenizer, spec, settings, start)
+    assert torch.equal(first, again)
+    scorer = LoraModelScorer(lora, tiny_base.tokenizer.pad_token_id)
+    pairs = encode_answers(tiny_base.tokenizer, spec.examples, 32)
+    adapter = GeneratedAdapter(lora.layout.unflatten(first), lora.settings, "tiny:0", "refined")
+    tuned = float(scorer(pairs, adapter).mean())
+    base = float(scorer(pairs, None).mean())
+    assert tuned > base
+    assert refined_adapter_id("a" * 32, settings) != refined_adapter_id("b" * 32, settings)
+    assert refined_adapter_id("a" * 32, settings) != refined_adapter_id("a" * 32, RefineSettings(steps=8))
+    with pytest.raises(ConfigError):
+        RefineSettings(steps=0)
+    with pytest.raises(ConfigError):
+        RefineSettings(steps=65)
+
+
+def test_self_check_uses_held_out_examples_when_there_are_enough() -> None:
+    examples = tuple(Example(f"in {i}", f"out {i}") for i in range(10))
+    chosen, held_out = check_examples(TaskSpec("d", examples), read=8)
+    assert held_out and chosen == examples[8:]
+    chosen, held_out = check_examples(TaskSpec("d", examples[:9]), read=8)
+    assert not held_out and chosen == examples[:9]
+
+
+def test_batched_exact_match_equals_one_at_a_time(tiny_base: BaseModel) -> None:
+    examples = [Example(e.input, e.output) for e in TASK.test[:6]]
+    batched = exact_match_correct(tiny_base.model, tiny_base.tokenizer, examples, max_length=32, batch_size=4)
+    single = [exact_match_correct(tiny_base.model, tiny_base.tokenizer, [e], max_length=32)[0] for e in examples]
+    assert batched == single
+
+
+def test_paired_bootstrap_interval() -> None:
+    rows = [
+        {"correct": {"a": [1.0] * 30 + [0.0] * 10, "b": [0.0] * 40}},
+        {"correct": {"a": [1.0] * 20, "b": [1.0] * 20}},
+        {"correct": {"b": [1.0] * 5}},  # no "a": not paired, left out
+    ]
+    ci = paired_bootstrap(rows, "a", "b")
+    assert ci is not None
+    assert ci["mean"] == pytest.approx(30 / 60, abs=1e-4)
+    assert ci["low"] < ci["mean"] < ci["high"]
+    assert ci["low"] > 0.3 and ci["tasks"] == 2 and ci["examples"] == 60
+    same = paired_bootstrap([{"correct": {"a": [1.0, 0.0] * 10, "b": [1.0, 0.0] * 10}}], "a", "b")
+    assert same is not None and same["low"] == same["high"] == 0.0
+    assert paired_bootstrap(rows, "a", "c") is None
