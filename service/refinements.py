@@ -50,6 +50,13 @@ class RefinementQueue:
         self._queue: asyncio.Queue[RefineJob] = asyncio.Queue()
         self._reserved = 0
         self._worker: asyncio.Task[None] | None = None
+        self._tracked: set[str] = set()  # task ids whose refinement this process has queued or is running
+
+    def tracks(self, task_id: str) -> bool:
+        """Whether this process queued (and has not finished) the task's refinement. A ``queued`` or ``running``
+        status nobody tracks was left by a restart (or is another replica's): asking again re-queues it, which is
+        harmless since refinements are deterministic and content-addressed."""
+        return task_id in self._tracked
 
     @property
     def waiting(self) -> int:
@@ -70,6 +77,8 @@ class RefinementQueue:
         """Queue a job in a place held by ``reserve``."""
         self._reserved -= 1
         self._queue.put_nowait(job)
+        if job.record is not None:
+            self._tracked.add(job.record.task_id)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="icm-lora-refinements")
 
@@ -88,6 +97,9 @@ class RefinementQueue:
                 raise
             except Exception:  # the store is down: the job's status cannot be recorded; go on with the next one
                 log.exception("refinement %s could not be recorded", job.adapter_id)
+            finally:
+                if job.record is not None:
+                    self._tracked.discard(job.record.task_id)
 
     async def _record(self, job: RefineJob, refinement: Refinement) -> bool:
         return True if job.record is None else await self.store.update_refinement(job.record, refinement)

@@ -7,6 +7,7 @@ refined adapter's delta fails the first and passes the second.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -17,6 +18,7 @@ import httpx
 from generator.adapter import GeneratedAdapter
 from generator.tasks import TaskSpec
 from service.refine import RefinePlan
+from service.task_store import Refinement, SqliteTaskStore
 from tests.service.conftest import metric_value, serve
 
 EXAMPLES = [
@@ -78,6 +80,10 @@ def test_fallback_serves_the_base_model_with_a_warning(settings_for) -> None:  #
 
         headers, last = _last_chunk(client, {"model": "words", **PROMPT})
         assert last["icm_lora"] == info and headers[WARNING] == info["warning"]
+        chat = client.post(
+            "/v1/chat/completions", json={"model": "words", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert chat.status_code == 200 and chat.json()["icm_lora"] == info and chat.headers[WARNING] == info["warning"]
 
         # a description-only task has nothing to check against: served by its adapter, no warning
         plain = client.post("/v1/tasks", json={"task_id": "plain", "description": "Count the words."}).json()
@@ -240,3 +246,24 @@ def test_failed_refinement_keeps_the_generated_adapter_and_a_full_queue_is_429(s
         # a failed refinement may be asked for again
         retried = client.post("/v1/tasks", json={**TASK, "refine_steps": 4})
         assert retried.status_code == 200 and retried.json()["refinement"]["status"] in {"queued", "running", "failed"}
+
+
+def test_a_refinement_left_running_by_a_restart_can_be_asked_for_again(settings_for) -> None:  # type: ignore[no-untyped-def]
+    settings = settings_for(self_check_margin=100.0)
+    with serve(settings) as service, service.client() as client:
+        assert client.post("/v1/tasks", json=TASK).status_code == 201
+
+    async def mark_running() -> None:  # what a process killed mid-refinement leaves behind
+        store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
+        record = await store.get("words")
+        assert record is not None
+        assert await store.update_refinement(record, Refinement("running", 2, "lost"))
+        await store.close()
+
+    asyncio.run(mark_running())
+    with serve(settings) as service, service.client() as client:
+        assert client.get("/v1/tasks/words").json()["refinement"]["status"] == "running"
+        again = client.post("/v1/tasks", json={**TASK, "refine_steps": 2})
+        assert again.status_code == 200 and again.json()["refinement"]["status"] in {"queued", "running", "done"}
+        task = _wait_for(client, "words", {"done", "failed"})
+        assert task["refinement"]["status"] == "done" and task["refinement"]["adapter_id"] != "lost"  # type: ignore[index]

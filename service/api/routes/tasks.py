@@ -46,6 +46,12 @@ def task_out(record: TaskRecord, state: ServiceState) -> TaskOut:
     )
 
 
+def _may_refine(record: TaskRecord, state: ServiceState) -> bool:
+    """No refinement yet, a failed one, or a queued/running one that no process here tracks (left by a restart)."""
+    status = record.refinement.status
+    return status in ("none", "failed") or (status != "done" and not state.refinements.tracks(record.task_id))
+
+
 @router.post(
     "",
     response_model=TaskOut,
@@ -67,7 +73,7 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     if not steps and state.settings.self_check == "refine" and not passed(check):
         steps = state.settings.refine_default_steps
     plan = refine_plan(state.settings, steps) if steps else None
-    if plan is not None and existing is not None and existing.refinement.status not in ("none", "failed"):
+    if plan is not None and existing is not None and not _may_refine(existing, state):
         plan = None  # already refining or refined: a repeated POST changes nothing
     job = None
     if plan is not None:
@@ -81,7 +87,7 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
         record, created = await state.store.create(new_record(task_id, spec, body.seed, check, queued))
         if not created and not record.same_content(spec, body.seed):  # registered by someone else meanwhile
             raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
-        if job is not None and queued is not None and (created or record.refinement.status in ("none", "failed")):
+        if job is not None and queued is not None and (created or _may_refine(record, state)):
             if not created and not await state.store.update_refinement(record, queued):
                 raise APIError(409, f"task {task_id!r} was deleted while it was registered; try again")
             record = record if created else await state.store.get(task_id) or record
