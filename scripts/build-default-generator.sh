@@ -12,7 +12,7 @@ shards="${SHARDS:-2}"
 suite_file=bench/suites/bigbench.txt
 data="${ICM_LORA_DATA_DIR:-$HOME/.cache/icm-lora}"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-bash scripts/fetch-bigbench.sh "$suite_file" "$data/bigbench"
+bash scripts/fetch-bigbench.sh "$data/bigbench"
 suite="bigbench:$data/bigbench/bigbench-1.0.0/bigbench/benchmark_tasks:$suite_file"
 bin=.venv/bin
 

@@ -1,0 +1,241 @@
+"""Choosing the real-task suite reproducibly: candidates from BIG-bench, a pilot, and the suite file.
+
+1. ``candidates``: every English BIG-bench task (or subtask) that is multiple choice or short-answer generative, with
+   enough examples and inputs that fit the training length. Families with many subtasks are capped (a seeded sample)
+   so that a pilot spreads its time over many families.
+2. ``pilot``: per candidate, the base model and a short LoRA are scored on a slice of its test examples
+   (``PilotRow``); rows are files, so a pilot is resumable and can be sharded over processes or sessions.
+3. ``choose``: the tasks a short LoRA lifts by at least ``min_lift`` above base; whole families are held out
+   (seeded) until enough held-out tasks of both kinds are reached, plus one member of every family whose members
+   share a description but differ in behaviour (e.g. bbq ``*_ambig`` / ``*_disambig``). The suite file lists the
+   training tasks, then the held-out ones marked ``unseen``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+NON_ENGLISH = ("non-english", "translation", "low-resource language", "non-language")
+MIN_EXAMPLES = 40
+MAX_INPUT_CHARS = 400  # median input length; longer inputs would mostly be cut to the training length
+MAX_ANSWER_CHARS = 24  # median answer length of a generative task ("short-answer")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    family: str
+    kind: str  # "multiple_choice" | "generative"
+    examples: int
+    description: str
+
+
+def _mostly_latin(text: str, share: float = 0.9) -> bool:
+    """At least ``share`` of the letters are ASCII (catches tasks in other scripts that no keyword marks)."""
+    letters = [c for c in text if c.isalpha()]
+    return not letters or sum(c.isascii() for c in letters) / len(letters) >= share
+
+
+def _kind(examples: list[dict[str, Any]]) -> str | None:
+    if all(isinstance(e.get("target_scores"), dict) and e["target_scores"] for e in examples):
+        return "multiple_choice"
+    if all("target" in e and not isinstance(e.get("target_scores"), dict) for e in examples):
+        return "generative"
+    return None
+
+
+def _target(example: dict[str, Any]) -> str:
+    target = example["target"]
+    return str(target[0] if isinstance(target, list) and target else target)
+
+
+def read_candidate(root: Path, path: Path) -> Candidate | None:
+    """The task at ``path`` (a ``task.json`` under ``root``) if it qualifies, else None."""
+    name = str(path.parent.relative_to(root))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    examples = data.get("examples") if isinstance(data, dict) else None
+    if not isinstance(examples, list) or len(examples) < MIN_EXAMPLES:
+        return None
+    if not all(isinstance(e, dict) and isinstance(e.get("input"), str) for e in examples):
+        return None
+    keywords = [str(k).lower() for k in data.get("keywords", [])]
+    leaf = name.rsplit("/", 1)[-1].lower()
+    english_subtask = leaf.endswith("_en") or "_en_" in leaf or "english" in leaf
+    if not english_subtask and (any(k in keywords for k in NON_ENGLISH) or "multilingual" in keywords):
+        return None  # keywords are the family's: an explicitly English subtask of a multilingual family stays
+    if not _mostly_latin(" ".join(e["input"] for e in examples[:200])):
+        return None
+    kind = _kind(examples)
+    if kind is None:
+        return None
+    if statistics.median(len(e["input"]) for e in examples) > MAX_INPUT_CHARS:
+        return None
+    if kind == "generative" and statistics.median(len(_target(e)) for e in examples) > MAX_ANSWER_CHARS:
+        return None
+    return Candidate(name, name.split("/")[0], kind, len(examples), str(data.get("description", "")).strip())
+
+
+def find_candidates(root: Path, per_family: int = 6, seed: int = 0) -> list[Candidate]:
+    """Qualifying tasks under ``root`` (a ``bigbench/benchmark_tasks`` folder), at most ``per_family`` per family
+    (a seeded sample), sorted by name. A task with subtasks is represented by its subtasks."""
+    found: dict[str, list[Candidate]] = defaultdict(list)
+    for path in sorted(root.rglob("task.json")):
+        if any(path.parent.glob("*/task.json")):
+            continue  # a parent task: its subtasks are the candidates
+        candidate = read_candidate(root, path)
+        if candidate is not None:
+            found[candidate.family].append(candidate)
+    chosen: list[Candidate] = []
+    for family in sorted(found):
+        members = sorted(found[family], key=lambda c: c.name)
+        if len(members) > per_family:
+            members = sorted(random.Random(f"{seed}:{family}").sample(members, per_family), key=lambda c: c.name)
+        chosen += members
+    return chosen
+
+
+def write_candidates(candidates: Sequence[Candidate], path: Path) -> None:
+    lines = ["# Candidates for the real-task suite (generator.training.suite_selection.find_candidates): name kind"]
+    lines += [f"{c.name} {c.kind}" for c in candidates]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_candidates(path: Path) -> list[str]:
+    names = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            names.append(line.split()[0])
+    return names
+
+
+@dataclass(frozen=True)
+class PilotRow:
+    task: str
+    family: str
+    kind: str
+    description: str
+    base: float
+    lora: float
+    test_examples: int
+    seconds: float
+    settings: dict[str, Any]
+
+    @property
+    def lift(self) -> float:
+        return self.lora - self.base
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "lift": round(self.lift, 4)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PilotRow:
+        return cls(**{k: v for k, v in data.items() if k != "lift"})
+
+
+@dataclass(frozen=True)
+class Selection:
+    train: list[PilotRow]
+    held_out: list[PilotRow]
+    held_out_families: list[str]
+    shared_description_held_out: list[str]
+
+    def problems(
+        self,
+        min_train: int = 80,
+        min_train_families: int = 25,
+        min_generative_share: float = 0.25,
+        min_held_out: int = 12,
+        min_held_out_families: int = 8,
+    ) -> list[str]:
+        """What the selection falls short of (the issue's bar); empty when it meets it."""
+        out = []
+        families = {r.family for r in self.train}
+        generative = sum(r.kind == "generative" for r in self.train)
+        if len(self.train) < min_train:
+            out.append(f"{len(self.train)} training tasks < {min_train}")
+        if len(families) < min_train_families:
+            out.append(f"{len(families)} training families < {min_train_families}")
+        if self.train and generative / len(self.train) < min_generative_share:
+            out.append(f"generative share {generative / len(self.train):.2f} < {min_generative_share}")
+        if len(self.held_out) < min_held_out:
+            out.append(f"{len(self.held_out)} held-out tasks < {min_held_out}")
+        if len(self.held_out_families) < min_held_out_families:
+            out.append(f"{len(self.held_out_families)} held-out families < {min_held_out_families}")
+        kinds = {r.kind for r in self.held_out}
+        if self.held_out and kinds != {"multiple_choice", "generative"}:
+            out.append(f"held-out tasks are only {sorted(kinds)}")
+        return out
+
+
+def choose(
+    rows: Iterable[PilotRow],
+    min_lift: float = 0.05,
+    held_out_tasks: int = 12,
+    held_out_families: int = 8,
+    seed: int = 0,
+) -> Selection:
+    """Keep tasks lifted by ``min_lift``; hold out whole families (seeded order) until at least ``held_out_tasks``
+    tasks from ``held_out_families`` families of both kinds are held out; then hold out one member (seeded) of every
+    remaining family whose members share a description, so examples must tell them apart."""
+    kept = sorted((r for r in rows if r.lift >= min_lift), key=lambda r: r.task)
+    by_family: dict[str, list[PilotRow]] = defaultdict(list)
+    for row in kept:
+        by_family[row.family].append(row)
+    order = sorted(by_family)
+    random.Random(f"held-out:{seed}").shuffle(order)
+    held: list[str] = []
+    count = 0
+    kinds: set[str] = set()
+    for family in order:
+        done = count >= held_out_tasks and len(held) >= held_out_families and len(kinds) == 2
+        if done:
+            break
+        members = by_family[family]
+        if len(by_family) - len(held) <= 1:
+            break  # keep at least one family to train on
+        family_kinds = {r.kind for r in members}
+        if count >= held_out_tasks and len(held) >= held_out_families and family_kinds <= kinds:
+            continue  # only a missing kind is still wanted
+        held.append(family)
+        count += len(members)
+        kinds |= family_kinds
+    shared: list[str] = []
+    for family in sorted(set(by_family) - set(held)):
+        members = by_family[family]
+        descriptions = defaultdict(list)
+        for row in members:
+            descriptions[row.description].append(row)
+        groups = [g for g in descriptions.values() if len(g) >= 3 and g[0].description]
+        for group in groups:
+            pick = random.Random(f"shared:{seed}:{family}").choice(sorted(group, key=lambda r: r.task))
+            shared.append(pick.task)
+    held_rows = [r for r in kept if r.family in held or r.task in shared]
+    train = [r for r in kept if r not in held_rows]
+    return Selection(train, held_rows, sorted(held), sorted(shared))
+
+
+def write_suite(selection: Selection, path: Path, header: str) -> None:
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines.append(f"# training: {len(selection.train)} tasks from {len({r.family for r in selection.train})} families")
+    lines += [r.task for r in selection.train]
+    lines.append(f"# held out: whole families {', '.join(selection.held_out_families)}")
+    lines += [f"{r.task} unseen" for r in selection.held_out if r.task not in selection.shared_description_held_out]
+    if selection.shared_description_held_out:
+        lines.append("# held out: members of trained families that share their description with trained members")
+        lines += [f"{name} unseen" for name in selection.shared_description_held_out]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_pilot(folder: Path) -> list[PilotRow]:
+    return [PilotRow.from_dict(json.loads(p.read_text(encoding="utf-8"))) for p in sorted(folder.glob("*.json"))]
