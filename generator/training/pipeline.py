@@ -212,12 +212,14 @@ def step_evaluate(
     plot: bool = True,
     variants: Sequence[str] = VARIANTS,
     shard: tuple[int, int] = (0, 1),
+    splits: Sequence[str] = ("seen", "unseen"),
 ) -> dict[str, Any]:
-    """Score the report's variants on every task (resumable: finished tasks are kept in report/rows/).
+    """Score the report's variants on the tasks of ``splits`` (resumable: finished tasks are kept in report/rows/).
 
     With ``shard`` = (i, n), n > 1: score only every n-th task from the i-th and write no report (several processes
     fill report/rows/ in parallel; a last run without a shard assembles the report from them)."""
     seen, unseen = run.tasks()
+    chosen = [t for t in seen if "seen" in splits] + [t for t in unseen if "unseen" in splits]
     trained = trained_names(run.folder, seen + unseen)  # none for a generator trained end to end from scratch
     layout = LoraLayout.from_model(base.model, run.settings.lora)
     collection = load_collection(run.folder, trained, dim=layout.dim)
@@ -235,11 +237,7 @@ def step_evaluate(
             max_length=run.settings.lora_training.max_length,
             variants=variants,
             rows_dir=run.report_dir / "rows",
-            only=(
-                frozenset(t.name for i, t in enumerate(seen + unseen) if i % shard[1] == shard[0])
-                if shard[1] > 1
-                else None
-            ),
+            only=frozenset(t.name for i, t in enumerate(chosen) if i % shard[1] == shard[0]),
         )
         report = evaluate(inputs, show_progress=progress)
     finally:
