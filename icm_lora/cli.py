@@ -37,9 +37,16 @@ UnseenOption = Annotated[
 
 
 def _open_or_create_run(
-    run: Path, suite: str, settings: Path | None, base_model: str, unseen: str, unseen_fraction: float
+    run: Path,
+    suite: str,
+    settings: Path | None,
+    base_model: str,
+    unseen: str,
+    unseen_fraction: float,
+    default_suite: str | None = None,
 ) -> Run:
-    """The run folder's ``Run``: opened when it exists (then the creating options must be left out), else created."""
+    """The run folder's ``Run``: opened when it exists (then the creating options must be left out), else created
+    from ``--suite`` (or ``default_suite``; without either, a missing run folder is an error)."""
     from generator.config import PipelineSettings
     from generator.training.pipeline import RUN_FILE, Run
 
@@ -47,11 +54,13 @@ def _open_or_create_run(
         if suite or settings or base_model or unseen:
             raise _fail(f"{run} already has a {RUN_FILE}; resume without --suite/--settings/--base-model/--unseen")
         return Run.open(run)
+    if not suite and default_suite is None:
+        raise _fail(f"{run} is not a run folder (no {RUN_FILE}); give --suite (and --settings) to create one")
     data = json.loads(settings.read_text()) if settings else {}
     if base_model:
         data["base_model"] = base_model
     held_out = [n.strip() for n in unseen.split(",") if n.strip()] or None
-    return Run.create(run, PipelineSettings.from_dict(data), suite or "synthetic:32", unseen_fraction, held_out)
+    return Run.create(run, PipelineSettings.from_dict(data), suite or str(default_suite), unseen_fraction, held_out)
 
 
 @app.command("train-loras")
@@ -72,7 +81,7 @@ def train_loras(
     from generator.training.pipeline import step_train_loras
 
     try:
-        pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction)
+        pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction, "synthetic:32")
         base = load_base_model(pipeline_run.settings.base_model)
         step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard))
     except (ValueError, FileNotFoundError, OSError) as exc:

@@ -9,6 +9,7 @@ import time
 
 from generator.adapter import GeneratedAdapter
 from generator.generate import AdapterGenerator
+from generator.refine import RefinePlan, refined_adapter_id
 from generator.selfcheck import SelfCheck, SelfCheckPolicy
 from generator.tasks import Example, TaskFormatError, TaskSpec
 from service.cache import AdapterCache, Tier
@@ -16,7 +17,7 @@ from service.config import Settings
 from service.engine import EngineError
 from service.errors import APIError
 from service.metrics import ServiceMetrics
-from service.refine import RefineOrigin, RefinePlan, Refiner, refined_adapter_id
+from service.refine import RefineOrigin, Refiner
 from service.schemas import TaskSpecIn
 from service.selfcheck import AdapterChecker, with_check
 from service.task_store import StoredSpec, TaskStore

@@ -11,10 +11,9 @@ refinement at a time, and stops at the next step once its ``stop`` event is set 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,50 +21,17 @@ from tqdm.auto import tqdm
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel, load_base_model
-from generator.config import LoraSettings, LoraTrainingSettings
+from generator.config import LoraSettings
 from generator.lora_model import LoraModel
+from generator.refine import RefinePlan
 from generator.tasks import TaskSpec
 
-MAX_REFINE_STEPS = 64
 REFINED_FROM = "refined_from"  # adapter metadata keys of a refined adapter
 REFINE = "refine"
 
 
 class RefinementCancelled(RuntimeError):
     """The service is shutting down; the refinement stopped between two steps."""
-
-
-@dataclass(frozen=True)
-class RefinePlan:
-    """Everything that shapes a refined adapter besides its parent. Part of the refined adapter's id."""
-
-    steps: int
-    learning_rate: float
-    batch_size: int
-    max_length: int = LoraTrainingSettings.max_length
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.steps <= MAX_REFINE_STEPS:
-            raise ValueError(f"refinement steps must be in 1..{MAX_REFINE_STEPS}, got {self.steps}")
-
-    def to_dict(self) -> dict[str, int | float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RefinePlan:
-        return cls(int(data["steps"]), float(data["learning_rate"]), int(data["batch_size"]), int(data["max_length"]))
-
-    def training(self) -> LoraTrainingSettings:
-        """LoRA training settings: answers end with EOS, one kept checkpoint (the last step), fixed data order."""
-        return LoraTrainingSettings(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            max_length=self.max_length,
-            checkpoints=1,
-            checkpoint_every=1,
-            end_token=True,
-        )
 
 
 @dataclass(frozen=True)
@@ -81,11 +47,6 @@ class RefineOrigin:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RefineOrigin:
         return cls(str(data["parent"]), RefinePlan.from_dict(data["plan"]))
-
-
-def refined_adapter_id(parent_id: str, plan: RefinePlan) -> str:
-    blob = json.dumps({"parent": parent_id, "refine": plan.to_dict()}, sort_keys=True)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
 class Refiner(Protocol):
@@ -134,23 +95,15 @@ class TrainingRefiner:
     def __call__(
         self, spec: TaskSpec, adapter: GeneratedAdapter, plan: RefinePlan, adapter_id: str, stop: threading.Event
     ) -> GeneratedAdapter:
-        from generator.training.train_loras import encode_examples, train_lora  # the offline trainer, imported lazily
+        from generator.refine import refine  # the offline trainer, imported lazily
 
-        if not spec.examples:
-            raise ValueError("a task without examples cannot be refined")
         if adapter.lora != self.lora_settings:
             raise ValueError(f"adapter {adapter.adapter_id!r} has LoRA settings {adapter.lora}, not the generator's")
         with self._lock:
             base, lora = self._load()
-            pad = base.tokenizer.pad_token_id
-            if pad is None:
-                pad = base.tokenizer.eos_token_id if base.tokenizer.eos_token_id is not None else 0
-            pairs = encode_examples(base.tokenizer, spec.examples, plan.max_length, end=True)
             start = lora.layout.flatten(adapter.tensors)
-            trained = train_lora(
-                lora, int(pad), pairs, plan.training(), adapter.adapter_id, progress=_StopCheck(stop), start=start
-            )
-            tensors = lora.layout.unflatten(trained.checkpoints[-1])
+            vector = refine(lora, base.tokenizer, spec, plan, start, adapter.adapter_id, progress=_StopCheck(stop))
+            tensors = lora.layout.unflatten(vector)
         metadata = {
             "generator_id": adapter.metadata.get("generator_id", ""),
             "seed": adapter.metadata.get("seed", ""),

@@ -13,11 +13,11 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from generator.refine import RefinePlan
 from generator.tasks import TaskSpec
 from service.adapters import AdapterService
 from service.errors import APIError
 from service.metrics import ServiceMetrics
-from service.refine import RefinePlan
 from service.selfcheck import check_of
 from service.task_store import Refinement, TaskRecord, TaskStore
 

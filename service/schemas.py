@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from generator.refine import MAX_REFINE_STEPS
+
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
@@ -47,7 +49,6 @@ class TaskSpecIn(BaseModel):
     examples: list[ExampleIn] = Field(default_factory=list)
 
 
-MAX_REFINE_STEPS = 64
 RefineSteps = Annotated[
     int,
     Field(

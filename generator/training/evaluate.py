@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from generator.files import read_json, safe_name, write_atomic, write_json
 from generator.generate import AdapterGenerator
 from generator.lora_model import LoraModel
-from generator.refine import RefineSettings, refine
+from generator.refine import RefinePlan, refine
 from generator.selfcheck import LoraModelScorer, self_check
 from generator.task_encoder import TaskVector
 from generator.tasks import Task
@@ -62,7 +62,7 @@ VARIANTS = (
     "lora_from_init",
 )
 SPEC_EXAMPLES = 8
-REFINE = RefineSettings(steps=32)
+REFINE = RefinePlan(steps=32)  # the service's defaults (lr, batch, length) with refine_steps=32
 COMPARISONS = (  # (a, b): paired interval of a - b
     ("generated", "base"),
     ("generated", "in_context_8"),
@@ -202,7 +202,7 @@ def _score_variants(
     for name, start in (("refined", generated), ("lora_from_init", None)):
         if name in wanted:
             began = time.perf_counter()
-            vector_out = refine(inputs.lora, inputs.tokenizer, spec, REFINE, start)
+            vector_out = refine(inputs.lora, inputs.tokenizer, spec, REFINE, start, task.name)
             extra[f"{name}_seconds"] = round(time.perf_counter() - began, 2)
             out[name] = _score_vector(inputs, task, vector_out)
     return {k: v for k, v in out.items() if k in wanted}, extra

@@ -16,7 +16,7 @@ from generator.config import ConfigError, CVAETrainingSettings, LoraSettings, Lo
 from generator.functional_lora import FunctionalLora, answer_loss
 from generator.lora_layout import NormStats
 from generator.lora_model import LoraModel
-from generator.refine import RefineSettings, refine, refined_adapter_id
+from generator.refine import RefinePlan, refine, refined_adapter_id
 from generator.selfcheck import LoraModelScorer, check_examples, encode_answers
 from generator.tasks import Example, TaskSpec, format_prompt, format_target, synthetic_task
 from generator.training.evaluate import paired_bootstrap
@@ -126,7 +126,7 @@ def test_settings_name_the_objective() -> None:
 def test_refinement_is_deterministic_and_fits_the_examples(tiny_base: BaseModel) -> None:
     lora = LoraModel(tiny_base.model, LoraSettings())
     spec = TaskSpec(TASK.description, TASK.train[:8])
-    settings = RefineSettings(steps=16, learning_rate=1e-2, max_length=32)
+    settings = RefinePlan(steps=16, learning_rate=1e-2, max_length=32)
     start = lora.init_vector
     first = refine(lora, tiny_base.tokenizer, spec, settings, start)
     again = refine(lora, tiny_base.tokenizer, spec, settings, start)
@@ -138,11 +138,11 @@ def test_refinement_is_deterministic_and_fits_the_examples(tiny_base: BaseModel)
     base = float(scorer(pairs, None).mean())
     assert tuned > base
     assert refined_adapter_id("a" * 32, settings) != refined_adapter_id("b" * 32, settings)
-    assert refined_adapter_id("a" * 32, settings) != refined_adapter_id("a" * 32, RefineSettings(steps=8))
+    assert refined_adapter_id("a" * 32, settings) != refined_adapter_id("a" * 32, RefinePlan(steps=8))
     with pytest.raises(ConfigError):
-        RefineSettings(steps=0)
+        RefinePlan(steps=0)
     with pytest.raises(ConfigError):
-        RefineSettings(steps=65)
+        RefinePlan(steps=65)
 
 
 def test_self_check_uses_held_out_examples_when_there_are_enough() -> None:

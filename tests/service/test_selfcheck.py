@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 
 from generator.adapter import GeneratedAdapter
+from generator.refine import RefinePlan
 from generator.tasks import TaskSpec
-from service.refine import RefinePlan
 from service.task_store import Refinement, SqliteTaskStore
 from tests.service.conftest import metric_value, serve
 

@@ -12,9 +12,10 @@ import redis.asyncio
 
 from generator.adapter import GeneratedAdapter
 from generator.config import LoraSettings
+from generator.refine import RefinePlan, refined_adapter_id
 from generator.selfcheck import SelfCheck
 from generator.tasks import Example, TaskSpec
-from service.refine import RefineOrigin, RefinePlan, refined_adapter_id
+from service.refine import RefineOrigin
 from service.selfcheck import check_of, choose_adapter, with_check
 from service.task_store import (
     RedisTaskStore,

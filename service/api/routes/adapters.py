@@ -9,10 +9,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from generator.adapter import GeneratedAdapter
+from generator.refine import RefinePlan
 from service.adapters import refine_plan, spec_from_request
 from service.cache import Tier
 from service.errors import APIError
-from service.refine import REFINE, REFINED_FROM, RefinePlan
+from service.refine import REFINE, REFINED_FROM
 from service.refinements import RefineJob
 from service.schemas import AdapterMetadata, AdapterRequest, SelfCheckOut
 from service.selfcheck import check_of

@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
+from generator.refine import refined_adapter_id
 from service.adapters import refine_plan, spec_from_request
 from service.api.routes.adapters import adapter_metadata
 from service.errors import APIError
-from service.refine import refined_adapter_id
 from service.refinements import RefineJob
 from service.schemas import TASK_ID_PATTERN, ExampleIn, RefinementOut, SelfCheckOut, TaskCreate, TaskList, TaskOut
 from service.selfcheck import check_of, passed
