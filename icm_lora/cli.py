@@ -73,6 +73,7 @@ def train_loras(
     unseen: UnseenOption = "",
     multitask_steps: Annotated[int | None, typer.Option(help="Steps of the multi-task LoRA (default 4x steps)")] = None,
     oracles: Annotated[bool, typer.Option(help="Also train LoRAs for unseen tasks (report only)")] = True,
+    seen: Annotated[bool, typer.Option(help="Train the seen tasks' LoRAs (--no-seen: only the oracles)")] = True,
     shard: Annotated[str, typer.Option(help="I/N: every N-th task from the I-th, for parallel runs")] = "",
     progress: ProgressOption = True,
 ) -> None:
@@ -83,7 +84,7 @@ def train_loras(
     try:
         pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction, "synthetic:32")
         base = load_base_model(pipeline_run.settings.base_model)
-        step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard))
+        step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard), seen)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"LoRA collection ready in {run}")

@@ -285,6 +285,13 @@ def paired_bootstrap(
     }
 
 
+def _seen_collection_bytes(inputs: ReportInputs) -> int:
+    """Bytes of the training tasks' LoRAs: the collection the generator replaces (oracles of unseen tasks are not)."""
+    seen = {t.name for t in inputs.seen}
+    per_task = inputs.collection.checkpoints[0].numel() * 4 if inputs.collection.tasks else 0
+    return per_task * sum(name in seen for name in inputs.collection.tasks)
+
+
 def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 4) if values else None
 
@@ -318,7 +325,7 @@ def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, An
             else None
         ),
         "generator_bytes": checkpoint.nbytes(),
-        "collection_bytes": inputs.collection.nbytes(),
+        "collection_bytes": _seen_collection_bytes(inputs),
         "objective": checkpoint.info.get("objective", "reconstruction"),
         "self_check_failed_unseen": sum(
             1 for r in rows if r["split"] == "unseen" and (r.get("self_check") or {}).get("passed") is False

@@ -161,17 +161,19 @@ def step_train_loras(
     progress: bool = True,
     oracles: bool = True,
     shard: tuple[int, int] = (0, 1),
+    seen_tasks: bool = True,
 ) -> None:
     """``oracles``: also train LoRAs for the unseen tasks (the report's upper bound there; the generator never
-    sees them). Skipping them saves a quarter of the collection time on the real model."""
+    sees them). Skipping them saves a quarter of the collection time on the real model. ``seen_tasks=False``: only
+    the oracles (for a generator trained end to end, which needs no collection), and no multi-task LoRA."""
     seen, unseen = run.tasks()
     collect_loras(
         base,
-        seen + (unseen if oracles else []),
+        (seen if seen_tasks else []) + (unseen if oracles else []),
         run.folder,
         run.settings.lora,
         run.settings.lora_training,
-        multitask_steps,
+        multitask_steps if seen_tasks else 0,
         progress,
         multitask_tasks=[t.name for t in seen],
         shard=shard[0],
