@@ -28,7 +28,7 @@ from generator.lora_model import LoraModel
 from generator.selfcheck import LoraModelScorer, self_check
 from generator.task_encoder import TaskEncoder
 from generator.tasks import Task, TaskSpec
-from generator.training.evaluate import VARIANTS, markdown_table, write_report
+from generator.training.evaluate import VARIANTS, examples_sensitivity, markdown_table, write_report
 from generator.training.pipeline import Run, step_evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,6 +94,14 @@ def latency(run: Run, tasks: list[Task], repeats: int) -> dict[str, Any]:
             "p95_ms": round(percentile(checks, 0.95), 2),
         },
     }
+
+
+def sensitivity(run: Run, tasks: list[Task], of: list[Task]) -> list[dict[str, Any]]:
+    """``examples_sensitivity`` of the held-out tasks that share a description, with their scores against base."""
+    base = load_base_model(run.settings.base_model)
+    encoder = TaskEncoder.for_model(base.model, base.tokenizer, run.settings.encoder)
+    generator = AdapterGenerator.from_folder(run.generator_dir, encoder)
+    return examples_sensitivity(generator, tasks, of)
 
 
 def check_targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -163,6 +171,27 @@ def targets_markdown(checks: dict[str, dict[str, Any]], timing: dict[str, Any]) 
     return "\n".join(lines) + "\n"
 
 
+def sensitivity_markdown(report: dict[str, Any]) -> str:
+    rows = {r["task"]: r["scores"] for r in report["tasks"]}
+    lines = [
+        "",
+        "Examples sensitivity (held-out tasks that share their description with another task):",
+        "",
+        "| task | counterpart | cos(ΔW, counterpart's) | cos(ΔW, description only) | base | generated | checked |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for item in report.get("examples_sensitivity", []):
+        scores = rows.get(item["task"], {})
+        cells = " | ".join(
+            f"{scores[v]:.3f}" if v in scores else "–" for v in ("base", "generated", "generated_checked")
+        )
+        lines.append(
+            f"| {item['task']} | {item['counterpart']} | {item['cosine_to_counterpart']:.3f} | "
+            f"{item['cosine_to_description_only']:.3f} | {cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/smollm2-bigbench"))
@@ -193,12 +222,15 @@ def main() -> None:
     seen, unseen = run.tasks()
     timed = (seen if "seen" in splits else []) + (unseen if "unseen" in splits else [])
     report["latency"] = latency(run, timed, args.latency_repeats)
+    report["examples_sensitivity"] = sensitivity(run, seen + unseen, unseen)
     report["targets"] = check_targets(report)
     report["run"] = {"folder": str(args.run), "suite": run.suite, "settings": run.settings.to_dict()}
     report["machine"] = {"platform": platform.platform(), "cpus": torch.get_num_threads()}
     report["evaluate_seconds"] = round(time.perf_counter() - started, 1)
     write_report(report, args.out, plot=True)
-    table = markdown_table(report) + targets_markdown(report["targets"], report["latency"])
+    table = (
+        markdown_table(report) + targets_markdown(report["targets"], report["latency"]) + sensitivity_markdown(report)
+    )
     (args.out / "quality.md").write_text(table, encoding="utf-8")
     print(table)
     print(f"written to {args.out}/quality.json, quality.md, quality.png")

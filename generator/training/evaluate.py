@@ -285,6 +285,58 @@ def paired_bootstrap(
     }
 
 
+def delta_weights(generator: AdapterGenerator, vector: torch.Tensor) -> torch.Tensor:
+    """The weight change B·A of every LoRA'd module (times the LoRA scaling), flattened and concatenated."""
+    tensors = generator.checkpoint.layout.unflatten(vector)
+    scaling = generator.checkpoint.layout.settings.scaling
+    parts = []
+    for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
+        parts.append((tensors[key.replace("lora_A", "lora_B")] @ tensors[key]).reshape(-1) * scaling)
+    return torch.cat(parts)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), 4)
+
+
+def counterpart(task: Task, others: Sequence[Task]) -> Task | None:
+    """The task that shares ``task``'s description but behaves differently: its ``_ambig``/``_disambig`` twin where
+    there is one, else the first other task with the same description."""
+    same = [t for t in others if t.name != task.name and t.description == task.description and t.description]
+    swap = {"_disambig": "_ambig", "_ambig": "_disambig"}
+    for old, new in swap.items():
+        if task.name.endswith(old):
+            twin = task.name[: -len(old)] + new
+            return next((t for t in same if t.name == twin), same[0] if same else None)
+    return same[0] if same else None
+
+
+def examples_sensitivity(
+    generator: AdapterGenerator, tasks: Sequence[Task], of: Sequence[Task]
+) -> list[dict[str, Any]]:
+    """For each task of ``of`` that shares its description with another task of ``tasks``: the cosine between the
+    weight changes of the two tasks' generated adapters (low = the examples steer the adapter apart), and between the
+    task's full adapter and its description-only adapter (the examples' own effect)."""
+    out = []
+    for task in of:
+        other = counterpart(task, tasks)
+        if other is None:
+            continue
+        vector = generator.encoder.encode(task.spec(SPEC_EXAMPLES))
+        mine = delta_weights(generator, generator.decode_vector(vector))
+        theirs = delta_weights(generator, generator.decode_vector(generator.encoder.encode(other.spec(SPEC_EXAMPLES))))
+        described = delta_weights(generator, generator.decode_vector(TaskVector(vector.description, None)))
+        out.append(
+            {
+                "task": task.name,
+                "counterpart": other.name,
+                "cosine_to_counterpart": _cosine(mine, theirs),
+                "cosine_to_description_only": _cosine(mine, described),
+            }
+        )
+    return out
+
+
 def _seen_collection_bytes(inputs: ReportInputs) -> int:
     """Bytes of the training tasks' LoRAs: the collection the generator replaces (oracles of unseen tasks are not)."""
     seen = {t.name for t in inputs.seen}
