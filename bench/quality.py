@@ -11,6 +11,7 @@ miss), and writes ``bench/results/quality.json``, ``quality.md`` and ``quality.p
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -200,6 +201,10 @@ def main() -> None:
     parser.add_argument("--latency-repeats", type=int, default=5, help="rounds over the tasks for the latency")
     parser.add_argument("--shard", default="", help="I/N: only score every N-th task from the I-th, then stop")
     parser.add_argument("--splits", default="seen,unseen", help="which tasks to score: seen, unseen or both")
+    parser.add_argument("--tasks", default="", help="comma-separated task names: only these")
+    parser.add_argument(
+        "--only-scored", action="store_true", help="assemble the report from the tasks already in RUN/report/rows"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     shard = (0, 1)
@@ -212,8 +217,19 @@ def main() -> None:
     base = load_base_model(run.settings.base_model)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    names: set[str] | None = {n.strip() for n in args.tasks.split(",") if n.strip()} or None
+    if args.only_scored:
+        scored = {json.loads(p.read_text())["task"] for p in (run.report_dir / "rows").glob("*.json")}
+        names = scored if names is None else names & scored
     report = step_evaluate(
-        run, base, progress=not args.no_progress, plot=False, variants=variants, shard=shard, splits=splits
+        run,
+        base,
+        progress=not args.no_progress,
+        plot=False,
+        variants=variants,
+        shard=shard,
+        splits=splits,
+        names=names,
     )
     if shard[1] > 1:
         print(f"shard {args.shard} scored; run without --shard to assemble the report")
@@ -221,8 +237,9 @@ def main() -> None:
     del base
     seen, unseen = run.tasks()
     timed = (seen if "seen" in splits else []) + (unseen if "unseen" in splits else [])
+    timed = [t for t in timed if names is None or t.name in names]
     report["latency"] = latency(run, timed, args.latency_repeats)
-    report["examples_sensitivity"] = sensitivity(run, seen + unseen, unseen)
+    report["examples_sensitivity"] = sensitivity(run, seen + unseen, [t for t in unseen if t in timed])
     report["targets"] = check_targets(report)
     report["run"] = {"folder": str(args.run), "suite": run.suite, "settings": run.settings.to_dict()}
     report["machine"] = {"platform": platform.platform(), "cpus": torch.get_num_threads()}

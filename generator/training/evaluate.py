@@ -123,6 +123,7 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
             "kind": "multiple_choice" if task.is_multiple_choice else "generative",
             "family_seen": task.family in seen_families,
             "test_examples": len(task.test),
+            "variants": sorted(inputs.variants),
             "scores": {k: round(sum(v) / max(1, len(v)), 4) for k, v in correct.items()},
             "correct": correct,
             **extra,
@@ -143,8 +144,14 @@ def _cached_row(inputs: ReportInputs, task: Task) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     row: dict[str, Any] = read_json(path)
-    same_generator = row.get("generator_id") == inputs.generator.generator_id
-    return row if same_generator and set(row.get("scores", {})) <= set(inputs.variants) else None
+    if row.get("generator_id") != inputs.generator.generator_id:
+        return None
+    asked = set(row.get("variants", row.get("scores", {})))  # the variants the row was scored for
+    wanted = set(inputs.variants)
+    if wanted <= asked or asked <= wanted:  # the same or a larger variant set, or a part of the report's
+        keep = {name: {k: v for k, v in row.get(name, {}).items() if k in wanted} for name in ("scores", "correct")}
+        return {**row, **keep}
+    return None
 
 
 def _score_variants(

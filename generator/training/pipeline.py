@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,13 +215,17 @@ def step_evaluate(
     variants: Sequence[str] = VARIANTS,
     shard: tuple[int, int] = (0, 1),
     splits: Sequence[str] = ("seen", "unseen"),
+    names: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Score the report's variants on the tasks of ``splits`` (resumable: finished tasks are kept in report/rows/).
 
     With ``shard`` = (i, n), n > 1: score only every n-th task from the i-th and write no report (several processes
-    fill report/rows/ in parallel; a last run without a shard assembles the report from them)."""
+    fill report/rows/ in parallel; a last run without a shard assembles the report from them). ``names``: only these
+    tasks."""
     seen, unseen = run.tasks()
     chosen = [t for t in seen if "seen" in splits] + [t for t in unseen if "unseen" in splits]
+    if names is not None:
+        chosen = [t for t in chosen if t.name in names]
     trained = trained_names(run.folder, seen + unseen)  # none for a generator trained end to end from scratch
     layout = LoraLayout.from_model(base.model, run.settings.lora)
     collection = load_collection(run.folder, trained, dim=layout.dim)
