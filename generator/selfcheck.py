@@ -2,7 +2,8 @@
 
 Both models score the expected output of each example given its prompt (``format_prompt``), as the mean
 log-likelihood per answer token (the end-of-sequence token is left out, so an adapter is not credited for knowing
-where to stop). Examples the task vector did not read are used when there are at least ``MIN_HELD_OUT`` of them
+where to stop); for multiple-choice examples that likelihood is normalised over the example's choices, so that
+learning the answer format alone does not pass. Examples the task vector did not read are used when there are at least ``MIN_HELD_OUT`` of them
 (``held_out: true``); otherwise all examples are scored in-sample and the result says so. The check is a guard, not a
 benchmark: its job is to catch an adapter that makes the task's answers less likely than no adapter does.
 """
@@ -83,14 +84,41 @@ def self_check(
     max_length: int = 96,
     margin: float = DEFAULT_MARGIN,
 ) -> SelfCheck | None:
-    """None when the spec has no examples (a description-only task cannot be checked)."""
+    """None when the spec has no examples (a description-only task cannot be checked).
+
+    Where every checked example lists its choices, the expected output's log-likelihood is normalised over the
+    choices (``log p(output) - logsumexp_c log p(c)``, each the mean per answer token, as multiple-choice scoring
+    ranks them): otherwise an adapter that merely learnt the answer format ("true"/"false" after "Output:") would
+    pass while picking the wrong choice more often than the base model."""
     if not spec.examples:
         return None
     examples, held_out = check_examples(spec, read)
-    pairs = encode_answers(tokenizer, examples, max_length)
-    base = float(scorer(pairs, None).mean())
-    tuned = float(scorer(pairs, adapter).mean())
-    return SelfCheck(base=base, adapter=tuned, examples=len(pairs), held_out=held_out, margin=margin)
+    if all(e.choices for e in examples):
+        choices = [c for e in examples for c in (e.choices or ())]
+        prompts = [e for e in examples for _ in (e.choices or ())]
+        pairs = [
+            encode_pair(tokenizer, format_prompt(e.input), format_target(c), max_length)
+            for e, c in zip(prompts, choices, strict=True)
+        ]
+        base = _choice_loglik(examples, scorer(pairs, None))
+        tuned = _choice_loglik(examples, scorer(pairs, adapter))
+    else:
+        pairs = encode_answers(tokenizer, examples, max_length)
+        base = float(scorer(pairs, None).mean())
+        tuned = float(scorer(pairs, adapter).mean())
+    return SelfCheck(base=base, adapter=tuned, examples=len(examples), held_out=held_out, margin=margin)
+
+
+def _choice_loglik(examples: Sequence[Example], scores: torch.Tensor) -> float:
+    """Mean over examples of the expected output's score normalised over the example's choices."""
+    total, offset = 0.0, 0
+    for example in examples:
+        assert example.choices is not None
+        n = len(example.choices)
+        row = scores[offset : offset + n]
+        total += float(row[example.choices.index(example.output)] - torch.logsumexp(row, dim=0))
+        offset += n
+    return total / len(examples)
 
 
 class LoraModelScorer:

@@ -17,7 +17,7 @@ from generator.functional_lora import FunctionalLora, answer_loss
 from generator.lora_layout import NormStats
 from generator.lora_model import LoraModel
 from generator.refine import RefinePlan, refine, refined_adapter_id
-from generator.selfcheck import LoraModelScorer, check_examples, encode_answers
+from generator.selfcheck import LoraModelScorer, check_examples, encode_answers, self_check
 from generator.tasks import Example, TaskSpec, format_prompt, format_target, synthetic_task
 from generator.training.evaluate import paired_bootstrap
 from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
@@ -174,3 +174,27 @@ def test_paired_bootstrap_interval() -> None:
     same = paired_bootstrap([{"correct": {"a": [1.0, 0.0] * 10, "b": [1.0, 0.0] * 10}}], "a", "b")
     assert same is not None and same["low"] == same["high"] == 0.0
     assert paired_bootstrap(rows, "a", "c") is None
+
+
+def test_self_check_normalises_over_choices_so_format_alone_does_not_pass() -> None:
+    """A scorer double: the "adapter" makes every choice far likelier (the format) but prefers the wrong one."""
+    examples = tuple(Example(f"q{i}", "yes", ("yes", "no")) for i in range(4))
+    spec = TaskSpec("d", examples)
+
+    def scorer(pairs: object, adapter: object) -> torch.Tensor:
+        n = len(pairs)  # type: ignore[arg-type]
+        if adapter is None:  # base: unlikely answers, but the right one a little likelier
+            return torch.tensor([-5.0, -6.0] * (n // 2))
+        return torch.tensor([-2.0, -0.5] * (n // 2))  # adapter: likelier answers, the wrong one first
+
+    tokenizer = load_base_model("tiny").tokenizer
+    adapter = GeneratedAdapter({}, LoraSettings(), "tiny:0", "x")
+    check = self_check(spec, adapter, scorer, tokenizer, read=8)
+    assert check is not None and not check.passed and check.examples == 4
+    free = TaskSpec("d", tuple(Example(e.input, e.output) for e in examples))  # no choices: plain log-likelihood
+
+    def plain(pairs: object, adapter: object) -> torch.Tensor:
+        return torch.full((len(pairs),), -5.0 if adapter is None else -1.0)  # type: ignore[arg-type]
+
+    check = self_check(free, adapter, plain, tokenizer, read=8)
+    assert check is not None and check.passed and check.delta == 4.0
