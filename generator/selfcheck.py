@@ -3,9 +3,10 @@
 Both models score the expected output of each example given its prompt (``format_prompt``), as the mean
 log-likelihood per answer token (the end-of-sequence token is left out, so an adapter is not credited for knowing
 where to stop); for multiple-choice examples that likelihood is normalised over the example's choices, so that
-learning the answer format alone does not pass. Examples the task vector did not read are used when there are at least ``MIN_HELD_OUT`` of them
-(``held_out: true``); otherwise all examples are scored in-sample and the result says so. The check is a guard, not a
-benchmark: its job is to catch an adapter that makes the task's answers less likely than no adapter does.
+learning the answer format alone does not pass. Examples the task vector did not read are used when there are at
+least ``MIN_HELD_OUT`` of them (``held_out: true``); otherwise all examples are scored in-sample and the result says
+so. The check is a guard, not a benchmark: its job is to catch an adapter that makes the task's answers less likely
+than no adapter does.
 """
 
 from __future__ import annotations
