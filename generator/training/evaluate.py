@@ -220,7 +220,8 @@ def _wrong_task(peers: Sequence[Task], task: Task) -> Task | None:
     others = [t for t in peers if t.name != task.name]
     if not others:
         return None
-    position = [t.name for t in peers].index(task.name) if task in peers else 0
+    names = [t.name for t in peers]
+    position = names.index(task.name) if task.name in names else 0
     ordered = others[position % len(others) :] + others[: position % len(others)]
     return next((t for t in ordered if t.family != task.family), ordered[0])
 

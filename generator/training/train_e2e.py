@@ -9,6 +9,7 @@ answers (followed by the end-of-sequence token). Gradients reach the CVAE only.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -64,7 +65,7 @@ def train_end_to_end(
         optimizer,
         lambda step: (
             min(1.0, (step + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / settings.e2e_steps * torch.pi)).item()))
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.e2e_steps)))
         ),
     )
     frozen = [p.requires_grad for p in base.model.parameters()]
