@@ -20,10 +20,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 TMPDIR="$work" "$python" -m pip download --no-clean --no-deps --no-build-isolation --no-binary :all: \
   "bigbench==1.0.0" -d "$work/sdist" >"$work/pip.log" 2>&1 || true
-src=$(find "$work" -maxdepth 3 -type d -path '*/bigbench/benchmark_tasks' | head -n 1)
+src=$(find "$work" -maxdepth 6 -type d -path '*/bigbench/benchmark_tasks' | head -n 1)
 if [ -z "$src" ] && [ -s "$work/sdist/bigbench-1.0.0.tar.gz" ]; then  # older pips keep the tarball instead
   tar -xzf "$work/sdist/bigbench-1.0.0.tar.gz" -C "$work" --wildcards '*/benchmark_tasks/*/task.json'
-  src=$(find "$work" -maxdepth 3 -type d -path '*/bigbench/benchmark_tasks' | head -n 1)
+  src=$(find "$work" -maxdepth 6 -type d -path '*/bigbench/benchmark_tasks' | head -n 1)
 fi
 if [ -z "$src" ]; then
   tail -n 20 "$work/pip.log" >&2; echo "could not fetch bigbench==1.0.0" >&2; exit 1
