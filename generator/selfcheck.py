@@ -7,6 +7,10 @@ learning the answer format alone does not pass. Examples the task vector did not
 least ``MIN_HELD_OUT`` of them (``held_out: true``); otherwise all examples are scored in-sample and the result says
 so. The check is a guard, not a benchmark: its job is to catch an adapter that makes the task's answers less likely
 than no adapter does.
+
+Each example is one ``AnswerGroup`` (its prompt and its choices, or its expected output), packed into one row so the
+prompt is read once for all its choices, and a scorer may score the base model and the adapter in the same forward
+pass (the engine does: its rows carry their own adapter slots).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from generator.adapter import GeneratedAdapter
-from generator.batching import EncodedPair, answer_logprobs, encode_pair, pad_pairs
+from generator.batching import AnswerGroup, encode_group, pack_groups, packed_answer_logprobs
 from generator.lora_model import LoraModel
 from generator.tasks import Example, TaskSpec, format_prompt, format_target
 
@@ -31,8 +35,9 @@ SelfCheckPolicy = Literal["fallback", "refine", "keep"]
 refine the adapter on the examples (``refine``; the base model is served until the refined adapter passes), or serve
 it anyway with a warning (``keep``)."""
 
-AnswerScorer = Callable[[Sequence[EncodedPair], GeneratedAdapter | None], torch.Tensor]
-"""(pairs, adapter or None for the base model) -> [len(pairs)] mean log-probability per answer token."""
+AnswerScorer = Callable[[Sequence[AnswerGroup], Sequence[GeneratedAdapter | None]], torch.Tensor]
+"""(groups, adapters with None for the base model) -> [len(adapters), answers] mean log-probability per answer token,
+answers numbered across the groups in order (fp32, CPU)."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,19 @@ def check_examples(spec: TaskSpec, read: int) -> tuple[tuple[Example, ...], bool
     return spec.examples, False
 
 
-def encode_answers(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
-) -> list[EncodedPair]:
-    return [encode_pair(tokenizer, format_prompt(e.input), format_target(e.output), max_length) for e in examples]
+def encode_groups(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int, choices: bool
+) -> list[AnswerGroup]:
+    """One group per example: its choices when ``choices``, else its expected output."""
+    return [
+        encode_group(
+            tokenizer,
+            format_prompt(e.input),
+            [format_target(c) for c in (e.choices or ())] if choices else [format_target(e.output)],
+            max_length,
+        )
+        for e in examples
+    ]
 
 
 def self_check(
@@ -94,19 +108,12 @@ def self_check(
     if not spec.examples:
         return None
     examples, held_out = check_examples(spec, read)
-    if all(e.choices for e in examples):
-        choices = [c for e in examples for c in (e.choices or ())]
-        prompts = [e for e in examples for _ in (e.choices or ())]
-        pairs = [
-            encode_pair(tokenizer, format_prompt(e.input), format_target(c), max_length)
-            for e, c in zip(prompts, choices, strict=True)
-        ]
-        base = _choice_loglik(examples, scorer(pairs, None))
-        tuned = _choice_loglik(examples, scorer(pairs, adapter))
+    choices = all(e.choices for e in examples)
+    scores = scorer(encode_groups(tokenizer, examples, max_length, choices), [None, adapter])
+    if choices:
+        base, tuned = _choice_loglik(examples, scores[0]), _choice_loglik(examples, scores[1])
     else:
-        pairs = encode_answers(tokenizer, examples, max_length)
-        base = float(scorer(pairs, None).mean())
-        tuned = float(scorer(pairs, adapter).mean())
+        base, tuned = float(scores[0].mean()), float(scores[1].mean())
     return SelfCheck(base=base, adapter=tuned, examples=len(examples), held_out=held_out, margin=margin)
 
 
@@ -123,27 +130,29 @@ def _choice_loglik(examples: Sequence[Example], scores: torch.Tensor) -> float:
 
 
 class LoraModelScorer:
-    """An ``AnswerScorer`` over a ``LoraModel`` (offline pipeline, CLI, tests)."""
+    """An ``AnswerScorer`` over a ``LoraModel`` (offline pipeline, CLI, tests): one pass per adapter."""
 
-    def __init__(self, lora: LoraModel, pad_id: int, batch_size: int = 16) -> None:
+    def __init__(self, lora: LoraModel, pad_id: int, batch_size: int = 8) -> None:
         self.lora = lora
         self.pad_id = pad_id
         self.batch_size = batch_size
 
     @torch.inference_mode()
-    def __call__(self, pairs: Sequence[EncodedPair], adapter: GeneratedAdapter | None) -> torch.Tensor:
-        if adapter is None:
-            with self.lora.base_only() as model:
-                return self._score(model, pairs)
-        self.lora.load_tensors(adapter.tensors)
-        return self._score(self.lora.model, pairs)
+    def __call__(self, groups: Sequence[AnswerGroup], adapters: Sequence[GeneratedAdapter | None]) -> torch.Tensor:
+        rows = []
+        for adapter in adapters:
+            if adapter is None:
+                with self.lora.base_only() as model:
+                    rows.append(self._score(model, groups))
+            else:
+                self.lora.load_tensors(adapter.tensors)
+                rows.append(self._score(self.lora.model, groups))
+        return torch.stack(rows)
 
-    def _score(self, model: torch.nn.Module, pairs: Sequence[EncodedPair]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(pairs), self.batch_size):
-            batch = pad_pairs(pairs[start : start + self.batch_size], self.pad_id)
-            device = next(model.parameters()).device
-            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-            total, count = answer_logprobs(logits, batch.labels.to(device))
-            out.append((total / count.clamp_min(1)).cpu())
-        return torch.cat(out)
+    def _score(self, model: torch.nn.Module, groups: Sequence[AnswerGroup]) -> torch.Tensor:
+        return torch.cat(
+            [
+                packed_answer_logprobs(model, pack_groups(groups[start : start + self.batch_size], self.pad_id)).cpu()
+                for start in range(0, len(groups), self.batch_size)
+            ]
+        )

@@ -64,8 +64,7 @@ def train_end_to_end(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: (
-            min(1.0, (step + 1) / warmup)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.e2e_steps)))
+            min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / settings.e2e_steps)))
         ),
     )
     frozen = [p.requires_grad for p in base.model.parameters()]

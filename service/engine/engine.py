@@ -26,7 +26,7 @@ import torch
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
-from generator.batching import EncodedPair
+from generator.batching import AnswerGroup
 from service.engine.config import EngineConfig
 from service.engine.errors import AdapterError, RequestError
 from service.engine.hidden import EngineHiddenStateReader
@@ -35,7 +35,7 @@ from service.engine.observer import EngineObserver, EngineStats
 from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Job, Scheduler
-from service.engine.scoring import score_pairs
+from service.engine.scoring import score_groups
 from service.engine.text import TextStream
 
 Prompt = str | Sequence[int]
@@ -214,20 +214,23 @@ class Engine:
         )
 
     def answer_logprobs(
-        self, pairs: Sequence[EncodedPair], adapter: GeneratedAdapter | PreparedAdapter | None, batch_size: int = 16
+        self,
+        groups: Sequence[AnswerGroup],
+        adapters: Sequence[GeneratedAdapter | PreparedAdapter | None],
+        batch_size: int = 8,
     ) -> torch.Tensor:
-        """[len(pairs)] mean log-probability per answer token of right-padded (prompt, answer) pairs, with every row
-        on ``adapter``'s slot (loaded when not resident) or on none: the self-check's ``AnswerScorer``, computed by the
+        """[len(adapters), answers] mean log-probability per answer token of each group's answers, for each adapter
+        (None: the base model), all in the same forward passes: the self-check's ``AnswerScorer``, computed by the
         resident model on the engine thread. Blocks the calling thread; never call it from the engine thread."""
         if self._scheduler.on_engine_thread:
             raise RuntimeError("answer_logprobs() cannot be used from the engine thread")
-        prepared = None if adapter is None else self.prepare_adapter(adapter)
-        return score_pairs(
+        prepared = [None if a is None else self.prepare_adapter(a) for a in adapters]
+        return score_groups(
             self._scheduler.call,
             self.model,
             self.bank,
             self._scheduler.load_now,
-            pairs,
+            groups,
             prepared,
             self.pad_id,
             batch_size,

@@ -1,4 +1,5 @@
-"""Engine.answer_logprobs: the self-check's scorer on the resident model equals the offline one (plain peft)."""
+"""Engine.answer_logprobs: the self-check's scorer on the resident model (base and adapter rows in one pass) equals
+the offline one (plain peft, one pass per adapter)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,24 @@ import torch
 from generator.base_model import load_base_model
 from generator.config import LoraSettings
 from generator.lora_model import LoraModel
-from generator.selfcheck import LoraModelScorer, encode_answers
+from generator.selfcheck import LoraModelScorer, encode_groups
 from generator.tasks import Example
 from service.engine import Engine
 from tests.engine.conftest import MakeAdapter
 
 EXAMPLES = [
-    Example("red green blue", "blue green red"),
-    Example("one two", "two one"),
-    Example("a much longer input with many more words in it than the others", "it"),
-    Example("x", "y z w"),
+    Example("red green blue", "blue green red", ("blue green red", "red", "green blue")),
+    Example("one two", "two one", ("one", "two one")),
+    Example("a much longer input with many more words in it than the others", "it", ("it", "them", "words")),
+    Example("x", "y z w", ("y z w", "x")),
 ]
 
 
 def test_engine_scores_equal_lora_model_scorer(make_engine: Callable[..., Engine], adapter: MakeAdapter) -> None:
     engine = make_engine(num_slots=2)
     tokenizer = load_base_model("tiny").tokenizer
-    pairs = encode_answers(tokenizer, EXAMPLES, max_length=48)
+    groups = encode_groups(tokenizer, EXAMPLES, max_length=48, choices=True)
+    answers = sum(len(g.answers) for g in groups)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     small = LoraSettings(rank=2, alpha=4.0)
     references = {
@@ -33,12 +35,15 @@ def test_engine_scores_equal_lora_model_scorer(make_engine: Callable[..., Engine
         for settings in (LoraSettings(), small)
     }
     first, second, third = adapter(1), adapter(2), adapter(3, small)
-    for candidate in (None, first, second, third, first, None):  # swaps, evictions (2 slots), base in between
-        got = engine.answer_logprobs(pairs, candidate, batch_size=3)
-        want = references[candidate.lora if candidate else small](pairs, candidate)
-        assert got.shape == (len(EXAMPLES),)
-        assert torch.allclose(got, want, atol=1e-4), (candidate and candidate.adapter_id, got, want)
-    assert not torch.allclose(engine.answer_logprobs(pairs, first), engine.answer_logprobs(pairs, None), atol=1e-3)
+    for candidate in (first, second, third, first):  # swaps and evictions (2 slots), each beside the base model
+        got = engine.answer_logprobs(groups, [None, candidate], batch_size=3)
+        want = references[candidate.lora](groups, [None, candidate])
+        assert got.shape == (2, answers)
+        assert torch.allclose(got, want, atol=1e-4), (candidate.adapter_id, got, want)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
+    both = engine.answer_logprobs(groups, [first, second])  # two adapters in one pass, on two slots
+    assert torch.allclose(both[0], references[first.lora](groups, [first])[0], atol=1e-4)
+    assert torch.allclose(both[1], references[second.lora](groups, [second])[0], atol=1e-4)
 
 
 def test_scoring_between_generations_leaves_them_unchanged(
@@ -46,12 +51,12 @@ def test_scoring_between_generations_leaves_them_unchanged(
 ) -> None:
     engine = make_engine(num_slots=2)
     tokenizer = load_base_model("tiny").tokenizer
-    pairs = encode_answers(tokenizer, EXAMPLES[:2], max_length=32)
+    groups = encode_groups(tokenizer, EXAMPLES[:2], max_length=32, choices=False)
     a = adapter(5)
     before = engine.generate(prompt_ids[0], a, max_tokens=6, temperature=0).token_ids
     handle = engine.submit(prompt_ids[1], a, max_tokens=12, temperature=0)
-    scored = engine.answer_logprobs(pairs, adapter(6))  # runs between decode steps of the request above
-    assert scored.shape == (2,) and bool(torch.isfinite(scored).all())
+    scored = engine.answer_logprobs(groups, [None, adapter(6)])  # runs between decode steps of the request above
+    assert scored.shape == (2, 2) and bool(torch.isfinite(scored).all())
     alone = engine.generate(prompt_ids[1], a, max_tokens=12, temperature=0).token_ids
     assert handle.result().token_ids == alone
     assert engine.generate(prompt_ids[0], a, max_tokens=6, temperature=0).token_ids == before

@@ -4,6 +4,7 @@ self-check, per-example scoring and paired bootstrap intervals."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,21 @@ import torch
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel, load_base_model
-from generator.batching import encode_pair, pad_pairs
+from generator.batching import (
+    AnswerGroup,
+    answer_logprobs,
+    encode_group,
+    encode_pair,
+    pack_groups,
+    packed_answer_logprobs,
+    pad_pairs,
+)
 from generator.config import ConfigError, CVAETrainingSettings, LoraSettings, LoraTrainingSettings
 from generator.functional_lora import FunctionalLora, answer_loss
 from generator.lora_layout import NormStats
 from generator.lora_model import LoraModel
 from generator.refine import RefinePlan, refine, refined_adapter_id
-from generator.selfcheck import LoraModelScorer, check_examples, encode_answers, self_check
+from generator.selfcheck import LoraModelScorer, check_examples, encode_groups, self_check
 from generator.tasks import Example, TaskSpec, format_prompt, format_target, synthetic_task
 from generator.training.evaluate import paired_bootstrap
 from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
@@ -132,10 +141,9 @@ def test_refinement_is_deterministic_and_fits_the_examples(tiny_base: BaseModel)
     again = refine(lora, tiny_base.tokenizer, spec, settings, start)
     assert torch.equal(first, again)
     scorer = LoraModelScorer(lora, tiny_base.tokenizer.pad_token_id)
-    pairs = encode_answers(tiny_base.tokenizer, spec.examples, 32)
+    groups = encode_groups(tiny_base.tokenizer, spec.examples, 32, choices=False)
     adapter = GeneratedAdapter(lora.layout.unflatten(first), lora.settings, "tiny:0", "refined")
-    tuned = float(scorer(pairs, adapter).mean())
-    base = float(scorer(pairs, None).mean())
+    base, tuned = scorer(groups, [None, adapter]).mean(dim=1).tolist()
     assert tuned > base
     assert refined_adapter_id("a" * 32, settings) != refined_adapter_id("b" * 32, settings)
     assert refined_adapter_id("a" * 32, settings) != refined_adapter_id("a" * 32, RefinePlan(steps=8))
@@ -181,11 +189,11 @@ def test_self_check_normalises_over_choices_so_format_alone_does_not_pass() -> N
     examples = tuple(Example(f"q{i}", "yes", ("yes", "no")) for i in range(4))
     spec = TaskSpec("d", examples)
 
-    def scorer(pairs: object, adapter: object) -> torch.Tensor:
-        n = len(pairs)  # type: ignore[arg-type]
-        if adapter is None:  # base: unlikely answers, but the right one a little likelier
-            return torch.tensor([-5.0, -6.0] * (n // 2))
-        return torch.tensor([-2.0, -0.5] * (n // 2))  # adapter: likelier answers, the wrong one first
+    def scorer(groups: Sequence[AnswerGroup], adapters: Sequence[object]) -> torch.Tensor:
+        assert [len(g.answers) for g in groups] == [2] * len(groups) and adapters[0] is None
+        base = [-5.0, -6.0] * len(groups)  # base: unlikely answers, but the right one a little likelier
+        tuned = [-2.0, -0.5] * len(groups)  # adapter: likelier answers, the wrong one first
+        return torch.tensor([base, tuned])
 
     tokenizer = load_base_model("tiny").tokenizer
     adapter = GeneratedAdapter({}, LoraSettings(), "tiny:0", "x")
@@ -193,8 +201,30 @@ def test_self_check_normalises_over_choices_so_format_alone_does_not_pass() -> N
     assert check is not None and not check.passed and check.examples == 4
     free = TaskSpec("d", tuple(Example(e.input, e.output) for e in examples))  # no choices: plain log-likelihood
 
-    def plain(pairs: object, adapter: object) -> torch.Tensor:
-        return torch.full((len(pairs),), -5.0 if adapter is None else -1.0)  # type: ignore[arg-type]
+    def plain(groups: Sequence[AnswerGroup], adapters: Sequence[object]) -> torch.Tensor:
+        assert [len(g.answers) for g in groups] == [1] * len(groups)
+        return torch.tensor([[-5.0 if a is None else -1.0] * len(groups) for a in adapters])
 
     check = self_check(free, adapter, plain, tokenizer, read=8)
     assert check is not None and check.passed and check.delta == 4.0
+
+
+def test_packed_groups_score_as_one_pair_per_row(tiny_base: BaseModel) -> None:
+    """A prompt read once for all its answers gives each answer the log-likelihood it gets alone after the prompt."""
+    tokenizer, model = tiny_base.tokenizer, tiny_base.model
+    cases = [
+        ("Is the sky blue?", [" yes", " no", " not on a cloudy day"]),
+        ("2 + 2 =", [" 4"]),
+        ("a fruit: apple, car or stone", [" apple", " car", " stone"]),
+    ]
+    groups = [encode_group(tokenizer, format_prompt(p), answers, 48) for p, answers in cases]
+    pairs = [encode_pair(tokenizer, format_prompt(p), a, 48) for p, answers in cases for a in answers]
+    assert [g.prompt + g.answers[0] for g in groups] == [pairs[0].ids, pairs[3].ids, pairs[4].ids]
+    with torch.inference_mode():
+        batch = pad_pairs(pairs, tokenizer.pad_token_id)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        total, count = answer_logprobs(logits, batch.labels)
+        packed = packed_answer_logprobs(model, pack_groups(groups, tokenizer.pad_token_id))
+    assert packed.shape == (7,)
+    assert torch.allclose(packed, total / count, atol=1e-5)
+    assert packed.unique().numel() == 7  # the answers do not see each other (otherwise equal scores are unlikely)
