@@ -99,6 +99,13 @@ class TaskEncoderSettings(_DictMixin):
 
     ``hidden_layer``: which hidden state of the base model is read for the in-context vector; negative counts from the
     end, ``None`` means the middle layer (where in-context task vectors are known to be most informative).
+
+    ``example_read``: ``"separate"`` reads each example alone (``Input: x Output: y``, last token) and averages;
+    ``"in_context"`` reads the task the way in-context learning does (Hendel et al., 2023, "In-context learning
+    creates task vectors"): the other examples as demonstrations followed by one example's input, at the position
+    where the model is about to answer, averaged over up to ``queries`` such contexts (the last examples as queries).
+    ``max_length`` bounds each text read (a context is cut from the left, so the query and the nearest
+    demonstrations stay).
     """
 
     max_examples: int = 8
@@ -106,9 +113,13 @@ class TaskEncoderSettings(_DictMixin):
     hidden_layer: int | None = None
     use_description: bool = True
     use_examples: bool = True
+    example_read: str = "separate"
+    queries: int = 3
 
     def __post_init__(self) -> None:
         _require(1 <= self.max_examples <= 256, "max_examples must be in [1, 256]")
+        _require(self.example_read in ("separate", "in_context"), "example_read must be separate or in_context")
+        _require(1 <= self.queries <= 256, "queries must be in [1, 256]")
         _require(self.max_length >= 8, "max_length must be >= 8")
         _require(self.use_description or self.use_examples, "the encoder needs the description or the examples")
 

@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from generator.config import TaskEncoderSettings
-from generator.tasks import Example, TaskSpec, format_prompt, format_target
+from generator.tasks import DEMO_SEPARATOR, Example, TaskSpec, format_prompt, format_target
 
 DESCRIPTION_DIM = 384
 
@@ -145,6 +145,17 @@ def example_text(example: Example) -> str:
     return format_prompt(example.input) + format_target(example.output)
 
 
+def reader_texts(examples: Sequence[Example], settings: TaskEncoderSettings) -> list[str]:
+    """The texts whose last-token hidden states are averaged into the in-context vector (``example_read``)."""
+    if settings.example_read == "separate":
+        return [example_text(e) for e in examples]
+    texts = []
+    for query in range(len(examples) - 1, max(-1, len(examples) - 1 - settings.queries), -1):
+        demos = [example_text(e) for i, e in enumerate(examples) if i != query]
+        texts.append("".join(d + DEMO_SEPARATOR for d in demos) + format_prompt(examples[query].input))
+    return texts
+
+
 @dataclass(frozen=True)
 class TaskVector:
     """The raw parts of a task vector; ``None`` where the spec had no description or no examples."""
@@ -193,7 +204,7 @@ class TaskEncoder:
         return self.embedder([text.strip()])[0]
 
     def in_context_vector(self, examples: Sequence[Example]) -> torch.Tensor:
-        return self.reader([example_text(e) for e in examples]).mean(dim=0)
+        return self.reader(reader_texts(examples, self.settings)).mean(dim=0)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 INPUT_PREFIX = "Input: "
 OUTPUT_PREFIX = "\nOutput:"
+DEMO_SEPARATOR = "\n\n"  # between demonstrations in an in-context prompt
 
 
 class TaskFormatError(ValueError):

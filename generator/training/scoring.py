@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from generator.batching import answer_logprobs, encode_pair, encode_prompt, pad_pairs
-from generator.tasks import Example, Task, format_prompt, format_target
+from generator.tasks import DEMO_SEPARATOR, Example, Task, format_prompt, format_target
 
 CausalLM = PreTrainedModel | PeftModel
 
@@ -110,7 +110,7 @@ def in_context_prefix(description: str, examples: Sequence[Example]) -> str:
     parts = [description.strip()] if description.strip() else []
     for example in examples:
         parts.append(format_prompt(example.input) + format_target(example.output))
-    return "\n\n".join(parts) + "\n\n" if parts else ""
+    return DEMO_SEPARATOR.join(parts) + DEMO_SEPARATOR if parts else ""
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -14,7 +14,7 @@ from generator.base_model import BaseModel, load_base_model
 from generator.checkpoint import CheckpointError, load_checkpoint
 from generator.config import TaskEncoderSettings
 from generator.generate import AdapterGenerator, GeneratorMismatchError
-from generator.task_encoder import ModelHiddenStateReader, TaskEncoder
+from generator.task_encoder import ModelHiddenStateReader, TaskEncoder, reader_texts
 from generator.tasks import Example, TaskSpec
 from generator.training.pipeline import Run, step_train_loras
 from generator.training.train_loras import load_collection
@@ -95,6 +95,32 @@ def test_task_encoder_parts(tiny_base: BaseModel) -> None:
     no_desc = TaskEncoder.for_model(tiny_base.model, tiny_base.tokenizer, TaskEncoderSettings(use_examples=False))
     with pytest.raises(ValueError, match="configured to use"):
         no_desc.encode(TaskSpec(examples=(Example("a", "b"),)))
+
+
+def test_in_context_read_puts_demonstrations_before_each_query(tiny_base: BaseModel) -> None:
+    examples = (Example("a", "b"), Example("c", "d"), Example("e", "f"))
+    settings = TaskEncoderSettings(max_examples=3, max_length=64, example_read="in_context", queries=2)
+    assert reader_texts(examples, settings) == [
+        "Input: a\nOutput: b\n\nInput: c\nOutput: d\n\nInput: e\nOutput:",
+        "Input: a\nOutput: b\n\nInput: e\nOutput: f\n\nInput: c\nOutput:",
+    ]
+    assert reader_texts(examples[:1], settings) == ["Input: a\nOutput:"]  # one example: its input alone
+    in_context = TaskEncoder.for_model(tiny_base.model, tiny_base.tokenizer, settings)
+    separate = TaskEncoder.for_model(
+        tiny_base.model, tiny_base.tokenizer, TaskEncoderSettings(max_examples=3, max_length=64)
+    )
+    spec = TaskSpec("Label words.", examples)
+    reordered = TaskSpec("Label words.", (examples[2], examples[0], examples[1]))
+    read, again = in_context.encode(spec).in_context, in_context.encode(reordered).in_context
+    assert read is not None and again is not None and read.shape == (64,)
+    assert not torch.allclose(read, again, atol=1e-4)  # other queries, other contexts
+    flat, flat_again = separate.encode(spec).in_context, separate.encode(reordered).in_context
+    assert flat is not None and flat_again is not None and torch.allclose(flat, flat_again, atol=1e-5)
+    assert not torch.allclose(read, flat, atol=1e-3)
+    with pytest.raises(ValueError, match="example_read"):
+        TaskEncoderSettings(example_read="pooled")
+    with pytest.raises(ValueError, match="queries"):
+        TaskEncoderSettings(queries=0)
 
 
 def test_hidden_state_reader_ignores_padding(tiny_base: BaseModel) -> None:
