@@ -19,9 +19,10 @@ from transformers import PreTrainedModel
 from generator.batching import EncodedPair, PaddedBatch, answer_logprobs, pad_pairs
 from service.engine.errors import NoFreeSlot
 from service.engine.lora_layers import LoraBank, PreparedAdapter
+from service.engine.sampling import TokenLogprob, logprobs_of
 
 LoadNow = Callable[[PreparedAdapter], int]
-Submit = Callable[[Callable[[], torch.Tensor]], Future[torch.Tensor]]
+Submit = Callable[[Callable[[], object]], Future[object]]
 
 
 def score_batch(
@@ -29,11 +30,7 @@ def score_batch(
 ) -> torch.Tensor:
     """On the engine thread: [N] mean log-probability per answer token, fp32 on the CPU."""
     device = bank.device
-    if adapter is None:
-        bank.activate(None)
-    else:
-        slot = load_now(adapter)  # resident and unpinned; nothing else runs on this thread until we return
-        bank.activate([slot] * batch.input_ids.shape[0])
+    _activate(bank, load_now, adapter, batch.input_ids.shape[0])
     with torch.inference_mode():
         logits = model(
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
@@ -53,20 +50,70 @@ def score_pairs(
     batch_size: int = 16,
     slot_wait_s: float = 30.0,
 ) -> torch.Tensor:
-    """Batches of ``batch_size`` pairs, each one call on the engine thread. When every slot is pinned by running
-    requests the call is retried until one frees up (``NoFreeSlot`` after ``slot_wait_s``)."""
+    """Batches of ``batch_size`` pairs, each one call on the engine thread (retried while every slot is pinned)."""
     if not pairs:
         raise ValueError("no pairs to score")
     out = []
     for start in range(0, len(pairs), batch_size):
         batch = pad_pairs(pairs[start : start + batch_size], pad_id)
-        deadline = time.monotonic() + slot_wait_s
-        while True:
-            try:
-                out.append(submit(functools.partial(score_batch, model, bank, load_now, batch, adapter)).result())
-                break
-            except NoFreeSlot:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        fn = functools.partial(score_batch, model, bank, load_now, batch, adapter)
+        scores = _call_with_slot(submit, fn, slot_wait_s)
+        assert isinstance(scores, torch.Tensor)
+        out.append(scores)
     return torch.cat(out)
+
+
+def _activate(bank: LoraBank, load_now: LoadNow, adapter: PreparedAdapter | None, rows: int) -> None:
+    if adapter is None:
+        bank.activate(None)
+    else:
+        slot = load_now(adapter)  # resident and unpinned; nothing else runs on this thread until we return
+        bank.activate([slot] * rows)
+
+
+def _call_with_slot(submit: Submit, fn: Callable[[], object], slot_wait_s: float) -> object:
+    """One call on the engine thread; while every slot is pinned by running requests it is retried until one frees
+    up (``NoFreeSlot`` after ``slot_wait_s``)."""
+    deadline = time.monotonic() + slot_wait_s
+    while True:
+        try:
+            return submit(fn).result()
+        except NoFreeSlot:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def prompt_logprobs_now(
+    model: PreTrainedModel,
+    bank: LoraBank,
+    load_now: LoadNow,
+    ids: Sequence[int],
+    adapter: PreparedAdapter | None,
+    top_k: int,
+) -> list[TokenLogprob]:
+    """On the engine thread: for each prompt token after the first, its log-probability given the tokens before it
+    (and the ``top_k`` most likely tokens at its position), with ``adapter`` or the base model."""
+    _activate(bank, load_now, adapter, 1)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([list(ids)], device=bank.device), use_cache=False).logits
+    return logprobs_of(logits[0, :-1], ids[1:], top_k)
+
+
+def prompt_logprobs(
+    submit: Submit,
+    model: PreTrainedModel,
+    bank: LoraBank,
+    load_now: LoadNow,
+    ids: Sequence[int],
+    adapter: PreparedAdapter | None,
+    top_k: int,
+    slot_wait_s: float = 30.0,
+) -> list[TokenLogprob]:
+    """``prompt_logprobs_now`` as one call on the engine thread (the scoring path of ``echo`` with logprobs)."""
+    if len(ids) < 2:
+        return []
+    fn = functools.partial(prompt_logprobs_now, model, bank, load_now, ids, adapter, top_k)
+    result = _call_with_slot(submit, fn, slot_wait_s)
+    assert isinstance(result, list)
+    return result
