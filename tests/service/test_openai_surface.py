@@ -6,6 +6,7 @@ list of prompts, chat content as text parts, the developer role, strict request 
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,3 +360,29 @@ def test_strict_types_and_refused_fields(service: BackgroundServer) -> None:
             assert field in response.json()["error"]["message"], (body, response.text)
         ok = client.post("/v1/completions", json={**base, "max_tokens": 2, "max_completion_tokens": 2, "n": None})
         assert ok.status_code == 200, ok.text
+
+
+def test_client_leaving_a_stream_of_several_choices_frees_them_all(service: BackgroundServer) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": [PROMPT, "x"],
+        "n": 3,
+        "max_tokens": 400,
+        "temperature": 0.8,
+        "seed": 1,
+        "logit_bias": NO_EOS,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=service.url, timeout=30) as client,
+        client.stream("POST", "/v1/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        next(r.iter_lines())
+    engine = service.server.config.app.state.icm.engine  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while engine.stats(sync=True).running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = engine.stats(sync=True)
+    assert stats.running == 0 and stats.queue_depth == 0 and stats.slots_pinned == 0
+    assert stats.tokens_generated_total < 6 * 400  # cancelled, not run to max_tokens

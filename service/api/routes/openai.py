@@ -9,11 +9,12 @@ they are queued together, all or none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -86,7 +87,7 @@ class _Stream:
         }
 
 
-async def _deltas(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, StreamDelta]]:
+async def _deltas(handles: Sequence[RequestHandle]) -> AsyncGenerator[tuple[int, StreamDelta], None]:
     """Every choice's deltas, tagged with its index, as they come. A choice whose request fails mid-stream (the status
     line is sent) ends with finish_reason "error". Leaving early cancels every request."""
     queue: asyncio.Queue[tuple[int, StreamDelta | None]] = asyncio.Queue()
@@ -132,13 +133,14 @@ def _sse(
         for first in leading:
             yield stream.chunk([first])
         generated = 0
-        async for index, delta in _deltas(handles):
-            generated += len(delta.token_ids)
-            choice = make_choice(index, delta)
-            if choice is None:
-                continue
-            extra = {"icm_lora": info.model_dump()} if info is not None and delta.finish_reason else {}
-            yield stream.chunk([choice], **extra)
+        async with contextlib.aclosing(_deltas(handles)) as deltas:  # closed at once when the client goes away
+            async for index, delta in deltas:
+                generated += len(delta.token_ids)
+                choice = make_choice(index, delta)
+                if choice is None:
+                    continue
+                extra = {"icm_lora": info.model_dump()} if info is not None and delta.finish_reason else {}
+                yield stream.chunk([choice], **extra)
         if usage_prompt_tokens is not None:
             yield stream.chunk([], usage=_usage(usage_prompt_tokens, generated).model_dump())
 
