@@ -22,6 +22,7 @@ from service.engine.lora_layers import LoraBank, PreparedAdapter
 from service.engine.sampling import TokenLogprob, logprobs_of
 
 LoadNow = Callable[[PreparedAdapter], int]
+PROMPT_ROWS = 256
 Submit = Callable[[Callable[[], object]], Future[object]]
 
 
@@ -96,8 +97,12 @@ def prompt_logprobs_now(
     (and the ``top_k`` most likely tokens at its position), with ``adapter`` or the base model."""
     _activate(bank, load_now, adapter, 1)
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([list(ids)], device=bank.device), use_cache=False).logits
-    return logprobs_of(logits[0, :-1], ids[1:], top_k)
+        logits = model(input_ids=torch.tensor([list(ids)], device=bank.device), use_cache=False).logits[0]
+        out: list[TokenLogprob] = []
+        for start in range(0, len(ids) - 1, PROMPT_ROWS):  # a long prompt's [T, V] log-softmax a block at a time
+            end = min(start + PROMPT_ROWS, len(ids) - 1)
+            out += logprobs_of(logits[start:end], ids[start + 1 : end + 1], top_k)
+    return out
 
 
 def prompt_logprobs(
