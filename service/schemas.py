@@ -293,6 +293,14 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int] = Field(description="Offsets in prompt + text (echo) or from the prompt's end")
 
+    def followed_by(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs,
+            text_offset=self.text_offset + other.text_offset,
+        )
+
 
 class CompletionChoice(BaseModel):
     index: int = 0

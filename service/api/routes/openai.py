@@ -44,6 +44,7 @@ from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -182,7 +183,7 @@ async def completions(
     def prompt_of(index: int) -> str:
         return prompts[index // n]
 
-    def echo_logprobs(index: int) -> Any:
+    def echo_logprobs(index: int) -> CompletionLogprobs:
         tokens, scored = echoed[index // n]
         return completion_logprobs(state, tokens, scored, 0)
 
@@ -215,16 +216,12 @@ async def completions(
     choices = []
     for index, result in enumerate(results):
         text = prompt_of(index) + result.text if body.echo else result.text
-        logprobs = None
+        listing: CompletionLogprobs | None = None
         if k is not None:
-            generated = completion_logprobs(state, result.token_ids, result.logprobs or [], len(prompt_of(index)))
+            listing = completion_logprobs(state, result.token_ids, result.logprobs or [], len(prompt_of(index)))
             if body.echo:
-                logprobs = echo_logprobs(index)
-                for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                    getattr(logprobs, field).extend(getattr(generated, field))
-            else:
-                logprobs = generated
-        choices.append(CompletionChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs))
+                listing = echo_logprobs(index).followed_by(listing)
+        choices.append(CompletionChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=listing))
     response.headers.update(serving_headers(info))
     return CompletionResponse(
         id=request_id,
