@@ -386,3 +386,12 @@ def test_client_leaving_a_stream_of_several_choices_frees_them_all(service: Back
     stats = engine.stats(sync=True)
     assert stats.running == 0 and stats.queue_depth == 0 and stats.slots_pinned == 0
     assert stats.tokens_generated_total < 6 * 400  # cancelled, not run to max_tokens
+
+
+def test_a_served_name_with_a_slash_is_retrievable(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for(served_model_name="org/tiny-base")) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        assert client.models.retrieve("org/tiny-base").id == "org/tiny-base"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("org/other")
+        assert client.completions.create(model="org/tiny-base", prompt="x", max_tokens=1).choices[0].index == 0
