@@ -33,7 +33,7 @@ _EXAMPLE_SPEC: dict[str, Any] = {
 
 
 class ExampleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     input: Text
     output: Text
@@ -43,7 +43,7 @@ class ExampleIn(BaseModel):
 class TaskSpecIn(BaseModel):
     """A task: a description, examples, or both."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_SPEC]})
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [_EXAMPLE_SPEC]})
 
     description: Text = ""
     examples: list[ExampleIn] = Field(default_factory=list)

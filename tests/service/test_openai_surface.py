@@ -352,6 +352,9 @@ def test_strict_types_and_refused_fields(service: BackgroundServer) -> None:
         ("/v1/chat/completions", {**chat, "messages": [{"role": "tool", "content": "x"}]}, "role"),
         ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": []}]}, "content"),
         ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": 5}]}, "content"),
+        ("/v1/tasks", {**TASK, "task_id": "strict", "seed": "5"}, "seed"),
+        ("/v1/tasks", {**TASK, "task_id": "strict", "refine_steps": True}, "refine_steps"),
+        ("/v1/adapters", {"description": "d", "examples": [{"input": 1, "output": "x"}]}, "input"),
     ]
     with httpx.Client(base_url=service.url, timeout=30) as client:
         for route, body, field in bad:
