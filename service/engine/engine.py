@@ -308,6 +308,9 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of "
                 f"{self.max_positions} tokens"
             )
+        outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise RequestError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         prepared = None if adapter is None else self.prepare_adapter(adapter)
         seed = generator = None
         if not params.greedy:

@@ -118,11 +118,10 @@ def adjusted_logits(
             ids = torch.tensor(outputs[i], dtype=torch.long, device=out.device)
             counts = torch.bincount(ids, minlength=vocab)[:vocab].to(out.dtype)
             out[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(out.dtype)
-        if p.logit_bias:
-            known = [(t, b) for t, b in p.logit_bias if t < vocab]
-            if known:
-                index = torch.tensor([t for t, _ in known], dtype=torch.long, device=out.device)
-                out[i].index_add_(0, index, torch.tensor([b for _, b in known], dtype=out.dtype, device=out.device))
+        if p.logit_bias:  # token ids checked against the vocabulary when the request was submitted
+            index = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=out.device)
+            bias = torch.tensor([b for _, b in p.logit_bias], dtype=out.dtype, device=out.device)
+            out[i].index_add_(0, index, bias)
     return out
 
 

@@ -53,6 +53,14 @@ def test_bad_settings_are_refused() -> None:
             SamplingParams(**bad)  # type: ignore[arg-type]
 
 
+def test_engine_refuses_a_bias_outside_the_vocabulary(engine: Engine, prompt_ids: list[list[int]]) -> None:
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.submit(prompt_ids[0], params=SamplingParams(logit_bias=((engine.vocab_size, 1.0),)))
+    last = engine.vocab_size - 1
+    result = engine.generate(prompt_ids[0], params=SamplingParams(max_tokens=3, logit_bias=((last, 100.0),)))
+    assert result.token_ids == [last] * 3
+
+
 def test_decode_step_logprobs_equal_a_scoring_pass(
     make_engine, adapter: MakeAdapter, prompt_ids: list[list[int]]
 ) -> None:  # type: ignore[no-untyped-def]
