@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
@@ -14,13 +15,24 @@ from service.engine import (
     EngineClosed,
     EngineConfig,
     EngineObserver,
+    NoFreeSlot,
     QueueFull,
     RequestError,
+    RequestHandle,
     SamplingParams,
 )
+from service.engine.sampling import TokenLogprob
 from service.errors import APIError
 from service.metrics import ServiceMetrics
-from service.schemas import ChatMessage, ServingInfo, _SamplingFields
+from service.schemas import (
+    ChatLogprobs,
+    ChatMessage,
+    CompletionLogprobs,
+    ServingInfo,
+    TokenLogprobOut,
+    TopLogprob,
+    _SamplingFields,
+)
 from service.selfcheck import check_of, choose_adapter
 from service.state import ServiceState
 
@@ -109,7 +121,7 @@ def chat_prompt_ids(state: ServiceState, messages: Sequence[ChatMessage]) -> lis
     if not getattr(state.base.tokenizer, "chat_template", None):
         raise APIError(400, f"base model {state.base.name!r} has no chat template; use /v1/completions")
     try:
-        ids = state.engine.chat_prompt([m.model_dump() for m in messages])
+        ids = state.engine.chat_prompt([m.template_message() for m in messages])
     except RequestError as exc:
         raise APIError(400, str(exc)) from None
     return _check_prompt(state, ids)
@@ -123,26 +135,55 @@ def _check_prompt(state: ServiceState, ids: list[int]) -> list[int]:
     return ids
 
 
-def sampling_params(state: ServiceState, body: _SamplingFields) -> SamplingParams:
-    max_tokens = body.max_tokens if body.max_tokens is not None else min(64, state.settings.max_tokens)
+def sampling_params(state: ServiceState, body: _SamplingFields, logprobs: int | None, prompts: int) -> SamplingParams:
+    """The engine's settings for each choice (OpenAI's defaults where a field is absent or null)."""
+    limit = body.token_limit
+    max_tokens = limit if limit is not None else min(64, state.settings.max_tokens)
     if max_tokens > state.settings.max_tokens:
         raise APIError(422, f"max_tokens {max_tokens} is above this server's limit of {state.settings.max_tokens}")
+    choices = body.choices_per_prompt * prompts
+    if choices > state.settings.max_queue:
+        raise APIError(
+            422, f"{choices} choices (prompts × n) are more than this server queues ({state.settings.max_queue})"
+        )
+    bias = tuple((int(token), value) for token, value in (body.logit_bias or {}).items())
+    vocab = state.engine.vocab_size
+    outside = [token for token, _ in bias if token >= vocab]
+    if outside:
+        raise APIError(422, f"logit_bias: token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
             stop=tuple(body.stop or ()),
             seed=body.seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logit_bias=bias,
+            logprobs=logprobs,
         )
     except ValueError as exc:
         raise APIError(422, str(exc)) from None
 
 
-def submit(state: ServiceState, ids: list[int], adapter: GeneratedAdapter | None, params: SamplingParams) -> Any:
-    """Queue on the engine, mapping its errors to HTTP ones. Returns the engine's RequestHandle."""
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """One setting per choice of a prompt: with a seed, choice j samples with seed + j (n equal seeds would give n
+    equal choices)."""
+    if params.seed is None or n == 1:
+        return [params] * n
+    return [dataclasses.replace(params, seed=(params.seed + j) % 2**63) for j in range(n)]
+
+
+def submit(
+    state: ServiceState,
+    prompts: Sequence[list[int]],
+    adapter: GeneratedAdapter | None,
+    params: Sequence[SamplingParams],
+) -> list[RequestHandle]:
+    """Queue every choice on the engine at once (all or none), mapping its errors to HTTP ones."""
     try:
-        return state.engine.submit(ids, adapter, params)
+        return state.engine.submit_many(prompts, [adapter] * len(prompts), params)
     except QueueFull:
         raise APIError(429, "the inference queue is full; retry shortly", "overloaded", {"Retry-After": "1"}) from None
     except RequestError as exc:
@@ -151,3 +192,69 @@ def submit(state: ServiceState, ids: list[int], adapter: GeneratedAdapter | None
         raise APIError(422, f"the adapter cannot be served by this engine: {exc}") from None
     except EngineClosed:
         raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"}) from None
+
+
+async def prompt_logprobs(
+    state: ServiceState, ids: list[int], adapter: GeneratedAdapter | None, top_k: int
+) -> list[TokenLogprob | None]:
+    """One entry per prompt token: its log-probability given the tokens before it (``echo`` with ``logprobs``).
+    The beginning-of-sequence token the service puts in front is not part of the prompt's text and is left out;
+    a prompt that starts without one has None for its first token."""
+    try:
+        scored = await asyncio.to_thread(state.engine.prompt_logprobs, ids, adapter, top_k)
+    except NoFreeSlot:
+        raise APIError(503, "every adapter slot is busy; retry shortly", headers={"Retry-After": "1"}) from None
+    except AdapterError as exc:
+        raise APIError(422, f"the adapter cannot be served by this engine: {exc}") from None
+    except EngineClosed:
+        raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"}) from None
+    if ids[0] == state.base.tokenizer.bos_token_id:
+        return list(scored)
+    return [None, *scored]
+
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -infinity; OpenAI reports this for impossible tokens
+
+
+def _token_names(state: ServiceState, tokens: Sequence[int], entries: Sequence[TokenLogprob | None]) -> dict[int, str]:
+    ids = set(tokens)
+    for entry in entries:
+        if entry is not None:
+            ids.update(token for token, _ in entry.top)
+    unique = sorted(ids)
+    return dict(zip(unique, state.engine.token_texts(unique), strict=True))
+
+
+def completion_logprobs(
+    state: ServiceState, tokens: Sequence[int], entries: Sequence[TokenLogprob | None], offset: int
+) -> CompletionLogprobs:
+    """OpenAI's completion ``logprobs`` for these tokens (an entry of None: a first prompt token with nothing
+    before it), with text offsets counted from ``offset`` by each token's own text."""
+    names = _token_names(state, tokens, entries)
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for token, entry in zip(tokens, entries, strict=True):
+        out.tokens.append(names[token])
+        out.text_offset.append(offset)
+        offset += len(names[token])
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+        else:
+            out.token_logprobs.append(max(entry.logprob, LOGPROB_FLOOR))
+            out.top_logprobs.append({names[t]: max(lp, LOGPROB_FLOOR) for t, lp in entry.top})
+    return out
+
+
+def chat_logprobs(state: ServiceState, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+    names = _token_names(state, [e.token for e in entries], entries)
+
+    def top(token: int, logprob: float) -> TopLogprob:
+        name = names[token]
+        return TopLogprob(token=name, logprob=max(logprob, LOGPROB_FLOOR), bytes=list(name.encode("utf-8")))
+
+    return ChatLogprobs(
+        content=[
+            TokenLogprobOut(**top(e.token, e.logprob).model_dump(), top_logprobs=[top(t, lp) for t, lp in e.top])
+            for e in entries
+        ]
+    )

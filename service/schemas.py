@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from generator.refine import MAX_REFINE_STEPS
 
@@ -33,7 +33,7 @@ _EXAMPLE_SPEC: dict[str, Any] = {
 
 
 class ExampleIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     input: Text
     output: Text
@@ -43,7 +43,7 @@ class ExampleIn(BaseModel):
 class TaskSpecIn(BaseModel):
     """A task: a description, examples, or both."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [_EXAMPLE_SPEC]})
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [_EXAMPLE_SPEC]})
 
     description: Text = ""
     examples: list[ExampleIn] = Field(default_factory=list)
@@ -104,7 +104,12 @@ class TaskCreate(TaskSpecIn):
         extra="forbid", json_schema_extra={"examples": [{"task_id": "hotel-sentiment", **_EXAMPLE_SPEC}]}
     )
 
-    task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="Default: derived from the spec")
+    task_id: str | None = Field(
+        None,
+        pattern=TASK_ID_PATTERN,
+        description="1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit; not the base "
+        "model's served name (any case). Default: task-<16 hex digits> derived from the spec and seed",
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     refine_steps: RefineSteps = 0
 
@@ -136,16 +141,39 @@ class TaskList(BaseModel):
 
 # --- OpenAI-compatible inference ---------------------------------------------------------------------------------
 
+MAX_CHOICES = 8  # n
+MAX_PROMPTS = 16  # a list of prompts on /v1/completions
+MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    include_usage: bool = Field(False, description="Send one more chunk before [DONE]: empty choices, the usage")
+
 
 class _SamplingFields(BaseModel):
+    """OpenAI's sampling fields. Strict: a JSON string is never read as a number or a boolean; a field this server
+    does not know is a 422 naming it (nothing is silently ignored)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     model: Text = Field(description="A task id, or the base model's name for no adapter")
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (default 64)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="Default 1; 0 is greedy decoding")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Default 1")
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="With n > 1, choice j uses seed + j")
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported")
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Choices to generate for each prompt (default 1)")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias added to its logit"
+    )
     user: Text | None = None
 
     @field_validator("stop")
@@ -158,6 +186,31 @@ class _SamplingFields(BaseModel):
             raise ValueError("stop: at most 4 non-empty strings of at most 64 characters")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"logit_bias keys are token ids written as strings of digits, got {key[:20]!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; give one of them")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
 
 class CompletionRequest(_SamplingFields):
     model_config = ConfigDict(
@@ -166,12 +219,42 @@ class CompletionRequest(_SamplingFields):
         }
     )
 
-    prompt: Text
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description=f"A prompt, or a list of up to {MAX_PROMPTS} (choices are numbered prompt by prompt)"
+    )
+    echo: bool = Field(False, description="Put the prompt in front of each choice's text (and its logprobs)")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Each token's log-probability and this many most likely tokens"
+    )
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["text"] = Field(description="Only text parts are supported")
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    """``developer`` is read as ``system``; a list of text parts is joined with newlines."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=64)]
+
+    def template_message(self) -> dict[str, str]:
+        """What the chat template gets."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -182,6 +265,18 @@ class ChatCompletionRequest(_SamplingFields):
     )
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    logprobs: bool = Field(False, description="Each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Needs logprobs: true")
+
+    @model_validator(mode="after")
+    def _check_top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -190,11 +285,28 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy format: one entry per token; ``top_logprobs`` maps token text to log-probability."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None] = Field(description="None for a first prompt token (echo) with no context")
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int] = Field(description="Offsets in prompt + text (echo) or from the prompt's end")
+
+    def followed_by(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs,
+            text_offset=self.text_offset + other.text_offset,
+        )
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class ServingInfo(BaseModel):
@@ -216,10 +328,31 @@ class CompletionResponse(BaseModel):
     icm_lora: ServingInfo | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="UTF-8 bytes of token (of U+FFFD where a token is part of a character)")
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+    refusal: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
 class ChatChoice(BaseModel):
     index: int = 0
-    message: ChatMessage
+    message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -33,9 +33,9 @@ from service.engine.hidden import EngineHiddenStateReader
 from service.engine.lora_layers import LoraBank, PreparedAdapter
 from service.engine.observer import EngineObserver, EngineStats
 from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
-from service.engine.sampling import SamplingParams
+from service.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from service.engine.scheduler import Job, Scheduler
-from service.engine.scoring import score_groups
+from service.engine.scoring import prompt_logprobs, score_groups
 from service.engine.text import TextStream
 
 Prompt = str | Sequence[int]
@@ -236,6 +236,28 @@ class Engine:
             batch_size,
         )
 
+    def prompt_logprobs(
+        self, prompt_ids: Sequence[int], adapter: GeneratedAdapter | PreparedAdapter | None, top_k: int = 0
+    ) -> list[TokenLogprob]:
+        """For each prompt token after the first: its log-probability given the ones before it and the ``top_k``
+        most likely tokens there, with ``adapter`` (loaded when not resident) or the base model; one forward pass on
+        the engine thread (the scoring path of ``answer_logprobs``). Blocks; never call it from the engine thread."""
+        if self._scheduler.on_engine_thread:
+            raise RuntimeError("prompt_logprobs() cannot be used from the engine thread")
+        if not 0 <= top_k <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_k must be in [0, {MAX_TOP_LOGPROBS}], got {top_k}")
+        ids = self._prompt_ids(prompt_ids)
+        prepared = None if adapter is None else self.prepare_adapter(adapter)
+        return prompt_logprobs(
+            self._scheduler.call, self.model, self.bank, self._scheduler.load_now, ids, prepared, top_k
+        )
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text (special tokens spelled out, a partial UTF-8 character as U+FFFD); safe from any
+        thread. For log-probability listings, where every token needs a name."""
+        with self._encode_lock:
+            return [str(self.tokenizer.decode([int(t)])) for t in token_ids]
+
     # --- lifecycle and metrics --------------------------------------------------------------------------------
 
     def stats(self, sync: bool = False) -> EngineStats:
@@ -289,6 +311,9 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of "
                 f"{self.max_positions} tokens"
             )
+        outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise RequestError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         prepared = None if adapter is None else self.prepare_adapter(adapter)
         seed = generator = None
         if not params.greedy:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from service.engine.errors import EngineError
+from service.engine.sampling import TokenLogprob
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -33,6 +34,7 @@ class StreamDelta:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id when the request asked for log-probabilities
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class GenerationResult:
     seed: int | None
     time_to_first_token: float | None
     seconds: float
+    logprobs: list[TokenLogprob] | None = None  # one per token id when the request asked for them
 
     @property
     def completion_tokens(self) -> int:

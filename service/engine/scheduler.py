@@ -45,7 +45,7 @@ from service.engine.requests import (
     RequestHandle,
     StreamDelta,
 )
-from service.engine.sampling import SamplingParams, choose_tokens
+from service.engine.sampling import SamplingParams, TokenLogprob, choose_tokens, token_logprobs
 from service.engine.slots import SlotTable
 from service.engine.text import TextStream
 
@@ -69,6 +69,7 @@ class Job:
     needs_load: bool = False
     evicted: str | None = None
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     position: int = 0  # tokens of this request in the KV cache
     next_token: int = 0  # sampled, not yet fed to the model
     first_token_at: float | None = None
@@ -327,9 +328,9 @@ class Scheduler:
             )
             cache.mask = mask
             cache.zero_padding()
-            tokens = choose_tokens(
-                out.logits[:, -1, :], [job.params for job in ready], [job.generator for job in ready]
-            )
+            params = [job.params for job in ready]
+            tokens = choose_tokens(out.logits[:, -1, :], params, [job.generator for job in ready])
+            logprobs = token_logprobs(out.logits[:, -1, :], params, tokens)  # per-token log-probabilities hook
         except Exception as exc:
             log.exception("prefill failed")
             for job in ready:
@@ -340,7 +341,7 @@ class Scheduler:
         keep = []
         for i, job in enumerate(ready):
             job.position = len(job.prompt_ids)
-            if not self._accept(job, tokens[i]):
+            if not self._accept(job, tokens[i], logprobs[i]):
                 keep.append(i)
         if not keep:
             return
@@ -361,7 +362,10 @@ class Scheduler:
             out = self.model(
                 input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
             )
-            tokens = choose_tokens(out.logits[:, -1, :], [job.params for job in rows], [job.generator for job in rows])
+            params = [job.params for job in rows]
+            logits = out.logits[:, -1, :]
+            tokens = choose_tokens(logits, params, [job.generator for job in rows], [job.output_ids for job in rows])
+            logprobs = token_logprobs(logits, params, tokens)  # per-token log-probabilities hook
         except Exception as exc:
             log.exception("decode step failed")
             self._rows, self._cache = [], None
@@ -374,17 +378,19 @@ class Scheduler:
         keep = []
         for i, job in enumerate(rows):
             job.position += 1
-            if not self._accept(job, tokens[i]):
+            if not self._accept(job, tokens[i], logprobs[i]):
                 keep.append(i)
         self._retain(keep)
 
-    def _accept(self, job: Job, token: int) -> bool:
+    def _accept(self, job: Job, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record a generated token, stream it; return True when the job finished (and was retired)."""
         now = time.perf_counter()
         if job.first_token_at is None:
             job.first_token_at = now
             self.observer.on_first_token(now - job.submitted_at)
         job.output_ids.append(token)
+        if logprob is not None:
+            job.logprobs.append(logprob)
         job.next_token = token
         text = job.text.push(token)
         reason: str | None = None
@@ -394,7 +400,7 @@ class Scheduler:
             reason = FINISH_LENGTH
         if reason is not None:
             text += job.text.flush()
-        job.handle.push(StreamDelta(text, (token,), reason))
+        job.handle.push(StreamDelta(text, (token,), reason, () if logprob is None else (logprob,)))
         if reason is not None:
             self._finish(job, reason, push=False)
             return True
@@ -438,6 +444,7 @@ class Scheduler:
             seed=job.seed,
             time_to_first_token=None if job.first_token_at is None else job.first_token_at - job.submitted_at,
             seconds=now - job.submitted_at,
+            logprobs=list(job.logprobs) if job.params.logprobs is not None else None,
         )
         self.finished_total += 1
         if error is None:

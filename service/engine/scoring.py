@@ -20,9 +20,11 @@ from transformers import PreTrainedModel
 from generator.batching import AnswerGroup, pack_groups, packed_answer_logprobs
 from service.engine.errors import NoFreeSlot
 from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter
+from service.engine.sampling import TokenLogprob, logprobs_of
 
 LoadNow = Callable[[PreparedAdapter], int]
-Submit = Callable[[Callable[[], torch.Tensor]], Future[torch.Tensor]]
+PROMPT_ROWS = 256
+Submit = Callable[[Callable[[], object]], Future[object]]
 
 
 def score_batch(
@@ -55,23 +57,74 @@ def score_groups(
     batch_size: int = 8,
     slot_wait_s: float = 30.0,
 ) -> torch.Tensor:
-    """Batches of ``batch_size`` groups (times the adapters: that many rows), each one call on the engine thread.
-    When every slot is pinned by running requests the call is retried until one frees up (``NoFreeSlot`` after
-    ``slot_wait_s``)."""
+    """Batches of ``batch_size`` groups (times the adapters: that many rows), each one call on the engine thread
+    (retried while every slot is pinned)."""
     if not groups or not adapters:
         raise ValueError("nothing to score")
     out = []
     for start in range(0, len(groups), batch_size):
-        call = functools.partial(
-            score_batch, model, bank, load_now, groups[start : start + batch_size], adapters, pad_id
-        )
-        deadline = time.monotonic() + slot_wait_s
-        while True:
-            try:
-                out.append(submit(call).result())
-                break
-            except NoFreeSlot:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        fn = functools.partial(score_batch, model, bank, load_now, groups[start : start + batch_size], adapters, pad_id)
+        scores = _call_with_slot(submit, fn, slot_wait_s)
+        assert isinstance(scores, torch.Tensor)
+        out.append(scores)
     return torch.cat(out, dim=1)
+
+
+def _activate(bank: LoraBank, load_now: LoadNow, adapter: PreparedAdapter | None, rows: int) -> None:
+    if adapter is None:
+        bank.activate(None)
+    else:
+        slot = load_now(adapter)  # resident and unpinned; nothing else runs on this thread until we return
+        bank.activate([slot] * rows)
+
+
+def _call_with_slot(submit: Submit, fn: Callable[[], object], slot_wait_s: float) -> object:
+    """One call on the engine thread; while every slot is pinned by running requests it is retried until one frees
+    up (``NoFreeSlot`` after ``slot_wait_s``)."""
+    deadline = time.monotonic() + slot_wait_s
+    while True:
+        try:
+            return submit(fn).result()
+        except NoFreeSlot:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def prompt_logprobs_now(
+    model: PreTrainedModel,
+    bank: LoraBank,
+    load_now: LoadNow,
+    ids: Sequence[int],
+    adapter: PreparedAdapter | None,
+    top_k: int,
+) -> list[TokenLogprob]:
+    """On the engine thread: for each prompt token after the first, its log-probability given the tokens before it
+    (and the ``top_k`` most likely tokens at its position), with ``adapter`` or the base model."""
+    _activate(bank, load_now, adapter, 1)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([list(ids)], device=bank.device), use_cache=False).logits[0]
+        out: list[TokenLogprob] = []
+        for start in range(0, len(ids) - 1, PROMPT_ROWS):  # a long prompt's [T, V] log-softmax a block at a time
+            end = min(start + PROMPT_ROWS, len(ids) - 1)
+            out += logprobs_of(logits[start:end], ids[start + 1 : end + 1], top_k)
+    return out
+
+
+def prompt_logprobs(
+    submit: Submit,
+    model: PreTrainedModel,
+    bank: LoraBank,
+    load_now: LoadNow,
+    ids: Sequence[int],
+    adapter: PreparedAdapter | None,
+    top_k: int,
+    slot_wait_s: float = 30.0,
+) -> list[TokenLogprob]:
+    """``prompt_logprobs_now`` as one call on the engine thread (the scoring path of ``echo`` with logprobs)."""
+    if len(ids) < 2:
+        return []
+    fn = functools.partial(prompt_logprobs_now, model, bank, load_now, ids, adapter, top_k)
+    result = _call_with_slot(submit, fn, slot_wait_s)
+    assert isinstance(result, list)
+    return result

@@ -141,3 +141,29 @@ def test_api_keys(settings_for, monkeypatch: pytest.MonkeyPatch) -> None:  # typ
         with Client() as from_env:
             assert [t.task_id for t in from_env.list_tasks()] == []
         asyncio.run(check_async(service.url))
+
+
+def test_sampling_options_and_developer_role(settings_for) -> None:  # type: ignore[no-untyped-def]
+    """The SDK passes n, the penalties, logit_bias and max_completion_tokens through; a developer message is served."""
+    tokenizer = load_base_model("tiny").tokenizer
+    with serve(settings_for()) as service, Client(service.url, timeout=60) as client:
+        result = client.complete(
+            "tiny",
+            PROMPT,
+            n=2,
+            temperature=1.0,
+            seed=4,
+            max_completion_tokens=3,
+            presence_penalty=1.0,
+            frequency_penalty=0.5,
+            logit_bias={"2": -100},
+        )
+        assert [c.index for c in result.choices] == [0, 1]
+        assert result.usage.completion_tokens == 6 and {c.finish_reason for c in result.choices} == {"length"}
+        forced = client.complete("tiny", PROMPT, max_tokens=3, temperature=0, logit_bias={"42": 100})
+        assert forced.text == tokenizer.decode([42] * 3)
+        developer = client.chat(
+            "tiny", [{"role": "developer", "content": "Be brief."}, *CHAT], max_tokens=4, temperature=0
+        )
+        system = client.chat("tiny", [{"role": "system", "content": "Be brief."}, *CHAT], max_tokens=4, temperature=0)
+        assert developer.content == system.content

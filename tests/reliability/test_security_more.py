@@ -25,8 +25,9 @@ def _routes(app) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
             if included is not None:
                 walk(included.routes, prefix + route.include_context.prefix)
                 continue
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", prefix + route.path)  # "{id:path}" is "{id}" in OpenAPI
             for method in sorted((getattr(route, "methods", None) or set()) - {"HEAD", "OPTIONS"}):
-                out.append((method, prefix + route.path))
+                out.append((method, path))
 
     walk(app.routes, "")
     return out

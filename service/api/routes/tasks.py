@@ -56,10 +56,21 @@ def _may_refine(record: TaskRecord, state: ServiceState) -> bool:
     "",
     response_model=TaskOut,
     status_code=201,
-    responses={200: {"description": "Already registered with the same spec"}, 409: {"description": "Id taken"}},
+    responses={
+        200: {"description": "Already registered with the same spec"},
+        409: {"description": "Id taken, or the base model's served name (reserved)"},
+    },
     summary="Register a task and generate its adapter (idempotent for the same id and spec)",
 )
 async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(get_state)]) -> JSONResponse:
+    reserved = state.settings.model_name
+    if body.task_id is not None and body.task_id.casefold() == reserved.casefold():
+        raise APIError(
+            409,
+            f"task id {body.task_id!r} is reserved: {reserved!r} is the base model's served name (model={reserved!r} "
+            "means no adapter); choose another id",
+            "reserved_name",
+        )
     spec = spec_from_request(body, state.settings)
     task_id = body.task_id or "task-" + hashlib.sha256(f"{spec.canonical_json()}|{body.seed}".encode()).hexdigest()[:16]
     existing = await state.store.get(task_id)

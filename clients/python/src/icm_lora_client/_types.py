@@ -88,7 +88,9 @@ class TaskPage(_Model):
 
 
 class ChatMessage(_Model):
-    role: Literal["system", "user", "assistant"]
+    """``developer`` is read as ``system`` by the service."""
+
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
 
 
@@ -115,7 +117,7 @@ class Completion(_Model):
 
     @property
     def text(self) -> str:
-        """The first choice's text (the service answers with one choice)."""
+        """The first choice's text (``choices`` has ``n`` of them when ``n`` is given)."""
         return self.choices[0].text if self.choices else ""
 
 
@@ -216,8 +218,13 @@ class SamplingOptions(TypedDict, total=False):
     """Optional fields of ``complete`` and ``chat``, passed through to the service as given."""
 
     max_tokens: int
+    max_completion_tokens: int
     temperature: float
     top_p: float
     stop: str | list[str]
     seed: int
     user: str
+    n: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[str, float]
