@@ -19,7 +19,7 @@ from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
 from service.api.middleware import BodySizeLimit, RequestId, RequestMetrics
 from service.api.routes import adapters, health, openai, tasks
-from service.api.security import Guard
+from service.api.security import Guard, RateLimiter
 from service.cache import AdapterCache, RedisTier
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
@@ -55,7 +55,12 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    guard = Guard([k.get_secret_value() for k in settings.api_keys], settings.rate_limit_per_minute)
+    limiter = (
+        RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
+        if settings.rate_limit_per_minute > 0
+        else None
+    )
+    guard = Guard([k.get_secret_value() for k in settings.api_keys], limiter)
     v1 = [Depends(guard)]
     app.include_router(adapters.router, dependencies=v1)
     app.include_router(tasks.router, dependencies=v1)
