@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("icm-lora", min_length=1, max_length=64)
     task_store: str = Field("auto", description="sqlite | redis | auto (redis when redis_url is set)")
     adapter_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    adapter_spec_ttl_s: int = Field(
+        30 * 24 * 3600,
+        ge=60,
+        description="Redis: an adapter-spec record expires this long after its last use, unless a task uses it",
+    )
     memory_cache_size: int = Field(64, ge=1, description="Adapters kept in process memory")
 
     # engine

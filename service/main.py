@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from service.adapters import AdapterService
 from service.api.middleware import BodySizeLimit, RequestId, RequestMetrics
 from service.api.routes import adapters, health, openai, tasks
 from service.api.security import Guard, RateLimiter
-from service.cache import AdapterCache, RedisTier
+from service.cache import AdapterCache, Invalidations, RedisTier
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.inference import start_engine
@@ -89,7 +90,7 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
     if settings.use_redis_tasks:
         if redis is None:
             raise ValueError("ICM_LORA_TASK_STORE=redis needs ICM_LORA_REDIS_URL")
-        store = RedisTaskStore(redis, settings.redis_prefix)
+        store = RedisTaskStore(redis, settings.redis_prefix, settings.adapter_spec_ttl_s)
     else:
         store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
     checkpoint = _load_checkpoint(settings)
@@ -107,6 +108,13 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
         checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)
         refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora)
     adapters = AdapterService(generator, cache, store, metrics, checker, refiner, settings.self_check)
+
+    def forget(adapter_ids: list[str]) -> None:  # another replica deleted them (or this one: already done)
+        for adapter_id in adapter_ids:
+            cache.forget(adapter_id)
+            engine.release_adapter(adapter_id)
+
+    invalidations = Invalidations(settings.redis_url, settings.redis_prefix, forget) if settings.redis_url else None
     state = ServiceState(
         settings=settings,
         metrics=metrics,
@@ -118,7 +126,10 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
         redis_tier=redis_tier,
         engine=engine,
         started_at=time.time(),
+        invalidations=invalidations,
     )
+    if invalidations is not None:
+        state.background.append(asyncio.create_task(invalidations.run()))
     if redis_tier is not None:
         await redis_tier.ping()
     log.info(
@@ -139,6 +150,11 @@ def _load_checkpoint(settings: Settings) -> GeneratorCheckpoint | None:
 
 
 async def _close_state(state: ServiceState) -> None:
+    for task in state.background:
+        task.cancel()
+    await asyncio.gather(*state.background, return_exceptions=True)
+    if state.invalidations is not None:
+        await state.invalidations.close()
     state.adapters.close()  # a running refinement stops at its next step
     await state.refinements.close()
     if state.engine is not None:
