@@ -46,10 +46,12 @@ def _own_url() -> str:
 
 
 class IcmLoraResolver(LoRAResolver):
-    def __init__(self, store: AdapterStore, refresh_s: float, vllm_url: str) -> None:
+    """``vllm``: the HTTP client that reaches this vLLM server's own API (for unloading), based at its URL."""
+
+    def __init__(self, store: AdapterStore, refresh_s: float, vllm: httpx.AsyncClient) -> None:
         self.store = store
         self.refresh_s = refresh_s
-        self.vllm_url = vllm_url
+        self.vllm = vllm
         self.resolved: dict[str, Resolved] = {}
         self._watcher: asyncio.Task[None] | None = None
 
@@ -102,13 +104,8 @@ class IcmLoraResolver(LoRAResolver):
         return stale
 
     async def _unload(self, name: str) -> bool:
-        key = os.environ.get("VLLM_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            async with httpx.AsyncClient(timeout=10) as http:
-                response = await http.post(
-                    f"{self.vllm_url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers
-                )
+            response = await self.vllm.post("/v1/unload_lora_adapter", json={"lora_name": name})
         except httpx.HTTPError as exc:
             log.warning("icm-lora: cannot unload %r from vLLM: %s", name, exc)
             return False
@@ -123,7 +120,11 @@ def build_resolver() -> IcmLoraResolver:
     folder = Path(os.environ.get("ICM_LORA_VLLM_CACHE_DIR") or Path.home() / ".cache" / "icm-lora" / "vllm-adapters")
     client = AsyncClient(retry=RetryPolicy(max_retries=3, max_delay=2.0))  # about 3 s of backoff at most
     store = AdapterStore(client, folder, int(os.environ.get("ICM_LORA_VLLM_MAX_ADAPTERS", "64")))
-    return IcmLoraResolver(store, float(os.environ.get("ICM_LORA_VLLM_REFRESH_S", "5")), _own_url())
+    key = os.environ.get("VLLM_API_KEY")
+    vllm = httpx.AsyncClient(
+        base_url=_own_url(), timeout=10, headers={"Authorization": f"Bearer {key}"} if key else None
+    )
+    return IcmLoraResolver(store, float(os.environ.get("ICM_LORA_VLLM_REFRESH_S", "5")), vllm)
 
 
 def register() -> None:
