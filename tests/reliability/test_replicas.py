@@ -62,12 +62,16 @@ def test_replicas_share_deletion_generation_and_specs(replicas, redis_prefix: st
     a, b = replicas(env, env)
     store = redis.Redis.from_url(REDIS_URL)
     with httpx.Client(base_url=a.url, timeout=60) as ca, httpx.Client(base_url=b.url, timeout=60) as cb:
-        # single-flight across replicas: 8 concurrent requests for one new adapter, spread over both
-        body = {"description": "Say whether each word is a colour.", "examples": [{"input": "red", "output": "yes"}]}
+        # single-flight across replicas: 8 requests for one new adapter, released together, spread over both
+        # (40 examples: the encoding and the self-check take long enough that every request arrives meanwhile)
+        examples = [{"input": f"word number {i} " * 8, "output": "yes" if i % 2 else "no"} for i in range(40)]
+        body = {"description": "Say whether each word is a colour.", "examples": examples}
         before = _generations(ca) + _generations(cb)
         answers: list[httpx.Response] = []
+        barrier = threading.Barrier(8)
 
         def ask(client: httpx.Client) -> None:
+            barrier.wait()
             answers.append(client.post("/v1/adapters", json=body))
 
         threads = [threading.Thread(target=ask, args=(c,)) for c in (ca, cb) * 4]
