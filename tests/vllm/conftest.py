@@ -45,6 +45,16 @@ def vllm_python() -> Path:
     return VLLM_PYTHON
 
 
+def fresh_data_dir(folder: Path) -> Path:
+    """A data dir of its own (an empty task registry) that shares the dequantised model folder of the configured
+    one (``ICM_LORA_DATA_DIR``, default ``~/.cache/icm-lora``), written there once if it is missing."""
+    shared = Path(os.environ.get("ICM_LORA_DATA_DIR") or default_data_dir())
+    ensure_smollm2_folder(shared)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models").symlink_to((shared / "models").resolve(), target_is_directory=True)
+    return folder
+
+
 @dataclass
 class Servers:
     icm: ServiceProcess
@@ -97,14 +107,14 @@ def vllm_env(icm_url: str, cache_dir: Path, port: int) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def servers(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     tmp = tmp_path_factory.mktemp("vllm")
-    data_dir = Path(os.environ.get("ICM_LORA_DATA_DIR") or default_data_dir())
+    data_dir = fresh_data_dir(tmp / "data")
     icm = ServiceProcess(
         {"ICM_LORA_DATA_DIR": str(data_dir), "ICM_LORA_SELF_CHECK": "keep", "ICM_LORA_TASK_STORE": "sqlite"},
         tmp / "icm-lora.log",
     )
     icm.env.pop("ICM_LORA_REDIS_URL", None)
     icm_start = icm.start(timeout_s=600)
-    model = ensure_smollm2_folder(data_dir)  # written (once) by the service's start-up
+    model = ensure_smollm2_folder(data_dir)  # the folder both servers read
     port = free_port()
     log = tmp / "vllm.log"
     with log.open("wb") as out:

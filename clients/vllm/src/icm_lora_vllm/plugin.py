@@ -28,7 +28,7 @@ from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
 from icm_lora_vllm.store import AdapterStore, Resolved
 
-log = logging.getLogger("icm_lora_vllm")
+log = logging.getLogger("vllm.icm_lora")  # under vLLM's logger: its handlers and level apply
 RESOLVER_NAME = "icm-lora"
 
 
