@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from generator.base_model import hub_name
 from generator.config import LoraSettings
 from generator.files import write_atomic
 from generator.lora_model import peft_lora_config
@@ -66,7 +67,7 @@ class GeneratedAdapter:
 
     def peft_config_dict(self) -> dict[str, object]:
         config = peft_lora_config(self.lora).to_dict()
-        config["base_model_name_or_path"] = self.base_model
+        config["base_model_name_or_path"] = hub_name(self.base_model)
         config["target_modules"] = sorted(self.lora.target_modules)
         return json.loads(json.dumps(config, default=_json_default))
 

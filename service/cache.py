@@ -1,4 +1,5 @@
-"""AdapterCache: memory LRU -> Redis -> regenerate, with single-flight generation.
+"""AdapterCache: memory LRU -> Redis -> regenerate, with single-flight generation (in this process, and across
+every replica on one Redis: a Redis lock per adapter id, so N replicas asked for one new adapter generate it once).
 
 Redis holds safetensors bytes whose header carries a checksum (see ``generator.adapter``); bytes are verified before
 use and a corrupted entry is deleted and regenerated, never served. When Redis stops answering, the cache keeps
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
 
 from generator.adapter import AdapterIntegrityError, GeneratedAdapter
 from service.metrics import ServiceMetrics
@@ -94,6 +97,35 @@ class RedisTier:
         with contextlib.suppress(RedisError, OSError):
             await self._call(self.redis.delete(self.key(adapter_id)))
 
+    def lock(self, adapter_id: str) -> Lock:
+        """The cross-replica generation lock of an adapter id. It expires ``LOCK_TTL_S`` after its last extension,
+        so a replica that dies while generating holds the others up for that long at most."""
+        return self.redis.lock(f"{self.prefix}:lock:adapter:{adapter_id}", timeout=LOCK_TTL_S, sleep=LOCK_POLL_S)
+
+
+LOCK_TTL_S = 30.0  # extended every LOCK_TTL_S / 3 while the holder generates
+LOCK_POLL_S = 0.05
+
+
+@contextlib.asynccontextmanager
+async def held(lock: Lock) -> AsyncIterator[None]:
+    """Keep ``lock`` (acquired) alive while the body runs, then release it."""
+
+    async def keep_alive() -> None:
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            await lock.extend(LOCK_TTL_S, replace_ttl=True)
+
+    extender = asyncio.create_task(keep_alive())
+    try:
+        yield
+    finally:
+        extender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            await extender
+        with contextlib.suppress(LockError, RedisError, OSError):
+            await lock.release()
+
 
 class AdapterCache:
     def __init__(self, memory_size: int, metrics: ServiceMetrics, redis: RedisTier | None = None) -> None:
@@ -113,19 +145,23 @@ class AdapterCache:
         """Whether the memory tier holds the adapter (not counted as a lookup)."""
         return adapter_id in self._memory
 
-    async def lookup(self, adapter_id: str) -> tuple[GeneratedAdapter, Tier] | None:
-        """Memory, then Redis (verified). Never generates."""
+    async def lookup(self, adapter_id: str, count: bool = True) -> tuple[GeneratedAdapter, Tier] | None:
+        """Memory, then Redis (verified). Never generates. ``count``: record the lookup in the cache metrics (not
+        for the polls of a replica waiting for another one's generation)."""
         adapter = self._memory.get(adapter_id)
         if adapter is not None:
             self._memory.move_to_end(adapter_id)
-            self.metrics.cache.labels("memory", "hit").inc()
+            if count:
+                self.metrics.cache.labels("memory", "hit").inc()
             return adapter, "memory"
-        self.metrics.cache.labels("memory", "miss").inc()
+        if count:
+            self.metrics.cache.labels("memory", "miss").inc()
         if self.redis is None:
             return None
         data = await self.redis.get(adapter_id)
         if data is None:
-            self.metrics.cache.labels("redis", "miss" if self.redis.up else "error").inc()
+            if count:
+                self.metrics.cache.labels("redis", "miss" if self.redis.up else "error").inc()
             return None
         try:
             adapter = GeneratedAdapter.from_safetensors_bytes(data, expected_id=adapter_id)
@@ -149,14 +185,9 @@ class AdapterCache:
         future: asyncio.Future[GeneratedAdapter] = asyncio.get_running_loop().create_future()
         self._inflight[adapter_id] = future
         try:
-            adapter = await generate()
-            if adapter.adapter_id != adapter_id:
-                raise RuntimeError("generated adapter id does not match the requested id")
-            self._remember(adapter)
-            if self.redis is not None:
-                await self.redis.put(adapter_id, adapter.to_safetensors_bytes())
+            adapter, tier = await self._create_once(adapter_id, generate)
             future.set_result(adapter)
-            return adapter, "generated"
+            return adapter, tier
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: waiters re-raise it, nobody else must
@@ -164,7 +195,95 @@ class AdapterCache:
         finally:
             del self._inflight[adapter_id]
 
+    async def _create_once(self, adapter_id: str, generate: Generate) -> tuple[GeneratedAdapter, Tier]:
+        """Generate under the adapter's Redis lock; while another replica holds it, wait for its result in Redis.
+        Without Redis (or while it is down) this process generates on its own."""
+        redis = self.redis
+        lock = redis.lock(adapter_id) if redis is not None and redis.available else None
+        while lock is not None and redis is not None:
+            try:
+                if await lock.acquire(blocking=False):
+                    break
+            except (RedisError, OSError) as exc:
+                log.warning("generation lock unavailable, generating here: %s", exc)
+                lock = None
+                break
+            await asyncio.sleep(LOCK_POLL_S)  # another replica is generating it: its result lands in Redis
+            found = await self.lookup(adapter_id, count=False)
+            if found is not None:
+                return found
+        if lock is None:
+            return await self._generate_and_store(adapter_id, generate), "generated"
+        async with held(lock):
+            found = await self.lookup(adapter_id, count=False)  # finished by another replica just before the lock
+            if found is not None:
+                return found
+            return await self._generate_and_store(adapter_id, generate), "generated"
+
+    async def _generate_and_store(self, adapter_id: str, generate: Generate) -> GeneratedAdapter:
+        adapter = await generate()
+        if adapter.adapter_id != adapter_id:
+            raise RuntimeError("generated adapter id does not match the requested id")
+        self._remember(adapter)
+        if self.redis is not None:
+            await self.redis.put(adapter_id, adapter.to_safetensors_bytes())
+        return adapter
+
+    def forget(self, adapter_id: str) -> None:
+        """Drop the memory tier's copy only (another replica deleted it)."""
+        self._memory.pop(adapter_id, None)
+
     async def drop(self, adapter_id: str) -> None:
         self._memory.pop(adapter_id, None)
         if self.redis is not None:
             await self.redis.delete(adapter_id)
+
+
+class Invalidations:
+    """Adapter ids dropped on one replica are dropped on every replica on the same Redis: ``publish`` sends them on
+    ``{prefix}:invalidate``, and ``run`` (a task on each replica) hands each message's ids to ``on_drop`` (drop the
+    memory copy, free the engine slot). A replica that misses messages while Redis is down only keeps a memory copy
+    of an adapter whose task is already gone from the shared registry (no task id resolves to it any more)."""
+
+    def __init__(self, redis_url: str, prefix: str, on_drop: Callable[[list[str]], None]) -> None:
+        self.channel = f"{prefix}:invalidate"
+        self.on_drop = on_drop
+        # its own connection, without the socket timeout of the cache's: a subscriber mostly waits
+        self._redis: Redis = Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=5.0)
+        self.ready = asyncio.Event()  # subscribed (tests wait for it)
+
+    async def publish(self, adapter_ids: list[str]) -> None:
+        if not adapter_ids:
+            return
+        try:
+            await self._redis.publish(self.channel, json.dumps(adapter_ids))
+        except (RedisError, OSError) as exc:
+            log.warning("could not publish the invalidation of %s: %s", adapter_ids, exc)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    self.ready.set()
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            self._handle(message.get("data"))
+            except (RedisError, OSError) as exc:
+                self.ready.clear()
+                log.warning("invalidation channel lost, resubscribing: %s", exc)
+                await asyncio.sleep(1.0)
+
+    def _handle(self, data: object) -> None:
+        try:
+            ids = json.loads(data) if isinstance(data, bytes | str) else None
+        except ValueError:
+            ids = None
+        if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+            self.on_drop(ids)
+        else:
+            log.warning("ignoring a malformed invalidation message")
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,6 +31,11 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("icm-lora", min_length=1, max_length=64)
     task_store: str = Field("auto", description="sqlite | redis | auto (redis when redis_url is set)")
     adapter_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    adapter_spec_ttl_s: int = Field(
+        30 * 24 * 3600,
+        ge=60,
+        description="Redis: an adapter-spec record expires this long after its last use, unless a task uses it",
+    )
     memory_cache_size: int = Field(64, ge=1, description="Adapters kept in process memory")
 
     # engine
@@ -65,7 +71,14 @@ class Settings(BaseSettings):
 
     # security
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Comma-separated")
-    rate_limit_per_minute: int = Field(0, ge=0, description="Per API key (or client address); 0 = off")
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Per API key (or client address); shared by every replica on one Redis; 0 = off"
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For / "
+        "X-Forwarded-Proto are believed; from anyone else they are ignored. Empty: trust none",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # server
@@ -84,6 +97,19 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        if isinstance(value, list):
+            for proxy in value:
+                try:
+                    ipaddress.ip_network(str(proxy), strict=False)
+                except ValueError:
+                    raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
         return value
 
     @field_validator("task_store")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,8 +20,8 @@ from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
 from service.api.middleware import BodySizeLimit, RequestId, RequestMetrics
 from service.api.routes import adapters, health, openai, tasks
-from service.api.security import Guard
-from service.cache import AdapterCache, RedisTier
+from service.api.security import Guard, RateLimiter
+from service.cache import AdapterCache, Invalidations, RedisTier
 from service.config import Settings, get_settings
 from service.errors import install_error_handlers
 from service.inference import start_engine
@@ -55,7 +56,12 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    guard = Guard([k.get_secret_value() for k in settings.api_keys], settings.rate_limit_per_minute)
+    limiter = (
+        RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
+        if settings.rate_limit_per_minute > 0
+        else None
+    )
+    guard = Guard([k.get_secret_value() for k in settings.api_keys], limiter)
     v1 = [Depends(guard)]
     app.include_router(adapters.router, dependencies=v1)
     app.include_router(tasks.router, dependencies=v1)
@@ -84,7 +90,7 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
     if settings.use_redis_tasks:
         if redis is None:
             raise ValueError("ICM_LORA_TASK_STORE=redis needs ICM_LORA_REDIS_URL")
-        store = RedisTaskStore(redis, settings.redis_prefix)
+        store = RedisTaskStore(redis, settings.redis_prefix, settings.adapter_spec_ttl_s)
     else:
         store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
     checkpoint = _load_checkpoint(settings)
@@ -102,6 +108,13 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
         checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)
         refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora)
     adapters = AdapterService(generator, cache, store, metrics, checker, refiner, settings.self_check)
+
+    def forget(adapter_ids: list[str]) -> None:  # another replica deleted them (or this one: already done)
+        for adapter_id in adapter_ids:
+            cache.forget(adapter_id)
+            engine.release_adapter(adapter_id)
+
+    invalidations = Invalidations(settings.redis_url, settings.redis_prefix, forget) if settings.redis_url else None
     state = ServiceState(
         settings=settings,
         metrics=metrics,
@@ -113,7 +126,10 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
         redis_tier=redis_tier,
         engine=engine,
         started_at=time.time(),
+        invalidations=invalidations,
     )
+    if invalidations is not None:
+        state.background.append(asyncio.create_task(invalidations.run()))
     if redis_tier is not None:
         await redis_tier.ping()
     log.info(
@@ -134,6 +150,11 @@ def _load_checkpoint(settings: Settings) -> GeneratorCheckpoint | None:
 
 
 async def _close_state(state: ServiceState) -> None:
+    for task in state.background:
+        task.cancel()
+    await asyncio.gather(*state.background, return_exceptions=True)
+    if state.invalidations is not None:
+        await state.invalidations.close()
     state.adapters.close()  # a running refinement stops at its next step
     await state.refinements.close()
     if state.engine is not None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
 from generator.base_model import BaseModel
 from service.adapters import AdapterService
-from service.cache import AdapterCache, RedisTier
+from service.cache import AdapterCache, Invalidations, RedisTier
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.refinements import RefinementQueue
@@ -28,6 +29,8 @@ class ServiceState:
     redis_tier: RedisTier | None = None
     engine: Any = None
     started_at: float = 0.0
+    invalidations: Invalidations | None = None  # with Redis: deletions reach every replica
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 def get_state(request: Request) -> ServiceState:

@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, get_args
@@ -144,9 +144,15 @@ class TaskStore(Protocol):
         """Set the refinement of ``record``'s task if it is still the same registration; False when it is gone."""
         ...
 
-    async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None: ...
+    async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
+        """Store the spec behind an adapter id (kept if there is one); a bounded store renews its lifetime."""
+        ...
 
     async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None: ...
+
+    async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
+        """Keep these specs while a registered task uses them (``pinned``), or let them expire again."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -224,17 +230,25 @@ class SqliteTaskStore:
         rows = await self._run("SELECT body FROM adapter_specs WHERE adapter_id = ?", (adapter_id,))
         return StoredSpec.from_json(str(rows[0][0])) if rows else None
 
+    async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
+        return None  # the embedded store keeps every spec (one process; see README)
+
     async def close(self) -> None:
         async with self._lock:
             self._db.close()
 
 
 class RedisTaskStore:
-    """``{prefix}:task:{id}`` -> record JSON (no TTL) and a sorted set ``{prefix}:tasks`` for ordered listing."""
+    """``{prefix}:task:{id}`` -> record JSON (no TTL) and a sorted set ``{prefix}:tasks`` for ordered listing.
 
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    ``{prefix}:adapter-spec:{id}`` records are bounded: each expires ``spec_ttl_s`` after its last use (every
+    generation or lookup through the service renews it), except while a registered task uses it (pinned: no TTL;
+    deleting the task lets it expire again)."""
+
+    def __init__(self, redis: Redis, prefix: str, spec_ttl_s: int = 30 * 24 * 3600) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._spec_ttl_s = spec_ttl_s
 
     def _task_key(self, task_id: str) -> str:
         return f"{self._prefix}:task:{task_id}"
@@ -302,12 +316,30 @@ class RedisTaskStore:
                 raise StoreUnavailable(f"task registry (Redis) unavailable: {exc}") from None
         raise StoreUnavailable(f"task {record.task_id!r} kept changing while its refinement was recorded")
 
+    def _spec_key(self, adapter_id: str) -> str:
+        return f"{self._prefix}:adapter-spec:{adapter_id}"
+
     async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
-        await self._call(self._redis.set(f"{self._prefix}:adapter-spec:{adapter_id}", stored.to_json(), nx=True))
+        key = self._spec_key(adapter_id)
+        if not await self._call(self._redis.set(key, stored.to_json(), nx=True, ex=self._spec_ttl_s)):
+            await self._call(self._redis.expire(key, self._spec_ttl_s, gt=True))  # renew; a pinned one stays
 
     async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None:
-        raw = await self._call(self._redis.get(f"{self._prefix}:adapter-spec:{adapter_id}"))
-        return StoredSpec.from_json(raw) if raw is not None else None
+        key = self._spec_key(adapter_id)
+        raw = await self._call(self._redis.get(key))
+        if raw is None:
+            return None
+        await self._call(self._redis.expire(key, self._spec_ttl_s, gt=True))
+        return StoredSpec.from_json(raw)
+
+    async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for adapter_id in adapter_ids:
+                if pinned:
+                    pipe.persist(self._spec_key(adapter_id))
+                else:
+                    pipe.expire(self._spec_key(adapter_id), self._spec_ttl_s)
+            await self._call(pipe.execute())
 
     async def close(self) -> None:
         return None

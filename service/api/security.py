@@ -1,48 +1,80 @@
-"""API keys (Bearer, compared in constant time) and a per-key token-bucket rate limit."""
+"""API keys (Bearer, compared in constant time) and the per-identity rate limit.
+
+The rate limit is the ``limits`` library's sliding-window counter: two counters per identity (bounded memory, keys
+expire after two windows). With ``ICM_LORA_REDIS_URL`` set the counters live in Redis, so every replica on that
+Redis spends from one budget per identity (not N budgets); without it, in process memory.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import time
-from dataclasses import dataclass, field
 
 from fastapi import Request
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
 
 from service.errors import APIError
 
+log = logging.getLogger(__name__)
 
-@dataclass
+
 class RateLimiter:
-    """``per_minute`` requests per identity, refilled continuously; bursts up to ``per_minute``."""
+    """``per_minute`` requests per identity in any sliding minute; shared through Redis when ``redis_url`` is set.
+    When the shared store cannot be reached, requests are let through (logged): an outage of the limiter's store
+    must not take the API down with it."""
 
-    per_minute: int
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # identity -> (tokens, last refill)
+    def __init__(self, per_minute: int, redis_url: str | None = None, prefix: str = "icm-lora") -> None:
+        self.item = RateLimitItemPerMinute(per_minute)
+        storage: Storage
+        if redis_url:
+            url = "async+" + redis_url if not redis_url.startswith("async+") else redis_url
+            storage = RedisStorage(
+                url,
+                wrap_exceptions=True,
+                implementation="redispy",
+                key_prefix=f"{prefix}:ratelimit",
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+            )
+        else:
+            storage = MemoryStorage()
+        self.storage = storage
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._warned_at = -math.inf
 
-    def check(self, identity: str) -> float:
-        """0 when allowed (a token is taken), else seconds until the next token."""
-        now = time.monotonic()
-        rate = self.per_minute / 60.0
-        tokens, last = self._buckets.get(identity, (float(self.per_minute), now))
-        tokens = min(float(self.per_minute), tokens + (now - last) * rate)
-        if tokens >= 1.0:
-            self._buckets[identity] = (tokens - 1.0, now)
+    async def check(self, identity: str) -> float:
+        """0 when allowed (the request is counted), else seconds until the next request would be allowed."""
+        try:
+            if await self._limiter.hit(self.item, identity):
+                return 0.0
+            stats = await self._limiter.get_window_stats(self.item, identity)
+        except StorageError as exc:
+            now = time.monotonic()
+            if now - self._warned_at > 60:
+                self._warned_at = now
+                log.warning("rate limit store unavailable, letting requests through: %s", exc.storage_error)
             return 0.0
-        self._buckets[identity] = (tokens, now)
-        return (1.0 - tokens) / rate
+        return max(stats.reset_time - time.time(), 1e-3)
 
 
 class Guard:
-    """The dependency every /v1 route takes: authentication, then rate limiting."""
+    """The dependency every /v1 route takes: authentication, then rate limiting. ``limiter``: None for no limit."""
 
-    def __init__(self, api_keys: list[str], rate_limit_per_minute: int) -> None:
+    def __init__(self, api_keys: list[str], limiter: RateLimiter | None = None) -> None:
         # keys are kept as digests: comparing fixed-length digests in constant time leaks neither key nor length
         self._digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
-        self._limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute > 0 else None
+        self._limiter = limiter
 
     def identity(self, request: Request) -> str:
         if not self._digests:
+            # the connection's address; behind a proxy listed in ICM_LORA_TRUSTED_PROXIES the server has already
+            # replaced it by the forwarded client address (uvicorn's proxy headers), from anyone else it is kept
             return f"addr:{request.client.host if request.client else 'unknown'}"
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
@@ -61,7 +93,7 @@ class Guard:
     async def __call__(self, request: Request) -> str:
         identity = self.identity(request)
         if self._limiter is not None:
-            wait = self._limiter.check(identity)
+            wait = await self._limiter.check(identity)
             if wait > 0:
                 raise APIError(429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return identity

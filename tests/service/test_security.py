@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+import redis
+
 from service.api.security import RateLimiter
-from tests.service.conftest import metric_value, serve
+from tests.service.conftest import REDIS_URL, free_port, metric_value, serve
 
 
 def test_api_keys_guard_every_v1_route(settings_for) -> None:  # type: ignore[no-untyped-def]
@@ -41,14 +46,58 @@ def test_rate_limit_per_key(settings_for) -> None:  # type: ignore[no-untyped-de
         assert client.get("/v1/tasks", headers={"Authorization": "Bearer k2"}).status_code == 200  # per key
 
 
-def test_rate_limiter_refills() -> None:
-    limiter = RateLimiter(per_minute=60)
-    assert all(limiter.check("a") == 0 for _ in range(60))
-    wait = limiter.check("a")
-    assert 0 < wait <= 1.0
-    tokens, last = limiter._buckets["a"]
-    limiter._buckets["a"] = (tokens, last - 2.0)  # two seconds later: two tokens back
-    assert limiter.check("a") == 0 and limiter.check("a") == 0 and limiter.check("a") > 0
+def test_rate_limit_is_shared_through_redis(redis_prefix: str) -> None:
+    """Two limiters on one Redis (two replicas) spend one budget per identity; counters expire with the window."""
+
+    async def run() -> None:
+        first = RateLimiter(3, REDIS_URL, redis_prefix)
+        second = RateLimiter(3, REDIS_URL, redis_prefix)
+        waits = [await limiter.check("key:a") for limiter in (first, second, first)]
+        assert waits == [0.0, 0.0, 0.0]
+        assert await second.check("key:a") > 0 and await first.check("key:a") > 0  # not 2 x 3
+        assert await second.check("key:b") == 0.0  # per identity
+        keys = [k.decode() for k in redis.Redis.from_url(REDIS_URL).scan_iter(f"{redis_prefix}:ratelimit*")]
+        assert keys and all(redis.Redis.from_url(REDIS_URL).ttl(k) > 0 for k in keys), keys  # bounded: they expire
+
+    asyncio.run(run())
+
+
+def test_rate_limit_lets_requests_through_when_its_redis_is_down() -> None:
+    async def run() -> None:
+        limiter = RateLimiter(1, f"redis://127.0.0.1:{free_port()}/0", "down")
+        assert [await limiter.check("key:a") for _ in range(3)] == [0.0, 0.0, 0.0]
+
+    asyncio.run(run())
+
+
+def test_rate_limit_in_memory_without_redis() -> None:
+    async def run() -> None:
+        limiter = RateLimiter(2)
+        assert [await limiter.check("addr:x") for _ in range(2)] == [0.0, 0.0]
+        wait = await limiter.check("addr:x")
+        assert 0 < wait <= 60
+
+    asyncio.run(run())
+
+
+def test_forwarded_addresses_only_from_trusted_proxies(settings_for) -> None:  # type: ignore[no-untyped-def]
+    """Without keys the limit is per client address; X-Forwarded-For changes that address only when the connection
+    comes from a configured proxy (uvicorn alone would trust it from 127.0.0.1)."""
+
+    def statuses(client, addresses: list[str]) -> list[int]:  # type: ignore[no-untyped-def]
+        return [client.get("/v1/models", headers={"X-Forwarded-For": a}).status_code for a in addresses]
+
+    spoofed = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    with serve(settings_for(rate_limit_per_minute=2)) as service, service.client() as client:
+        assert statuses(client, spoofed) == [200, 200, 429]  # one budget: the header is ignored
+    with serve(settings_for(rate_limit_per_minute=2, trusted_proxies="127.0.0.0/8")) as service, service.client() as c:
+        assert statuses(c, spoofed) == [200, 200, 200]  # three clients behind the proxy
+        assert statuses(c, ["10.0.0.1"]) == [200] and statuses(c, ["10.0.0.1"]) == [429]
+
+
+def test_trusted_proxies_must_be_addresses(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="not an IP address"):
+        settings_for(trusted_proxies="10.0.0.0/8,proxy.example")
 
 
 def test_cors_closed_by_default(settings_for) -> None:  # type: ignore[no-untyped-def]

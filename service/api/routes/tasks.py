@@ -107,6 +107,8 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     finally:
         if job is not None:
             state.refinements.release()
+    # the specs behind the task's adapters stay while it is registered (a bounded store lets others expire)
+    await state.store.pin_adapter_specs([i for i in (adapter.adapter_id, record.refinement.adapter_id) if i], True)
     out = task_out(record, state)
     out.adapter = adapter_metadata(adapter, tier)
     return JSONResponse(out.model_dump(), status_code=201 if created else 200)
@@ -138,9 +140,12 @@ async def delete_task(task_id: TaskId, state: Annotated[ServiceState, Depends(ge
     if record is None:
         raise APIError(404, f"unknown task {task_id!r}")
     out = task_out(record, state)
-    for adapter_id in (out.adapter_id, record.refinement.adapter_id):
-        if adapter_id is not None:
-            await state.cache.drop(adapter_id)
-            if state.engine is not None:
-                state.engine.release_adapter(adapter_id)
+    dropped = [i for i in (out.adapter_id, record.refinement.adapter_id) if i is not None]
+    for adapter_id in dropped:
+        await state.cache.drop(adapter_id)
+        if state.engine is not None:
+            state.engine.release_adapter(adapter_id)
+    await state.store.pin_adapter_specs(dropped, False)
+    if state.invalidations is not None:  # every other replica drops its memory copies and frees its slots
+        await state.invalidations.publish(dropped)
     return out

@@ -1,0 +1,237 @@
+"""vLLM (CPU build, with the icm-lora plugin) and icm-lora side by side, over HTTP, in one run.
+
+    python bench/vllm_compare.py                      # 16 requests x 32 tokens, 16 adapters, 3 rounds (minutes)
+    python bench/vllm_compare.py --smoke              # 2 requests x 4 tokens, 2 adapters, 1 round: checks the script
+
+Both servers serve the same model folder (SmolLM2-135M, the one icm-lora writes under ICM_LORA_DATA_DIR) and the same
+generated adapters (icm-lora generates them; vLLM fetches them through the plugin). Per round, alternating which
+server goes first (this machine's speed drifts): ``--requests`` concurrent greedy completions of ``--max-tokens``
+with no adapter, and with ``--adapters`` different adapters (each task resolved by vLLM once beforehand, so this
+measures serving, not fetching). Also: single-request time to first token (streamed, median of 5), the first request
+for a new task through vLLM over a repeated one (the plugin's fetch + load; target <= 2 s), start-up time and resident
+memory (the process tree's RSS) of each server, and whether the greedy texts agree. Writes
+``bench/results/vllm_compare.json`` (``--smoke``: ``bench/results/vllm_compare.smoke.json``, marked as a smoke run).
+Needs ``.venv-vllm`` (``bash scripts/setup-vllm.sh``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from generator.base_model import ensure_smollm2_folder
+from service.background import ServiceProcess, free_port
+from tests.vllm.conftest import SERVED_NAME, VLLM_PYTHON, cpu_lacks_vllm, fresh_data_dir, vllm_command, vllm_env
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOPICS = ["a lighthouse", "a lost key", "the first snow", "a night train", "an old map", "a quiet library",
+          "a red kite", "a storm at sea", "a small garden", "a broken clock", "a mountain road", "a market day",
+          "a paper boat", "a late letter", "a winter fox", "a summer fair"]  # fmt: skip
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (vLLM's engine runs in a child process)."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            for task in Path(f"/proc/{current}/task").iterdir():
+                stack += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+def complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+    response.raise_for_status()
+    answer = response.json()
+    return answer["choices"][0]["text"], int(answer["usage"]["completion_tokens"])
+
+
+def burst(url: str, models: list[str], prompts: list[str], max_tokens: int) -> tuple[float, list[str]]:
+    """tokens/s of len(prompts) concurrent requests, and their texts."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda mp: complete(url, mp[0], mp[1], max_tokens), zip(models, prompts, strict=True)))
+    seconds = time.perf_counter() - start
+    return sum(n for _, n in results) / seconds, [t for t, _ in results]
+
+
+def time_to_first_token(url: str, model: str, prompt: str) -> float:
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"text"' in line:
+                return time.perf_counter() - start
+    raise RuntimeError("no token streamed")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="2 requests x 4 tokens, 2 adapters, 1 round")
+    parser.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.max_tokens, args.adapters, args.rounds = 2, 4, 2, 1
+    out = args.out or RESULTS / ("vllm_compare.smoke.json" if args.smoke else "vllm_compare.json")
+    reason = cpu_lacks_vllm()
+    if reason or not VLLM_PYTHON.is_file():
+        sys.exit(reason or f"{VLLM_PYTHON} is missing: bash scripts/setup-vllm.sh")
+    load_at_start = os.getloadavg()
+    tmp = Path(tempfile.mkdtemp(prefix="vllm-compare-"))
+    data_dir = fresh_data_dir(tmp / "data")  # an empty registry, the shared model folder
+
+    icm = ServiceProcess(
+        {"ICM_LORA_DATA_DIR": str(data_dir), "ICM_LORA_SELF_CHECK": "keep", "ICM_LORA_TASK_STORE": "sqlite",
+         "ICM_LORA_MAX_BATCH_SIZE": str(max(16, args.requests))},
+        tmp / "icm-lora.log",
+    )  # fmt: skip
+    icm.env.pop("ICM_LORA_REDIS_URL", None)
+    icm_start_s = icm.start(timeout_s=600)
+    model = ensure_smollm2_folder(data_dir)
+    port = free_port()
+    vllm_url = f"http://127.0.0.1:{port}"
+    with (tmp / "vllm.log").open("wb") as log:
+        vllm = subprocess.Popen(
+            [*vllm_command(VLLM_PYTHON, model, port), "--max-loras", str(args.adapters), *args.vllm_arg],
+            env=vllm_env(icm.url, tmp / "adapters", port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    start = time.monotonic()
+    while True:
+        if vllm.poll() is not None:
+            sys.exit(f"vLLM exited: see {tmp / 'vllm.log'}")
+        try:
+            if httpx.get(f"{vllm_url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    vllm_start_s = time.monotonic() - start
+    servers = {"icm-lora": icm.url, "vllm": vllm_url}
+    try:
+        tasks = []
+        with httpx.Client(base_url=icm.url, timeout=600) as http:
+            for n in range(args.adapters + 3):
+                topic = TOPICS[n % 16]
+                example = {"input": f"Topic {n}", "output": f"A short text about {topic}."}
+                body = {"task_id": f"bench-{n}", "description": f"Write about {topic}.", "examples": [example]}
+                assert http.post("/v1/tasks", json=body).status_code == 201
+                tasks.append(body["task_id"])
+        adapter_tasks, new_tasks = tasks[: args.adapters], tasks[args.adapters :]
+        prompts = [f"Input: Tell me about {TOPICS[i % 16]}.\nOutput:" for i in range(args.requests)]
+
+        # the first request of a new task through vLLM (fetch + load) over a repeated one
+        first_overhead = []
+        for task in new_tasks:
+            t0 = time.perf_counter()
+            complete(vllm_url, task, prompts[0], 1)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            complete(vllm_url, task, prompts[0], 1)
+            first_overhead.append(first - (time.perf_counter() - t0))
+        for task in adapter_tasks:  # resolved once, so the adapter phase measures serving
+            complete(vllm_url, task, prompts[0], 1)
+
+        rounds, mismatches, compared = [], 0, 0
+        for r in range(args.rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            row: dict[str, dict[str, float]] = {}
+            texts: dict[str, dict[str, list[str]]] = {}
+            for name in order:
+                base_tps, base_texts = burst(servers[name], [SERVED_NAME] * args.requests, prompts, args.max_tokens)
+                models = [adapter_tasks[i % len(adapter_tasks)] for i in range(args.requests)]
+                lora_tps, lora_texts = burst(servers[name], models, prompts, args.max_tokens)
+                row[name] = {"no_adapter_tok_s": round(base_tps, 1), "adapters_tok_s": round(lora_tps, 1)}
+                texts[name] = {"base": base_texts, "lora": lora_texts}
+            for kind in ("base", "lora"):
+                pairs = zip(texts["icm-lora"][kind], texts["vllm"][kind], strict=True)
+                mismatches += sum(a != b for a, b in pairs)
+                compared += len(texts["vllm"][kind])
+            rounds.append({"order": order, **row})
+            print(json.dumps(rounds[-1]), flush=True)
+
+        ttft = {
+            name: {
+                "no_adapter_ms": round(1000 * statistics.median(
+                    time_to_first_token(url, SERVED_NAME, prompts[0]) for _ in range(5)), 1),
+                "adapter_ms": round(1000 * statistics.median(
+                    time_to_first_token(url, adapter_tasks[0], prompts[0]) for _ in range(5)), 1),
+            }
+            for name, url in servers.items()
+        }  # fmt: skip
+        rss = {"icm-lora": round(rss_mb(icm.proc.pid), 1) if icm.proc else None, "vllm": round(rss_mb(vllm.pid), 1)}
+    finally:
+        vllm.terminate()
+        try:
+            vllm.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            vllm.kill()
+        icm.stop()
+
+    def median(server: str, key: str) -> float:
+        return statistics.median(r[server][key] for r in rounds)
+
+    overhead = max(first_overhead)
+    result = {
+        "smoke": args.smoke,
+        "note": "a smoke run: checks the script end to end, its figures are not a measurement" if args.smoke else "",
+        "workload": {
+            "requests": args.requests,
+            "max_tokens": args.max_tokens,
+            "adapters": args.adapters,
+            "rounds": args.rounds,
+            "vllm_args": args.vllm_arg,
+        },
+        "throughput_tok_s_median": {
+            s: {"no_adapter": median(s, "no_adapter_tok_s"), "adapters": median(s, "adapters_tok_s")} for s in servers
+        },
+        "rounds": rounds,
+        "time_to_first_token": ttft,
+        "startup_s": {"icm-lora": round(icm_start_s, 1), "vllm": round(vllm_start_s, 1)},
+        "rss_mb_after": rss,
+        "vllm_first_request_overhead_s": [round(s, 3) for s in first_overhead],
+        "greedy_texts_compared": compared,
+        "targets": {
+            "vllm_first_request_overhead_s": {"value": round(overhead, 3), "target": "<= 2.0", "met": overhead <= 2.0},
+            "greedy_mismatches": {"value": mismatches, "target": "== 0", "met": mismatches == 0},
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": os.getloadavg(),
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("throughput_tok_s_median", "time_to_first_token", "targets")}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
