@@ -32,6 +32,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from generator.device import CPU_FP32, Placement
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "smollm2-135m"
@@ -61,6 +63,11 @@ class BaseModel:
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
+    @property
+    def placement(self) -> Placement:
+        weight = next(self.model.parameters())
+        return Placement(weight.device, weight.dtype)
+
 
 def default_data_dir() -> Path:
     """Where icm-lora keeps caches (the dequantised base model): ``$ICM_LORA_DATA_DIR`` or ``~/.cache/icm-lora``."""
@@ -68,19 +75,25 @@ def default_data_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "icm-lora"
 
 
-def load_base_model(source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None) -> BaseModel:
-    """Load a base model in fp32, eval mode, on the CPU."""
+def load_base_model(
+    source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None, placement: Placement = CPU_FP32
+) -> BaseModel:
+    """Load a base model in eval mode on ``placement`` (a ``resolve_placement`` result; default fp32 on the CPU).
+
+    The tiny model is built in fp32 on the CPU (deterministic for its seed whatever the device) and then moved."""
     source = source.strip()
     if not source:
         raise BaseModelError("the base model name is empty")
     if source == DEFAULT_BASE_MODEL:
         folder = ensure_smollm2_folder(data_dir or default_data_dir())
-        return _from_folder(str(folder), name=DEFAULT_BASE_MODEL)
+        return _from_folder(str(folder), DEFAULT_BASE_MODEL, placement)
     if source == TINY_PREFIX or source.startswith(TINY_PREFIX + ":"):
         seed = _tiny_seed(source)
         model, tokenizer = build_tiny_model(seed)
+        if placement != CPU_FP32:
+            torch.nn.Module.to(model, device=placement.device, dtype=placement.dtype)
         return BaseModel(model=model, tokenizer=tokenizer, name=f"{TINY_PREFIX}:{seed}")
-    return _from_folder(source, name=source)
+    return _from_folder(source, source, placement)
 
 
 def _tiny_seed(source: str) -> int:
@@ -93,16 +106,18 @@ def _tiny_seed(source: str) -> int:
         raise BaseModelError(f"tiny model seed must be an integer, got {raw!r}") from None
 
 
-def _from_folder(path_or_id: str, name: str) -> BaseModel:
+def _from_folder(path_or_id: str, name: str, placement: Placement) -> BaseModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=placement.dtype)
     except (OSError, ValueError) as exc:  # missing files, not on the hub cache, or not a valid repo id
         raise BaseModelError(
             f"cannot load base model {path_or_id!r}: {exc}. Give a local Hugging Face model folder, a hub id that is "
             f"already in the local cache, {DEFAULT_BASE_MODEL!r} (packaged SmolLM2-135M) or 'tiny'."
         ) from exc
     _ensure_pad_token(tokenizer)
+    if placement.device.type != "cpu":
+        torch.nn.Module.to(model, placement.device)
     model.eval()
     return BaseModel(model=model, tokenizer=tokenizer, name=name)
 

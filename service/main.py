@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
 
 async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Refiner | None) -> ServiceState:
     start = time.perf_counter()
-    base = load_base_model(settings.base_model, settings.data_dir)
+    placement = settings.placement()  # before anything loads: a GPU that is not there fails here, with a message
+    base = load_base_model(settings.base_model, settings.data_dir, placement)
     redis = (
         Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         if settings.redis_url
@@ -100,7 +101,7 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
         generator = AdapterGenerator(checkpoint, encoder)
         read, length = checkpoint.encoder.max_examples, checkpoint.encoder.max_length
         checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)
-        refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora)
+        refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora, placement)
     adapters = AdapterService(generator, cache, store, metrics, checker, refiner, settings.self_check)
     state = ServiceState(
         settings=settings,
@@ -117,9 +118,10 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
     if redis_tier is not None:
         await redis_tier.ping()
     log.info(
-        "icm-lora ready in %.1f s (model %s, generator %s)",
+        "icm-lora ready in %.1f s (model %s on %s, generator %s)",
         time.perf_counter() - start,
         base.name,
+        placement,
         generator.generator_id if generator else None,
     )
     return state
