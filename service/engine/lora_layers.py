@@ -31,6 +31,7 @@ from generator.adapter import GeneratedAdapter
 from service.engine.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
+SwapEvents = tuple[torch.cuda.Event, torch.cuda.Event]  # (start, done) of a slot copy on the copy stream
 NO_SLOT = -1
 _UNSET: object = object()  # "no activation yet", distinct from every slot tuple and from None
 
@@ -149,6 +150,8 @@ class LoraBank:
             offset += max_rank * (linear.in_features + linear.out_features)
         self.slot_numel = offset
         self.slots = torch.zeros(num_slots + 1, offset, device=self.device, dtype=self.dtype)
+        # on CUDA, prepared rows wait in pinned host memory and are copied on a side stream (the host never waits)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.scales = torch.zeros(num_slots + 1, device=self.device, dtype=self.dtype)
         self.layout = f"r{max_rank}:" + ";".join(f"{n}:{m.in_features}x{m.out_features}" for n, m in targets)
         self.names: list[str] = []
@@ -196,7 +199,8 @@ class LoraBank:
             )
         tensors = adapter.tensors
         r, big_r = settings.rank, self.max_rank
-        row = torch.zeros(self.slot_numel, device=self.device, dtype=self.dtype)
+        pinned = self._copy_stream is not None
+        row = torch.zeros(self.slot_numel, dtype=self.dtype, device="cpu" if pinned else self.device, pin_memory=pinned)
         used: set[str] = set()
         with torch.no_grad():
             for name, layer, (a_at, b_at, out) in zip(self.names, self.layers, self._offsets, strict=True):
@@ -220,14 +224,31 @@ class LoraBank:
         if adapter.layout != self.layout or adapter.row.shape != (self.slot_numel,):
             raise AdapterError(f"adapter {adapter.adapter_id!r} was prepared for another engine layout")
 
-    def load(self, slot: int, adapter: PreparedAdapter) -> None:
-        """Copy the adapter into ``slot``: one in-place copy of a contiguous row."""
+    def load(self, slot: int, adapter: PreparedAdapter) -> SwapEvents | None:
+        """Copy the adapter into ``slot``: one in-place copy of a contiguous row.
+
+        On CUDA the copy is issued from pinned memory on a side stream, after the work already queued (which may
+        still read the evicted slot); the compute stream waits for it on the device, the host does not. The copy's
+        (start, done) CUDA events are returned for timing; on the CPU the copy is done on return (None)."""
         self._check_slot(slot)
         self.check(adapter)
-        with torch.no_grad():
-            self.slots[slot].copy_(adapter.row)
-            self.scales[slot] = adapter.scaling
         self._last_activation = _UNSET
+        stream = self._copy_stream
+        with torch.no_grad():
+            if stream is None:
+                self.slots[slot].copy_(adapter.row)
+                self.scales[slot] = adapter.scaling
+                return None
+            compute = torch.cuda.current_stream(self.device)
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                self.slots[slot].copy_(adapter.row, non_blocking=True)
+                self.scales[slot].fill_(adapter.scaling)
+                done.record(stream)
+            compute.wait_event(done)
+        return start, done
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
