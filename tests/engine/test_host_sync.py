@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,9 +23,20 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu
 
 
 class SyncCounter:
+    """Counts calls made by the thread that set ``active`` (the engine thread, inside a step): the test's own thread
+    wakes up as soon as the last token is pushed and may run the reference model while that step still finishes."""
+
     def __init__(self) -> None:
-        self.active = False
+        self.active_thread: int | None = None
         self.counts: collections.Counter[str] = collections.Counter()
+
+    @property
+    def active(self) -> bool:
+        return self.active_thread == threading.get_ident()
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        self.active_thread = threading.get_ident() if on else None
 
     def wrap(self, name: str, original: Callable[..., object]) -> Callable[..., object]:
         def counted(*args: object, **kwargs: object) -> object:
@@ -86,6 +98,7 @@ def test_one_transfer_per_decode_step_in_a_mixed_batch(
     ]
     adapters = [adapter(1), None, adapter(2), adapter(1)]
     results = engine.generate_many(prompt_ids, adapters, params)
+    engine.stats(sync=True)  # runs between two steps: the last step has finished recording
     assert [len(r.token_ids) for r in results] == [10, 6, 8, 4]
     assert results[0].token_ids == reference(prompt_ids[0], adapters[0], 10)  # still right
     assert results[3].token_ids == reference(prompt_ids[3], adapters[3], 4)  # the overflowing temperature is greedy
