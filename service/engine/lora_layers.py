@@ -84,15 +84,21 @@ class SlottedLoraLinear(nn.Linear):
         batch = x.shape[0]
         if rows.index.shape[0] != batch:
             raise RuntimeError(f"LoRA rows were activated for {rows.index.shape[0]} rows, the batch has {batch}")
+        fused = self.lora_A.dtype == torch.float32
         pair = rows.gathered.get(id(self))
         if pair is None:
-            # once per batch composition: each row's A^T and (scale * B)^T, contiguous for bmm
+            # once per batch composition: each row's A^T and B^T (times its scale when fused), contiguous for bmm
             a_t = self.lora_A.index_select(0, rows.index).transpose(1, 2).contiguous()  # [B, in, R]
-            b_t = (self.lora_B.index_select(0, rows.index) * rows.scale).transpose(1, 2).contiguous()  # [B, R, out]
+            b = self.lora_B.index_select(0, rows.index)
+            b_t = (b * rows.scale if fused else b).transpose(1, 2).contiguous()  # [B, R, out]
             pair = rows.gathered[id(self)] = (a_t, b_t)
         a_t, b_t = pair
         h = torch.bmm(x.reshape(batch, -1, self.in_features), a_t)  # [B, S, R]
-        return torch.baddbmm(y.view(batch, -1, self.out_features), h, b_t).view(y.shape)  # y + h @ (sB)^T
+        if fused:
+            return torch.baddbmm(y.view(batch, -1, self.out_features), h, b_t).view(y.shape)  # y + h @ (sB)^T
+        # bf16/fp16: peft's roundings (delta, then delta * scale, then the sum, each in the low dtype), so greedy
+        # tokens stay with peft's; a fused y + h @ (sB)^T rounds once and drifts from it over a generation
+        return y + (torch.bmm(h, b_t) * rows.scale).view(y.shape)
 
 
 @dataclass(frozen=True)
