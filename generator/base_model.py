@@ -6,7 +6,9 @@ Three sources, chosen by one string:
   is dequantised once and cached as a plain Hugging Face folder under the data directory; later loads take that
   folder (under a second).
 * ``"tiny"`` (or ``"tiny:SEED"``): a small randomly initialised Llama with a byte-level tokenizer, for tests and the
-  demo. Built in memory, deterministic for a seed.
+  demo. Built in memory, deterministic for a seed. ``"tiny-qwen2"``, ``"tiny-mistral"``, ``"tiny-gemma2"``,
+  ``"tiny-gemma3"`` and ``"tiny-phi3"`` (each with an optional ``:SEED``) are the same size in the other supported
+  architectures, built from their transformers config classes (no download).
 * anything else: a Hugging Face causal-LM folder or hub id, passed to ``from_pretrained``.
 """
 
@@ -27,6 +29,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -87,17 +90,21 @@ def load_base_model(
     if source == DEFAULT_BASE_MODEL:
         folder = ensure_smollm2_folder(data_dir or default_data_dir())
         return _from_folder(str(folder), DEFAULT_BASE_MODEL, placement)
-    if source == TINY_PREFIX or source.startswith(TINY_PREFIX + ":"):
+    kind, _, _ = source.partition(":")
+    if kind == TINY_PREFIX or kind.startswith(TINY_PREFIX + "-"):
+        architecture = kind.removeprefix(TINY_PREFIX).removeprefix("-") or "llama"
+        if architecture not in TINY_ARCHITECTURES:
+            raise BaseModelError(f"unknown tiny architecture {architecture!r}; one of {sorted(TINY_ARCHITECTURES)}")
         seed = _tiny_seed(source)
-        model, tokenizer = build_tiny_model(seed)
+        model, tokenizer = build_tiny_model(seed, architecture)
         if placement != CPU_FP32:
             torch.nn.Module.to(model, device=placement.device, dtype=placement.dtype)
-        return BaseModel(model=model, tokenizer=tokenizer, name=f"{TINY_PREFIX}:{seed}")
+        return BaseModel(model=model, tokenizer=tokenizer, name=f"{kind}:{seed}")
     return _from_folder(source, source, placement)
 
 
 def _tiny_seed(source: str) -> int:
-    if source == TINY_PREFIX:
+    if ":" not in source:
         return 0
     raw = source.split(":", 1)[1]
     try:
@@ -236,11 +243,55 @@ def tiny_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-def build_tiny_model(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A randomly initialised Llama of the SmolLM2 architecture, about 0.1M parameters, deterministic for ``seed``."""
+# the other architectures at the tiny Llama's size: config class, model class, what differs from Llama
+TINY_ARCHITECTURES: dict[str, tuple[str, str, dict[str, object]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # biased q/k/v projections
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4096}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4096}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # fused qkv_proj: LoRA targets qkv_proj (see README)
+}
+
+
+def tiny_architecture_config(architecture: str, vocab_size: int) -> PretrainedConfig:
+    """The tiny Llama's sizes in another architecture's config class. Sliding windows are wider than any test
+    sequence (the engine passes full padding masks; a window shorter than a sequence is untested)."""
+    import transformers
+
+    config_name, _, extra = TINY_ARCHITECTURES[architecture]
+    base = tiny_config(vocab_size).to_dict()
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "initializer_range",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    kwargs = {k: base[k] for k in keep} | extra
+    config: PretrainedConfig = getattr(transformers, config_name)(**kwargs)
+    return config
+
+
+def build_tiny_model(seed: int = 0, architecture: str = "llama") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A randomly initialised model of about 0.1M parameters (Llama: the SmolLM2 architecture), deterministic for
+    ``seed``."""
+    import transformers
+
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_config(len(tokenizer)))
+        if architecture == "llama":
+            model: PreTrainedModel = LlamaForCausalLM(tiny_config(len(tokenizer)))
+        else:
+            model_class = getattr(transformers, TINY_ARCHITECTURES[architecture][1])
+            model = model_class(tiny_architecture_config(architecture, len(tokenizer)))
     model.eval()
     return model, tokenizer

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from generator.adapter import GeneratedAdapter
+from generator.lora_layout import fused_projection_hint
 from service.engine.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
@@ -144,7 +145,8 @@ class LoraBank:
         found = {name.rsplit(".", 1)[-1] for name, _ in targets}
         missing = [t for t in self.target_modules if t not in found]
         if missing:
-            raise ValueError(f"target modules {missing} are not Linear layers of this model")
+            hint = fused_projection_hint(model)
+            raise ValueError(f"target modules {missing} are not Linear layers of this model{hint}")
         weight = targets[0][1].weight
         self.device = weight.device
         self.dtype = weight.dtype

@@ -98,6 +98,9 @@ class Scheduler:
         self.pad_id = pad_id
         self.device = bank.device
         self.num_layers = int(model.config.num_hidden_layers)
+        # a 4D mask goes to the attention as it is: SDPA takes a bool mask, eager attention (Gemma 2's soft-capping)
+        # adds it to the scores, so it needs 0 / -inf
+        self._additive_mask = getattr(model.config, "_attn_implementation", None) == "eager"
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
@@ -388,7 +391,7 @@ class Scheduler:
         rows, cache, ids, positions = self._rows, self._cache, self._next_ids, self._positions
         assert cache is not None and ids is not None and positions is not None
         mask = cache.append_position()
-        attention = mask[:, None, None, :] if cache.has_padding() else None
+        attention = self._padding_mask(mask) if cache.has_padding() else None
         try:
             self.bank.activate([job.slot for job in rows])
             out = self.model(
@@ -415,6 +418,14 @@ class Scheduler:
             if not self._accept(job, tokens[i]):
                 keep.append(i)
         self._retain(keep)
+
+    def _padding_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool -> the [B, 1, 1, T] mask of a decode step, in the form the model's attention takes."""
+        mask = mask[:, None, None, :]
+        if not self._additive_mask:
+            return mask
+        dtype = self.bank.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
     def _accept(self, job: Job, token: int) -> bool:
         """Record a generated token, stream it; return True when the job finished (and was retired)."""
