@@ -104,3 +104,25 @@ def test_cli_commands_refuse_a_missing_gpu_before_loading(no_gpu: None, tmp_path
         assert result.exit_code == 2, (command, result.output)
         assert "asks for a GPU" in result.output and "Traceback" not in result.output
         assert not (tmp_path / "run").exists()  # failed before anything was created
+
+
+def test_training_in_bf16_keeps_fp32_lora_weights_and_task_vectors() -> None:
+    from generator.config import LoraSettings, LoraTrainingSettings, TaskEncoderSettings
+    from generator.lora_model import LoraModel
+    from generator.task_encoder import TaskEncoder
+    from generator.tasks import Example
+    from generator.training.train_loras import encode_examples, train_lora
+
+    base = load_base_model("tiny", placement=Placement(torch.device("cpu"), torch.bfloat16))
+    lora = LoraModel(base.model, LoraSettings(rank=2, alpha=4.0))
+    examples = [Example("kiwi pear", "yes"), Example("dog cat", "no")]
+    pairs = encode_examples(base.tokenizer, examples, max_length=24)
+    settings = LoraTrainingSettings(steps=2, batch_size=2, learning_rate=1e-2, checkpoints=1, checkpoint_every=1)
+    trained = train_lora(lora, int(base.tokenizer.pad_token_id), pairs, settings, "t")
+    assert trained.checkpoints.dtype == torch.float32 and bool(torch.isfinite(trained.checkpoints).all())
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in lora.tensors().values())
+    encoder = TaskEncoder.for_model(
+        base.model, base.tokenizer, TaskEncoderSettings(max_examples=2, max_length=24), no_adapter=lora.base_only
+    )
+    vector = encoder.in_context_vector(examples)
+    assert vector.dtype == torch.float32 and vector.shape == (base.hidden_size,)
