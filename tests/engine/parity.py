@@ -3,6 +3,7 @@ log-likelihoods. Shared by the low-precision and the architecture tests."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from generator.batching import answer_logprobs, pad_pairs
 from generator.selfcheck import encode_answers
 from generator.tasks import Example
 from service.engine import Engine, EngineConfig, SamplingParams
+
+# where the parity tests run: the CPU in CI; bench/gpu.sh sets cuda (tiny models are built on the CPU, then moved)
+TEST_DEVICE = torch.device(os.environ.get("ICM_LORA_TEST_DEVICE", "cpu"))
 
 EXAMPLES = (
     Example("red green blue", "blue green red"),

@@ -15,10 +15,11 @@ import torch
 from generator.adapter import GeneratedAdapter
 from generator.base_model import TINY_ARCHITECTURES, load_base_model
 from generator.config import LoraSettings
+from generator.device import Placement
 from generator.lora_layout import LayoutError, LoraLayout
 from service.engine import Engine
 from tests.engine.conftest import PROMPTS
-from tests.engine.parity import run_parity
+from tests.engine.parity import TEST_DEVICE, run_parity
 
 
 def targets(architecture: str) -> tuple[str, ...]:
@@ -28,14 +29,17 @@ def targets(architecture: str) -> tuple[str, ...]:
 @pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
 def test_engine_matches_peft(architecture: str, tmp_path: Path) -> None:
     name = f"tiny-{architecture}"
-    base = load_base_model(name)
+    placement = Placement(TEST_DEVICE, torch.float32)
+    base = load_base_model(name, placement=placement)
     settings = LoraSettings(target_modules=targets(architecture))
     layout = LoraLayout.from_model(base.model, settings)
     adapters: list[GeneratedAdapter | None] = [None]
     for seed in (1, 2):
         vector = torch.randn(layout.dim, generator=torch.Generator().manual_seed(seed)) * 0.5
         adapters.append(GeneratedAdapter(layout.unflatten(vector), settings, base.name, f"{architecture}-{seed}"))
-    parity = run_parity(lambda: load_base_model(name), adapters, PROMPTS, 12, tmp_path, settings.target_modules)
+    parity = run_parity(
+        lambda: load_base_model(name, placement=placement), adapters, PROMPTS, 12, tmp_path, settings.target_modules
+    )
     assert parity.alone == parity.reference
     assert parity.mixed == parity.reference
     assert torch.allclose(parity.engine_scores, parity.reference_scores, atol=1e-5)

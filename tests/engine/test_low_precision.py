@@ -17,13 +17,13 @@ import torch
 from generator.base_model import load_base_model
 from generator.device import Placement
 from tests.engine.conftest import PROMPTS, MakeAdapter
-from tests.engine.parity import Parity, run_parity
+from tests.engine.parity import TEST_DEVICE, Parity, run_parity
 
 TOKENS = 32
 
 
 def _parity(dtype: torch.dtype, adapter: MakeAdapter, folder: Path) -> Parity:
-    placement = Placement(torch.device("cpu"), dtype)
+    placement = Placement(TEST_DEVICE, dtype)
     adapters = [None, adapter(1), adapter(2), adapter(3)]
     return run_parity(lambda: load_base_model("tiny", placement=placement), adapters, PROMPTS, TOKENS, folder)
 
