@@ -278,8 +278,11 @@ def serve(
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
-    _placement(settings.device, settings.dtype)  # a missing GPU fails here, before uvicorn starts
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+    try:
+        app = create_app(settings)  # resolves the device and dtype: a missing GPU fails here, before uvicorn starts
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="info")
 
 
 def main() -> None:

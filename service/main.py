@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from generator.base_model import load_base_model
 from generator.checkpoint import GeneratorCheckpoint, load_checkpoint
 from generator.config import LoraSettings
+from generator.device import Placement
 from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
@@ -35,13 +36,17 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, refiner: Refiner | None = None) -> FastAPI:
-    """``refiner``: what trains refined adapters; default a ``TrainingRefiner`` on a private copy of the base model."""
+    """``refiner``: what trains refined adapters; default a ``TrainingRefiner`` on a private copy of the base model.
+
+    The device and dtype are resolved here, before the server starts: ``PlacementError`` (a ``ValueError``) says why
+    they cannot be used (``icm-lora serve`` prints it and exits 2)."""
     settings = settings or get_settings()
+    placement = settings.placement()
     metrics = ServiceMetrics(redis_configured=bool(settings.redis_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _build_state(settings, metrics, refiner)
+        state = await _build_state(settings, placement, metrics, refiner)
         app.state.icm = state
         try:
             yield
@@ -71,9 +76,10 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
     return app
 
 
-async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Refiner | None) -> ServiceState:
+async def _build_state(
+    settings: Settings, placement: Placement, metrics: ServiceMetrics, refiner: Refiner | None
+) -> ServiceState:
     start = time.perf_counter()
-    placement = settings.placement()  # before anything loads: a GPU that is not there fails here, with a message
     base = load_base_model(settings.base_model, settings.data_dir, placement)
     redis = (
         Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)

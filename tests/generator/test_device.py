@@ -126,3 +126,11 @@ def test_training_in_bf16_keeps_fp32_lora_weights_and_task_vectors() -> None:
     )
     vector = encoder.in_context_vector(examples)
     assert vector.dtype == torch.float32 and vector.shape == (base.hidden_size,)
+
+
+def test_the_service_refuses_a_missing_gpu_before_it_starts(no_gpu: None, tmp_path: Path) -> None:
+    from service.main import create_app
+
+    with pytest.raises(PlacementError, match="asks for a GPU"):
+        create_app(Settings(device="cuda", base_model="tiny", data_dir=tmp_path))
+    assert create_app(Settings(device="cpu", base_model="tiny", data_dir=tmp_path)).title == "icm-lora"
