@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA measurements of issue 13 in one run (planned for about 10 minutes on one H200; each step has a timeout):
-#   1. the engine parity tests on the GPU (fp32 exact, bf16 vs peft in bf16, the six architectures),
+#   1. the engine parity tests on the GPU (fp32 exact, bf16 vs peft in bf16, the six architectures), and CUDA's sync
+#      detector over the decode step (bench/cuda_syncs.py),
 #   2. bench/engine.py in bf16 and fp32 (16 streams x 16 adapters vs no adapter, hot swap, vs HF/peft),
 #   3. bench/service.py in bf16 (needs redis-server on the machine; skipped with a note otherwise).
-# Writes bench/results/parity-cuda.json, engine-cuda-bfloat16.json, engine-cuda-float32.json,
+# Writes bench/results/parity-cuda.json, syncs-cuda.json, engine-cuda-bfloat16.json, engine-cuda-float32.json,
 # service-cuda-bfloat16.json and gpu-run-cuda.json (what ran, exit codes, seconds).
 #
 #   bash bench/gpu.sh                  # PYTHON=/path/to/python to use another interpreter than .venv/bin/python
@@ -56,6 +57,9 @@ target.write_text(json.dumps({"device": "cuda", "tests": cases}, indent=2) + "\n
 print(f"wrote {target}: {sum(c['outcome'] == 'passed' for c in cases.values())}/{len(cases)} passed")
 EOF
 
+# 1b. CUDA's own sync detector inside the decode step (target: 1 per step, the sampled tokens)
+step syncs 90 "$PY" bench/cuda_syncs.py --out "$RESULTS/syncs-cuda.json"
+
 # 2. the engine benchmark (the first load dequantises SmolLM2 into the data dir, ~40 s, once)
 step engine-bf16 240 "$PY" bench/engine.py --device cuda --dtype bfloat16 --pairs 4
 step engine-fp32 150 "$PY" bench/engine.py --device cuda --dtype float32 --pairs 2 --swaps 300
@@ -78,7 +82,7 @@ fi
 {
   echo "{"
   first=1
-  for name in parity engine-bf16 engine-fp32 service-bf16; do
+  for name in parity syncs engine-bf16 engine-fp32 service-bf16; do
     [ $first -eq 1 ] || echo ","
     first=0
     printf '  "%s": {"exit": "%s", "seconds": %s}' "$name" "${RC[$name]:-not run}" "${SECONDS_TAKEN[$name]:-0}"

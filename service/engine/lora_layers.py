@@ -280,7 +280,8 @@ class LoraBank:
         for s in key:
             if s != NO_SLOT:
                 self._check_slot(s)
-        index = torch.tensor([self.zero_slot if s == NO_SLOT else s for s in key], device=self.device)
+        values = [self.zero_slot if s == NO_SLOT else s for s in key]
+        index = torch.tensor(values).to(self.device, non_blocking=True)  # no host wait on CUDA
         rows.index = index
         rows.scale = self.scales.index_select(0, index).view(-1, 1, 1)
         rows.uniform = key[0] if len(set(key)) == 1 else None

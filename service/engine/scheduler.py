@@ -337,7 +337,7 @@ class Scheduler:
             ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
             mask[i, width - len(job.prompt_ids) :] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        padded = not bool(mask.all())
+        padded = any(len(job.prompt_ids) < width for job in ready)  # known on the host
         positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
         cache = BatchKVCache(self.num_layers)
         try:
