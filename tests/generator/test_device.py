@@ -134,3 +134,20 @@ def test_the_service_refuses_a_missing_gpu_before_it_starts(no_gpu: None, tmp_pa
     with pytest.raises(PlacementError, match="asks for a GPU"):
         create_app(Settings(device="cuda", base_model="tiny", data_dir=tmp_path))
     assert create_app(Settings(device="cpu", base_model="tiny", data_dir=tmp_path)).title == "icm-lora"
+
+
+def test_end_to_end_training_and_evaluation_on_a_bf16_model(tmp_path: Path) -> None:
+    """The generator trains end to end through a bf16 base model (fp32 LoRAs, as peft keeps them) and is scored."""
+    import dataclasses
+
+    from generator.config import CVAETrainingSettings
+    from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
+
+    settings = dataclasses.replace(SMALL_SETTINGS, cvae_training=CVAETrainingSettings(steps=0, e2e_steps=6))
+    run = Run.create(tmp_path / "run", settings, "synthetic:3", unseen_fraction=0.34)
+    base = load_base_model("tiny", placement=Placement(torch.device("cpu"), torch.bfloat16))
+    generator = step_train_generator(run, base, progress=False)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in generator.checkpoint.cvae.parameters())
+    assert torch.isfinite(torch.tensor(generator.checkpoint.info["e2e_final_loss"]))
+    report = step_evaluate(run, base, progress=False, plot=False, variants=("base", "generated"))
+    assert report["tasks"] and all("generated" in r["correct"] for r in report["tasks"])
