@@ -250,12 +250,14 @@ def generate(
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder for the demo")] = Path("runs/demo"),
     progress: ProgressOption = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """The whole pipeline on the tiny model and the synthetic task family; prints the quality table."""
     from generator.training.evaluate import markdown_table
     from generator.training.pipeline import run_demo
 
-    report = run_demo(out, progress)
+    report = run_demo(out, progress, _placement(device, dtype))
     typer.echo(markdown_table(report))
     typer.echo(f"demo finished in {report['seconds']} s; report in {out / 'report'}")
 

@@ -97,6 +97,7 @@ def test_cli_commands_refuse_a_missing_gpu_before_loading(no_gpu: None, tmp_path
         ["train-loras", "--run", str(tmp_path / "run")],
         ["train-generator", "--run", str(tmp_path / "run")],
         ["evaluate", "--run", str(tmp_path / "run")],
+        ["demo", "--out", str(tmp_path / "run")],
         ["serve"],
     ]
     for command in commands:
