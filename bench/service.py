@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="ICM_LORA_DEVICE: auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", help="ICM_LORA_DTYPE: auto | float32 | bfloat16 | float16")
     parser.add_argument("--out", type=Path, default=RESULTS / "service.json")
     args = parser.parse_args()
 
@@ -156,6 +158,8 @@ def main() -> None:
         data_dir=data_dir,
         task_store="sqlite",
         max_batch_size=max(16, args.concurrency),
+        device=args.device,
+        dtype=args.dtype,
     )
     run_id = uuid.uuid4().hex[:6]
     desc_specs = [{"description": f"Classify the mood of hotel review {run_id}-{i}."} for i in range(args.misses)]
@@ -208,7 +212,11 @@ def main() -> None:
         if keys:
             client_redis.delete(*keys)
         client_redis.close()
-    results["settings"] = {"base_model": args.base_model, "generator": str(settings.resolved_generator_path())}
+    results["settings"] = {
+        "base_model": args.base_model,
+        "generator": str(settings.resolved_generator_path()),
+        "placement": str(settings.placement()),
+    }
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

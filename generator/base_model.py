@@ -6,7 +6,9 @@ Three sources, chosen by one string:
   is dequantised once and cached as a plain Hugging Face folder under the data directory; later loads take that
   folder (under a second).
 * ``"tiny"`` (or ``"tiny:SEED"``): a small randomly initialised Llama with a byte-level tokenizer, for tests and the
-  demo. Built in memory, deterministic for a seed.
+  demo. Built in memory, deterministic for a seed. ``"tiny-qwen2"``, ``"tiny-mistral"``, ``"tiny-gemma2"``,
+  ``"tiny-gemma3"`` and ``"tiny-phi3"`` (each with an optional ``:SEED``) are the same size in the other supported
+  architectures, built from their transformers config classes (no download).
 * anything else: a Hugging Face causal-LM folder or hub id, passed to ``from_pretrained``.
 """
 
@@ -27,10 +29,13 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from generator.device import CPU_FP32, Placement
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,11 @@ class BaseModel:
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
 
+    @property
+    def placement(self) -> Placement:
+        weight = next(self.model.parameters())
+        return Placement(weight.device, weight.dtype)
+
 
 def default_data_dir() -> Path:
     """Where icm-lora keeps caches (the dequantised base model): ``$ICM_LORA_DATA_DIR`` or ``~/.cache/icm-lora``."""
@@ -76,23 +86,33 @@ def default_data_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "icm-lora"
 
 
-def load_base_model(source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None) -> BaseModel:
-    """Load a base model in fp32, eval mode, on the CPU."""
+def load_base_model(
+    source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None, placement: Placement = CPU_FP32
+) -> BaseModel:
+    """Load a base model in eval mode on ``placement`` (a ``resolve_placement`` result; default fp32 on the CPU).
+
+    The tiny model is built in fp32 on the CPU (deterministic for its seed whatever the device) and then moved."""
     source = source.strip()
     if not source:
         raise BaseModelError("the base model name is empty")
     if source == DEFAULT_BASE_MODEL:
         folder = ensure_smollm2_folder(data_dir or default_data_dir())
-        return _from_folder(str(folder), name=DEFAULT_BASE_MODEL)
-    if source == TINY_PREFIX or source.startswith(TINY_PREFIX + ":"):
+        return _from_folder(str(folder), DEFAULT_BASE_MODEL, placement)
+    kind, _, _ = source.partition(":")
+    if kind == TINY_PREFIX or kind.startswith(TINY_PREFIX + "-"):
+        architecture = kind.removeprefix(TINY_PREFIX).removeprefix("-") or "llama"
+        if architecture not in TINY_ARCHITECTURES:
+            raise BaseModelError(f"unknown tiny architecture {architecture!r}; one of {sorted(TINY_ARCHITECTURES)}")
         seed = _tiny_seed(source)
-        model, tokenizer = build_tiny_model(seed)
-        return BaseModel(model=model, tokenizer=tokenizer, name=f"{TINY_PREFIX}:{seed}")
-    return _from_folder(source, name=source)
+        model, tokenizer = build_tiny_model(seed, architecture)
+        if placement != CPU_FP32:
+            torch.nn.Module.to(model, device=placement.device, dtype=placement.dtype)
+        return BaseModel(model=model, tokenizer=tokenizer, name=f"{kind}:{seed}")
+    return _from_folder(source, source, placement)
 
 
 def _tiny_seed(source: str) -> int:
-    if source == TINY_PREFIX:
+    if ":" not in source:
         return 0
     raw = source.split(":", 1)[1]
     try:
@@ -101,16 +121,18 @@ def _tiny_seed(source: str) -> int:
         raise BaseModelError(f"tiny model seed must be an integer, got {raw!r}") from None
 
 
-def _from_folder(path_or_id: str, name: str) -> BaseModel:
+def _from_folder(path_or_id: str, name: str, placement: Placement) -> BaseModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=placement.dtype)
     except (OSError, ValueError) as exc:  # missing files, not on the hub cache, or not a valid repo id
         raise BaseModelError(
             f"cannot load base model {path_or_id!r}: {exc}. Give a local Hugging Face model folder, a hub id that is "
             f"already in the local cache, {DEFAULT_BASE_MODEL!r} (packaged SmolLM2-135M) or 'tiny'."
         ) from exc
     _ensure_pad_token(tokenizer)
+    if placement.device.type != "cpu":
+        torch.nn.Module.to(model, placement.device)
     model.eval()
     return BaseModel(model=model, tokenizer=tokenizer, name=name)
 
@@ -262,11 +284,55 @@ def tiny_config(vocab_size: int) -> LlamaConfig:
     )
 
 
-def build_tiny_model(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """A randomly initialised Llama of the SmolLM2 architecture, about 0.1M parameters, deterministic for ``seed``."""
+# the other architectures at the tiny Llama's size: config class, model class, what differs from Llama
+TINY_ARCHITECTURES: dict[str, tuple[str, str, dict[str, object]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # biased q/k/v projections
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 4096}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 4096}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),  # fused qkv_proj: LoRA targets qkv_proj (see README)
+}
+
+
+def tiny_architecture_config(architecture: str, vocab_size: int) -> PretrainedConfig:
+    """The tiny Llama's sizes in another architecture's config class. Sliding windows are wider than any test
+    sequence (the engine passes full padding masks; a window shorter than a sequence is untested)."""
+    import transformers
+
+    config_name, _, extra = TINY_ARCHITECTURES[architecture]
+    base = tiny_config(vocab_size).to_dict()
+    keep = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "initializer_range",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
+    kwargs = {k: base[k] for k in keep} | extra
+    config: PretrainedConfig = getattr(transformers, config_name)(**kwargs)
+    return config
+
+
+def build_tiny_model(seed: int = 0, architecture: str = "llama") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A randomly initialised model of about 0.1M parameters (Llama: the SmolLM2 architecture), deterministic for
+    ``seed``."""
+    import transformers
+
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_config(len(tokenizer)))
+        if architecture == "llama":
+            model: PreTrainedModel = LlamaForCausalLM(tiny_config(len(tokenizer)))
+        else:
+            model_class = getattr(transformers, TINY_ARCHITECTURES[architecture][1])
+            model = model_class(tiny_architecture_config(architecture, len(tokenizer)))
     model.eval()
     return model, tokenizer

@@ -31,8 +31,9 @@ class _RowLoraLinear(nn.Module):
         y = self.base(x)
         if self.a is None or self.b is None:
             return y
-        h = torch.einsum("bsi,bri->bsr", x, self.a)
-        return y + self.scaling * torch.einsum("bsr,bor->bso", h, self.b)
+        # the LoRA in its own dtype (fp32 from the CVAE) on a bf16/fp16 model, as peft does; no-op casts in fp32
+        h = torch.einsum("bsi,bri->bsr", x.to(self.a.dtype), self.a)
+        return y + (self.scaling * torch.einsum("bsr,bor->bso", h, self.b)).to(y.dtype)
 
 
 class FunctionalLora:

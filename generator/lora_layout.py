@@ -39,6 +39,17 @@ class Segment:
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+def fused_projection_hint(model: nn.Module) -> str:
+    """A hint for models whose attention projections are fused (Phi-3's ``qkv_proj``), else empty."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if "qkv_proj" in leaves and "q_proj" not in leaves:
+        return (
+            "; this model fuses its attention projections into qkv_proj (Phi-3): "
+            'set lora.target_modules to ["qkv_proj"] (and train a generator for it)'
+        )
+    return ""
+
+
 @dataclass(frozen=True)
 class LoraLayout:
     settings: LoraSettings
@@ -54,7 +65,7 @@ class LoraLayout:
                 found[leaf].append((module_name, module))
         missing = [name for name, hits in found.items() if not hits]
         if missing:
-            raise LayoutError(f"target modules {missing} not found in the model")
+            raise LayoutError(f"target modules {missing} not found in the model{fused_projection_hint(model)}")
         modules = sorted(
             (pair for hits in found.values() for pair in hits),
             key=lambda pair: (_layer_of(pair[0]), settings.target_modules.index(pair[0].rsplit(".", 1)[-1])),

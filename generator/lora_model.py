@@ -51,8 +51,12 @@ class LoraModel:
         return [p for name, p in self.model.named_parameters() if "lora_" in name]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Current LoRA weights under the keys of a saved PEFT adapter."""
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        """Current LoRA weights under the keys of a saved PEFT adapter: fp32 on the CPU whatever the model's device
+        and dtype (collections, checkpoints and exported adapters are fp32 safetensors)."""
+        return {
+            k: v.detach().to(device="cpu", dtype=torch.float32, copy=True)
+            for k, v in get_peft_model_state_dict(self.model).items()
+        }
 
     def vector(self) -> torch.Tensor:
         return self.layout.flatten(self.tensors())

@@ -135,10 +135,11 @@ class ModelHiddenStateReader:
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
-        with self.no_adapter():
-            hidden = hidden_states_at(self.model.base_model, ids, mask, self.layer)
         last = mask.sum(dim=1) - 1
-        return hidden[torch.arange(len(rows)), last].to(torch.float32)
+        device = next(self.model.parameters()).device
+        with self.no_adapter():
+            hidden = hidden_states_at(self.model.base_model, ids.to(device), mask.to(device), self.layer)
+        return hidden[torch.arange(len(rows), device=device), last.to(device)].to("cpu", torch.float32)
 
 
 def example_text(example: Example) -> str:

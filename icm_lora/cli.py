@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from generator.device import Placement
     from generator.training.pipeline import Run
 
 app = typer.Typer(help="icm-lora: generate LoRA adapters from task descriptions and examples.", no_args_is_help=True)
@@ -30,10 +31,26 @@ def _fail(message: str) -> typer.Exit:
 SuiteOption = Annotated[str, typer.Option(help="synthetic:N[:SEED] | jsonl:FOLDER | bigbench:ROOT:NAMES_FILE")]
 BaseModelOption = Annotated[str, typer.Option(help="smollm2-135m (packaged), tiny, or a HF path/id")]
 SettingsOption = Annotated[Path | None, typer.Option(help="JSON file of pipeline settings (see README)")]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto: cuda when a GPU is present, else cpu)")
+]
+DtypeOption = Annotated[
+    str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bfloat16 on cuda, float32 on cpu)")
+]
 UnseenFractionOption = Annotated[float, typer.Option(help="Share of tasks the generator never sees")]
 UnseenOption = Annotated[
     str, typer.Option(help="Comma-separated task names held out (default: marked in the suite file, or a fraction)")
 ]
+
+
+def _placement(device: str, dtype: str) -> Placement:
+    """The checked device and dtype, before any model loads; a clear error (exit 2) when they cannot be used."""
+    from generator.device import resolve_placement
+
+    try:
+        return resolve_placement(device, dtype)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _open_or_create_run(
@@ -76,14 +93,17 @@ def train_loras(
     seen: Annotated[bool, typer.Option(help="Train the seen tasks' LoRAs (--no-seen: only the oracles)")] = True,
     shard: Annotated[str, typer.Option(help="I/N: every N-th task from the I-th, for parallel runs")] = "",
     progress: ProgressOption = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Train one LoRA per task (resumable: finished tasks are skipped) and the multi-task baseline."""
     from generator.base_model import load_base_model
     from generator.training.pipeline import step_train_loras
 
+    placement = _placement(device, dtype)
     try:
         pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction, "synthetic:32")
-        base = load_base_model(pipeline_run.settings.base_model)
+        base = load_base_model(pipeline_run.settings.base_model, placement=placement)
         step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard), seen)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
@@ -113,6 +133,8 @@ def train_generator(
     unseen_fraction: UnseenFractionOption = 0.25,
     unseen: UnseenOption = "",
     progress: ProgressOption = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Train the generator on the run's seen tasks and write run/generator/: reconstruction of the run's collection
     and/or end to end through the base model (settings ``cvae_training.steps`` / ``e2e_steps``). End-to-end training
@@ -120,9 +142,11 @@ def train_generator(
     from generator.base_model import load_base_model
     from generator.training.pipeline import step_train_generator
 
+    placement = _placement(device, dtype)
     try:
         pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction)
-        generator = step_train_generator(pipeline_run, load_base_model(pipeline_run.settings.base_model), progress)
+        base = load_base_model(pipeline_run.settings.base_model, placement=placement)
+        generator = step_train_generator(pipeline_run, base, progress)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"generator {generator.generator_id} written to {pipeline_run.generator_dir}")
@@ -134,6 +158,8 @@ def evaluate(
     plot: bool = True,
     variants: Annotated[str, typer.Option(help="Comma-separated report variants (default: all)")] = "",
     progress: ProgressOption = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Write the quality report (quality.json, quality.md, quality.png) to run/report/ and print its table.
 
@@ -143,9 +169,10 @@ def evaluate(
     from generator.training.pipeline import Run, step_evaluate
 
     chosen = [v.strip() for v in variants.split(",") if v.strip()] or list(VARIANTS)
+    placement = _placement(device, dtype)
     try:
         pipeline_run = Run.open(run)
-        base = load_base_model(pipeline_run.settings.base_model)
+        base = load_base_model(pipeline_run.settings.base_model, placement=placement)
         report = step_evaluate(pipeline_run, base, progress, plot, chosen)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
@@ -163,6 +190,8 @@ def generate(
     check: Annotated[
         bool, typer.Option("--self-check/--no-self-check", help="Score the task's examples with the adapter vs base")
     ] = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """Generate one adapter for a task file and write it as a PEFT folder.
 
@@ -179,10 +208,11 @@ def generate(
     from service.selfcheck import with_check
 
     result = None
+    placement = _placement(device, dtype)
     try:
         spec = TaskSpec.from_dict(json.loads(task.read_text(encoding="utf-8")))
         checkpoint = load_checkpoint(generator_dir)
-        base = load_base_model(base_model or checkpoint.base_model)
+        base = load_base_model(base_model or checkpoint.base_model, placement=placement)
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)
         adapter = AdapterGenerator(checkpoint, encoder).generate(spec, seed)
         if check and spec.examples:
@@ -220,12 +250,14 @@ def generate(
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder for the demo")] = Path("runs/demo"),
     progress: ProgressOption = True,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """The whole pipeline on the tiny model and the synthetic task family; prints the quality table."""
     from generator.training.evaluate import markdown_table
     from generator.training.pipeline import run_demo
 
-    report = run_demo(out, progress)
+    report = run_demo(out, progress, _placement(device, dtype))
     typer.echo(markdown_table(report))
     typer.echo(f"demo finished in {report['seconds']} s; report in {out / 'report'}")
 
@@ -234,6 +266,8 @@ def demo(
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default ICM_LORA_HOST or 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default ICM_LORA_PORT or 8000)")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Overrides ICM_LORA_DEVICE (default auto)")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Overrides ICM_LORA_DTYPE (default auto)")] = None,
 ) -> None:
     """Run the HTTP service. Configuration comes from ICM_LORA_* environment variables (see README)."""
     import uvicorn
@@ -241,12 +275,17 @@ def serve(
     from service.config import Settings
     from service.main import create_app
 
+    overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     try:
-        settings = Settings()
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
+    try:
+        app = create_app(settings)  # resolves the device and dtype: a missing GPU fails here, before uvicorn starts
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     uvicorn.run(
-        create_app(settings),
+        app,
         host=host or settings.host,
         port=port or settings.port,
         log_level="info",

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from generator.base_model import DEFAULT_BASE_MODEL, default_data_dir
+from generator.device import DEVICE_CHOICES, Placement, check_device_name, check_dtype_name, resolve_placement
 
 PACKAGED_GENERATORS = Path(__file__).resolve().parent.parent / "generator" / "assets" / "generators"
 
@@ -25,6 +26,8 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default_factory=default_data_dir, description="Caches and the SQLite task registry")
     served_model_name: str = Field("", description="Name of the adapter-free model in /v1/models (default: base)")
+    device: str = Field("auto", description=f"{DEVICE_CHOICES}; auto = cuda when a GPU is present, else cpu")
+    dtype: str = Field("auto", description="auto, float32, bfloat16 or float16; auto = bfloat16 on cuda, else float32")
 
     # stores
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = embedded stores only")
@@ -111,6 +114,20 @@ class Settings(BaseSettings):
                 except ValueError:
                     raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        return check_device_name(value)
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        return check_dtype_name(value)
+
+    def placement(self) -> Placement:
+        """The device and dtype on this machine; ``PlacementError`` (a ``ValueError``) says why they cannot be used."""
+        return resolve_placement(self.device, self.dtype)
 
     @field_validator("task_store")
     @classmethod

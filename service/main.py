@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from generator.base_model import load_base_model
 from generator.checkpoint import GeneratorCheckpoint, load_checkpoint
 from generator.config import LoraSettings
+from generator.device import Placement
 from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
@@ -36,13 +37,17 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, refiner: Refiner | None = None) -> FastAPI:
-    """``refiner``: what trains refined adapters; default a ``TrainingRefiner`` on a private copy of the base model."""
+    """``refiner``: what trains refined adapters; default a ``TrainingRefiner`` on a private copy of the base model.
+
+    The device and dtype are resolved here, before the server starts: ``PlacementError`` (a ``ValueError``) says why
+    they cannot be used (``icm-lora serve`` prints it and exits 2)."""
     settings = settings or get_settings()
+    placement = settings.placement()
     metrics = ServiceMetrics(redis_configured=bool(settings.redis_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _build_state(settings, metrics, refiner)
+        state = await _build_state(settings, placement, metrics, refiner)
         app.state.icm = state
         try:
             yield
@@ -77,9 +82,11 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
     return app
 
 
-async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Refiner | None) -> ServiceState:
+async def _build_state(
+    settings: Settings, placement: Placement, metrics: ServiceMetrics, refiner: Refiner | None
+) -> ServiceState:
     start = time.perf_counter()
-    base = load_base_model(settings.base_model, settings.data_dir)
+    base = load_base_model(settings.base_model, settings.data_dir, placement)
     redis = (
         Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         if settings.redis_url
@@ -106,7 +113,7 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
         generator = AdapterGenerator(checkpoint, encoder)
         read, length = checkpoint.encoder.max_examples, checkpoint.encoder.max_length
         checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)
-        refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora)
+        refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora, placement)
     adapters = AdapterService(generator, cache, store, metrics, checker, refiner, settings.self_check)
 
     def forget(adapter_ids: list[str]) -> None:  # another replica deleted them (or this one: already done)
@@ -133,9 +140,10 @@ async def _build_state(settings: Settings, metrics: ServiceMetrics, refiner: Ref
     if redis_tier is not None:
         await redis_tier.ping()
     log.info(
-        "icm-lora ready in %.1f s (model %s, generator %s)",
+        "icm-lora ready in %.1f s (model %s on %s, generator %s)",
         time.perf_counter() - start,
         base.name,
+        placement,
         generator.generator_id if generator else None,
     )
     return state

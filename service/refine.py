@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel, load_base_model
 from generator.config import LoraSettings
+from generator.device import CPU_FP32, Placement
 from generator.lora_model import LoraModel
 from generator.refine import RefinePlan
 from generator.tasks import TaskSpec
@@ -78,16 +79,19 @@ class _StopCheck(tqdm):
 class TrainingRefiner:
     """``train_lora(start=generated vector)`` on a private copy of the base model, loaded on first use."""
 
-    def __init__(self, base_model: str, data_dir: Path | None, lora: LoraSettings) -> None:
+    def __init__(
+        self, base_model: str, data_dir: Path | None, lora: LoraSettings, placement: Placement = CPU_FP32
+    ) -> None:
         self.base_model = base_model
         self.data_dir = data_dir
+        self.placement = placement
         self.lora_settings = lora
         self._lock = threading.Lock()
         self._loaded: tuple[BaseModel, LoraModel] | None = None
 
     def _load(self) -> tuple[BaseModel, LoraModel]:
         if self._loaded is None:
-            base = load_base_model(self.base_model, self.data_dir)
+            base = load_base_model(self.base_model, self.data_dir, self.placement)
             # the init seed does not matter: training starts from the generated adapter's vector
             self._loaded = base, LoraModel(base.model, self.lora_settings, init_seed=0)
         return self._loaded

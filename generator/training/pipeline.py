@@ -26,6 +26,7 @@ from generator.config import (
     PipelineSettings,
     TaskEncoderSettings,
 )
+from generator.device import CPU_FP32, Placement
 from generator.files import read_json, write_json
 from generator.generate import AdapterGenerator
 from generator.lora_layout import LoraLayout
@@ -288,11 +289,11 @@ DEMO_SETTINGS = PipelineSettings(
 DEMO_SUITE = "synthetic:32"
 
 
-def run_demo(folder: Path, progress: bool = True) -> dict[str, Any]:
+def run_demo(folder: Path, progress: bool = True, placement: Placement = CPU_FP32) -> dict[str, Any]:
     """Tiny model + synthetic family, the whole pipeline: collect, train the generator, evaluate."""
     start = time.perf_counter()
     run = Run.create(folder, DEMO_SETTINGS, DEMO_SUITE, unseen_fraction=0.25)
-    base = load_base_model(run.settings.base_model)
+    base = load_base_model(run.settings.base_model, placement=placement)
     step_train_loras(run, base, progress=progress)
     step_train_generator(run, base, progress=progress)
     report = step_evaluate(run, base, progress=progress)

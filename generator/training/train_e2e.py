@@ -112,5 +112,5 @@ def train_end_to_end(
         functional.remove()
         for p, flag in zip(base.model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
-        cvae.eval()
+        cvae.to("cpu").eval()  # the generator decodes on the CPU (one small MLP pass per adapter)
     return EndToEndResult(losses=losses, seconds=time.perf_counter() - start)

@@ -85,6 +85,7 @@ def train_lora(
     else:
         lora.load_vector(start)
     params = lora.lora_parameters()
+    device = params[0].device
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     keep = set(settings.checkpoint_steps())
     rng = random.Random(f"{settings.data_seed}:{name}")
@@ -102,7 +103,11 @@ def train_lora(
                     rng.shuffle(order)
                 batch_idx.append(order.pop())
             batch = pad_pairs([pairs[i] for i in batch_idx], pad_id)
-            out = lora.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+            out = lora.model(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                labels=batch.labels.to(device),
+            )
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()

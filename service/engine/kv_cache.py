@@ -81,15 +81,38 @@ class _GrowingLayer(DynamicLayer):
 
 
 class BatchKVCache(Cache):
-    """``mask`` [B, T] (bool, True at real tokens) is kept by the scheduler: it is the cache's padding map."""
+    """``mask`` [B, T] (bool, True at real tokens) is kept by the scheduler: it is the cache's padding map. It is a
+    view of a buffer with spare columns, so the decode step's new column is written in place; the real length of each
+    row is also kept on the host (``real_lengths``), so that deciding whether the batch is padded never reads the
+    device."""
 
     def __init__(self, num_layers: int) -> None:
         super().__init__(layers=[_GrowingLayer() for _ in range(num_layers)])
-        self.mask: torch.Tensor | None = None
+        self._mask_buffer: torch.Tensor | None = None
+        self._mask_len = 0
+        self._lengths: list[int] = []
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return None if self._mask_buffer is None else self._mask_buffer[:, : self._mask_len]
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor | None) -> None:
+        """Install a padding map (after a prefill); reads its row lengths back once (the batch changed)."""
+        if mask is None:
+            self._mask_buffer, self._mask_len, self._lengths = None, 0, []
+            return
+        self._set_mask(mask, [int(n) for n in mask.sum(dim=1).tolist()])
+
+    def _set_mask(self, mask: torch.Tensor, lengths: list[int]) -> None:
+        rows, length = mask.shape
+        buffer = mask.new_zeros(rows, _capacity(length))
+        buffer[:, :length].copy_(mask)
+        self._mask_buffer, self._mask_len, self._lengths = buffer, length, lengths
 
     @property
     def num_rows(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[0])
+        return 0 if self._mask_buffer is None else int(self._mask_buffer.shape[0])
 
     @property
     def length(self) -> int:
@@ -99,8 +122,8 @@ class BatchKVCache(Cache):
         return self.layers  # type: ignore[return-value]
 
     def real_lengths(self) -> list[int]:
-        assert self.mask is not None
-        return self.mask.sum(dim=1).tolist()
+        """Real (unpadded) tokens per row, from the host's bookkeeping."""
+        return list(self._lengths)
 
     def nbytes(self) -> int:
         total = 0
@@ -111,42 +134,55 @@ class BatchKVCache(Cache):
 
     def zero_padding(self) -> None:
         """Write zeros at padded positions (after a left-padded prefill)."""
-        assert self.mask is not None
-        if bool(self.mask.all()):
+        mask = self.mask
+        assert mask is not None
+        if not self.has_padding():
             return
-        pad = ~self.mask[:, None, :, None]
+        pad = ~mask[:, None, :, None]
         for layer in self._layers():
             k, v = layer.buffers()
             k[:, :, : layer._len].masked_fill_(pad, 0.0)
             v[:, :, : layer._len].masked_fill_(pad, 0.0)
 
     def append_position(self) -> torch.Tensor:
-        """Extend the mask by one real position (the token of the coming decode step); return the new mask."""
-        assert self.mask is not None
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-        return self.mask
+        """Extend the mask by one real position (the token of the coming decode step), in place; return the mask."""
+        buffer = self._mask_buffer
+        assert buffer is not None
+        if self._mask_len == buffer.shape[1]:
+            grown = buffer.new_zeros(buffer.shape[0], _capacity(self._mask_len + 1))
+            grown[:, : self._mask_len].copy_(buffer)
+            self._mask_buffer = buffer = grown
+        buffer[:, self._mask_len].fill_(True)
+        self._mask_len += 1
+        self._lengths = [n + 1 for n in self._lengths]
+        return buffer[:, : self._mask_len]
 
     def has_padding(self) -> bool:
-        return self.mask is not None and not bool(self.mask.all())
+        return bool(self._lengths) and min(self._lengths) < self._mask_len
 
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only ``rows`` (in that order), then drop the left columns that every remaining row pads."""
-        assert self.mask is not None
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        self.mask = self.mask.index_select(0, index)
+    def select(self, rows: Sequence[int], index: torch.Tensor | None = None) -> None:
+        """Keep only ``rows`` (in that order), then drop the left columns that every remaining row pads. ``index``:
+        ``rows`` as a long tensor on the cache's device, when the caller has one already."""
+        mask = self.mask
+        assert mask is not None
+        if index is None:
+            index = torch.tensor(list(rows), dtype=torch.long).to(mask.device, non_blocking=True)
+        lengths = [self._lengths[i] for i in rows]
+        self._set_mask(mask.index_select(0, index), lengths)
         for layer in self._layers():
             k, v = layer.buffers()
             layer.set_buffers(k.index_select(0, index), v.index_select(0, index), layer._len)
         self._trim_left()
 
     def _trim_left(self) -> None:
-        assert self.mask is not None
-        if self.mask.shape[0] == 0:
+        if not self._lengths:
             return
-        lead = int(self.length - self.mask.sum(dim=1).max().item())
+        lead = self.length - max(self._lengths)
         if lead <= 0:
             return
-        self.mask = self.mask[:, lead:]
+        mask = self.mask
+        assert mask is not None
+        self._set_mask(mask[:, lead:], self._lengths)
         for layer in self._layers():
             k, v = layer.buffers()
             layer.set_buffers(k[:, :, lead:], v[:, :, lead:], layer._len - lead)
@@ -171,7 +207,7 @@ class BatchKVCache(Cache):
             assert c.mask is not None
             mask[start : start + c.num_rows, length - c.length :] = c.mask
             start += c.num_rows
-        out.mask = mask
+        out._set_mask(mask, [n for c in caches for n in c._lengths])
         cap = _capacity(length)
         for i in range(num_layers):
             k0, v0 = caches[0]._layers()[i].buffers()

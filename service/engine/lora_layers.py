@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from generator.adapter import GeneratedAdapter
+from generator.lora_layout import fused_projection_hint
 from service.engine.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
+SwapEvents = tuple[torch.cuda.Event, torch.cuda.Event]  # (start, done) of a slot copy on the copy stream
 NO_SLOT = -1
 _UNSET: object = object()  # "no activation yet", distinct from every slot tuple and from None
 
@@ -83,15 +85,21 @@ class SlottedLoraLinear(nn.Linear):
         batch = x.shape[0]
         if rows.index.shape[0] != batch:
             raise RuntimeError(f"LoRA rows were activated for {rows.index.shape[0]} rows, the batch has {batch}")
+        fused = self.lora_A.dtype == torch.float32
         pair = rows.gathered.get(id(self))
         if pair is None:
-            # once per batch composition: each row's A^T and (scale * B)^T, contiguous for bmm
+            # once per batch composition: each row's A^T and B^T (times its scale when fused), contiguous for bmm
             a_t = self.lora_A.index_select(0, rows.index).transpose(1, 2).contiguous()  # [B, in, R]
-            b_t = (self.lora_B.index_select(0, rows.index) * rows.scale).transpose(1, 2).contiguous()  # [B, R, out]
+            b = self.lora_B.index_select(0, rows.index)
+            b_t = (b * rows.scale if fused else b).transpose(1, 2).contiguous()  # [B, R, out]
             pair = rows.gathered[id(self)] = (a_t, b_t)
         a_t, b_t = pair
         h = torch.bmm(x.reshape(batch, -1, self.in_features), a_t)  # [B, S, R]
-        return torch.baddbmm(y.view(batch, -1, self.out_features), h, b_t).view(y.shape)  # y + h @ (sB)^T
+        if fused:
+            return torch.baddbmm(y.view(batch, -1, self.out_features), h, b_t).view(y.shape)  # y + h @ (sB)^T
+        # bf16/fp16: peft's roundings (delta, then delta * scale, then the sum, each in the low dtype), so greedy
+        # tokens stay with peft's; a fused y + h @ (sB)^T rounds once and drifts from it over a generation
+        return y + (torch.bmm(h, b_t) * rows.scale).view(y.shape)
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,8 @@ class LoraBank:
         found = {name.rsplit(".", 1)[-1] for name, _ in targets}
         missing = [t for t in self.target_modules if t not in found]
         if missing:
-            raise ValueError(f"target modules {missing} are not Linear layers of this model")
+            hint = fused_projection_hint(model)
+            raise ValueError(f"target modules {missing} are not Linear layers of this model{hint}")
         weight = targets[0][1].weight
         self.device = weight.device
         self.dtype = weight.dtype
@@ -149,6 +158,8 @@ class LoraBank:
             offset += max_rank * (linear.in_features + linear.out_features)
         self.slot_numel = offset
         self.slots = torch.zeros(num_slots + 1, offset, device=self.device, dtype=self.dtype)
+        # on CUDA, prepared rows wait in pinned host memory and are copied on a side stream (the host never waits)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.scales = torch.zeros(num_slots + 1, device=self.device, dtype=self.dtype)
         self.layout = f"r{max_rank}:" + ";".join(f"{n}:{m.in_features}x{m.out_features}" for n, m in targets)
         self.names: list[str] = []
@@ -196,7 +207,8 @@ class LoraBank:
             )
         tensors = adapter.tensors
         r, big_r = settings.rank, self.max_rank
-        row = torch.zeros(self.slot_numel, device=self.device, dtype=self.dtype)
+        pinned = self._copy_stream is not None
+        row = torch.zeros(self.slot_numel, dtype=self.dtype, device="cpu" if pinned else self.device, pin_memory=pinned)
         used: set[str] = set()
         with torch.no_grad():
             for name, layer, (a_at, b_at, out) in zip(self.names, self.layers, self._offsets, strict=True):
@@ -220,14 +232,31 @@ class LoraBank:
         if adapter.layout != self.layout or adapter.row.shape != (self.slot_numel,):
             raise AdapterError(f"adapter {adapter.adapter_id!r} was prepared for another engine layout")
 
-    def load(self, slot: int, adapter: PreparedAdapter) -> None:
-        """Copy the adapter into ``slot``: one in-place copy of a contiguous row."""
+    def load(self, slot: int, adapter: PreparedAdapter) -> SwapEvents | None:
+        """Copy the adapter into ``slot``: one in-place copy of a contiguous row.
+
+        On CUDA the copy is issued from pinned memory on a side stream, after the work already queued (which may
+        still read the evicted slot); the compute stream waits for it on the device, the host does not. The copy's
+        (start, done) CUDA events are returned for timing; on the CPU the copy is done on return (None)."""
         self._check_slot(slot)
         self.check(adapter)
-        with torch.no_grad():
-            self.slots[slot].copy_(adapter.row)
-            self.scales[slot] = adapter.scaling
         self._last_activation = _UNSET
+        stream = self._copy_stream
+        with torch.no_grad():
+            if stream is None:
+                self.slots[slot].copy_(adapter.row)
+                self.scales[slot] = adapter.scaling
+                return None
+            compute = torch.cuda.current_stream(self.device)
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                start.record(stream)
+                self.slots[slot].copy_(adapter.row, non_blocking=True)
+                self.scales[slot].fill_(adapter.scaling)
+                done.record(stream)
+            compute.wait_event(done)
+        return start, done
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
@@ -251,7 +280,8 @@ class LoraBank:
         for s in key:
             if s != NO_SLOT:
                 self._check_slot(s)
-        index = torch.tensor([self.zero_slot if s == NO_SLOT else s for s in key], device=self.device)
+        values = [self.zero_slot if s == NO_SLOT else s for s in key]
+        index = torch.tensor(values).to(self.device, non_blocking=True)  # no host wait on CUDA
         rows.index = index
         rows.scale = self.scales.index_select(0, index).view(-1, 1, 1)
         rows.uniform = key[0] if len(set(key)) == 1 else None

@@ -88,18 +88,16 @@ def choose_tokens(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     outputs: Sequence[Sequence[int]] | None = None,
-) -> list[int]:
-    """logits [B, V] (fp32 or lower) -> one token per row. Greedy rows share one argmax; sampled rows draw from
-    their own generator, so a request's draws do not depend on the other rows of the batch. ``outputs``: each row's
-    tokens generated so far (for the presence and frequency penalties). ``logits`` is not modified."""
+) -> torch.Tensor:
+    """logits [B, V] (fp32 or lower) -> [B] token ids (long, on the logits' device). Greedy rows take the argmax;
+    sampled rows draw from their own generator, so a request's draws do not depend on the other rows of the batch.
+    ``outputs``: each row's tokens generated so far (for the presence and frequency penalties). ``logits`` is not
+    modified.
+
+    Nothing here waits for the device: the caller copies the tokens to the host once per step."""
     if any(p.adjusts_logits for p in params):
         logits = adjusted_logits(logits, params, outputs or [()] * len(params))
-    greedy = [i for i, p in enumerate(params) if p.greedy]
-    tokens = [0] * len(params)
-    if greedy:
-        picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(params) else logits.argmax(dim=-1).tolist()
-        for i, token in zip(greedy, picked, strict=True):
-            tokens[i] = token
+    tokens = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if not p.greedy:
             tokens[i] = sample_row(logits[i], p.temperature, p.top_p, generators[i])
@@ -157,18 +155,22 @@ def logprobs_of(logits: torch.Tensor, tokens: Sequence[int], top_k: int) -> list
     ]
 
 
-def sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One draw from softmax(logits / temperature), restricted to the smallest set of tokens whose probability
-    reaches ``top_p`` (nucleus sampling; the most likely token is always kept)."""
+def sample_row(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One draw (a 0-d long tensor on the logits' device) from softmax(logits / temperature), restricted to the
+    smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling; the most likely token is always
+    kept)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if not bool(torch.isfinite(probs).all()):
-        # a temperature so small that logits / temperature overflows (1e-300 is valid input): its limit is greedy
-        return int(logits.argmax().item())
+    # a temperature so small that logits / temperature overflows (1e-300 is valid input): its limit is greedy. Decided
+    # on the device (no host sync): non-finite probabilities become the argmax's one-hot distribution.
+    greedy = torch.zeros_like(probs).scatter_(0, logits.argmax().view(1), 1.0)
+    probs = torch.where(torch.isfinite(probs).all(), probs, greedy)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         outside[0] = False  # a top_p that rounds to 0 in fp32 (5e-324) must not mask every token
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+        return order[choice].view(())
+    return torch.multinomial(probs, 1, generator=generator).view(())

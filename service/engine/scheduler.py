@@ -34,7 +34,7 @@ from transformers import PreTrainedModel
 from service.engine.config import EngineConfig
 from service.engine.errors import EngineClosed, EngineError, QueueFull
 from service.engine.kv_cache import BatchKVCache
-from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter
+from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter, SwapEvents
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
 from service.engine.requests import (
     FINISH_CANCELLED,
@@ -71,7 +71,6 @@ class Job:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     position: int = 0  # tokens of this request in the KV cache
-    next_token: int = 0  # sampled, not yet fed to the model
     first_token_at: float | None = None
 
     @property
@@ -100,6 +99,9 @@ class Scheduler:
         self.pad_id = pad_id
         self.device = bank.device
         self.num_layers = int(model.config.num_hidden_layers)
+        # a 4D mask goes to the attention as it is: SDPA takes a bool mask, eager attention (Gemma 2's soft-capping)
+        # adds it to the scores, so it needs 0 / -inf
+        self._additive_mask = getattr(model.config, "_attn_implementation", None) == "eager"
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
@@ -107,6 +109,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._rows: list[Job] = []
         self._cache: BatchKVCache | None = None
+        # per running row, on the device: the token to feed next [B, 1] and its position [B, 1]; the decode step
+        # advances them in place, and they are rebuilt only when rows join or leave
+        self._next_ids: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._pending_swaps: list[tuple[str, int, str | None, SwapEvents]] = []  # CUDA copies not timed yet
         self.swaps_total = 0
         self.swap_seconds_total = 0.0
         self.tokens_total = 0
@@ -222,6 +229,7 @@ class Scheduler:
     def _iteration(
         self, calls: list[tuple[Callable[[], Any], Future[Any]]], cancelled: list[Job], admitted: list[Job]
     ) -> None:
+        self._report_finished_swaps()
         for fn, future in calls:
             _run_into(fn, future)
         for job in cancelled:
@@ -233,7 +241,7 @@ class Scheduler:
             self._decode_step()
 
     def _fail_all_running(self, jobs: list[Job], exc: BaseException) -> None:
-        self._rows, self._cache = [], None
+        self._clear_rows()
         for job in dict.fromkeys(jobs):  # unique, in order
             if job.handle.done:
                 continue
@@ -277,14 +285,31 @@ class Scheduler:
     def _copy_in(self, adapter: PreparedAdapter, slot: int, evicted: str | None) -> None:
         start = time.perf_counter()
         try:
-            self.bank.load(slot, adapter)
+            events = self.bank.load(slot, adapter)
         except Exception:
             self.table.invalidate(slot)
             raise
-        seconds = time.perf_counter() - start
         self.swaps_total += 1
+        if events is None:
+            self._report_swap(adapter.adapter_id, slot, evicted, time.perf_counter() - start)
+        else:  # an asynchronous CUDA copy: timed by its events once it has run
+            self._pending_swaps.append((adapter.adapter_id, slot, evicted, events))
+
+    def _report_swap(self, adapter_id: str, slot: int, evicted: str | None, seconds: float) -> None:
         self.swap_seconds_total += seconds
-        self.observer.on_swap(adapter.adapter_id, slot, seconds, evicted)
+        self.observer.on_swap(adapter_id, slot, seconds, evicted)
+
+    def _report_finished_swaps(self) -> None:
+        """Time the CUDA slot copies that have run (``Event.query`` does not wait)."""
+        if not self._pending_swaps:
+            return
+        pending = []
+        for adapter_id, slot, evicted, (start, done) in self._pending_swaps:
+            if done.query():
+                self._report_swap(adapter_id, slot, evicted, start.elapsed_time(done) / 1000.0)
+            else:
+                pending.append((adapter_id, slot, evicted, (start, done)))
+        self._pending_swaps = pending
 
     def _prefill(self, jobs: list[Job]) -> None:
         ready: list[Job] = []
@@ -313,7 +338,7 @@ class Scheduler:
             ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
             mask[i, width - len(job.prompt_ids) :] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        padded = not bool(mask.all())
+        padded = any(len(job.prompt_ids) < width for job in ready)  # known on the host
         positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
         cache = BatchKVCache(self.num_layers)
         try:
@@ -329,8 +354,10 @@ class Scheduler:
             cache.mask = mask
             cache.zero_padding()
             params = [job.params for job in ready]
-            tokens = choose_tokens(out.logits[:, -1, :], params, [job.generator for job in ready])
-            logprobs = token_logprobs(out.logits[:, -1, :], params, tokens)  # per-token log-probabilities hook
+            logits = out.logits[:, -1, :]
+            sampled = choose_tokens(logits, params, [job.generator for job in ready])
+            tokens = sampled.tolist()
+            logprobs = token_logprobs(logits, params, tokens)  # per-token log-probabilities hook (rows that ask)
         except Exception as exc:
             log.exception("prefill failed")
             for job in ready:
@@ -345,18 +372,28 @@ class Scheduler:
                 keep.append(i)
         if not keep:
             return
+        next_ids = sampled.view(-1, 1)
+        positions = torch.tensor([[job.position] for job in ready], dtype=torch.long).to(self.device, non_blocking=True)
         if len(keep) < len(ready):
-            cache.select(keep)
+            index = torch.tensor(keep, dtype=torch.long).to(self.device, non_blocking=True)
+            cache.select(keep, index)
+            next_ids, positions = next_ids.index_select(0, index), positions.index_select(0, index)
         self._rows.extend(ready[i] for i in keep)
-        self._cache = cache if self._cache is None else BatchKVCache.concat([self._cache, cache])
+        if self._cache is None or self._next_ids is None or self._positions is None:
+            self._cache, self._next_ids, self._positions = cache, next_ids, positions
+        else:
+            self._cache = BatchKVCache.concat([self._cache, cache])
+            self._next_ids = torch.cat([self._next_ids, next_ids])
+            self._positions = torch.cat([self._positions, positions])
 
     def _decode_step(self) -> None:
-        rows, cache = self._rows, self._cache
-        assert cache is not None
-        ids = torch.tensor([[job.next_token] for job in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[job.position] for job in rows], dtype=torch.long, device=self.device)
+        """One token for every running row. Its inputs stay on the device (the tokens sampled by the previous step,
+        positions advanced in place, the padding mask's new column written in place); the only device-to-host
+        transfer is this step's sampled tokens."""
+        rows, cache, ids, positions = self._rows, self._cache, self._next_ids, self._positions
+        assert cache is not None and ids is not None and positions is not None
         mask = cache.append_position()
-        attention = mask[:, None, None, :] if cache.has_padding() else None
+        attention = self._padding_mask(mask) if cache.has_padding() else None
         try:
             self.bank.activate([job.slot for job in rows])
             out = self.model(
@@ -364,14 +401,17 @@ class Scheduler:
             )
             params = [job.params for job in rows]
             logits = out.logits[:, -1, :]
-            tokens = choose_tokens(logits, params, [job.generator for job in rows], [job.output_ids for job in rows])
-            logprobs = token_logprobs(logits, params, tokens)  # per-token log-probabilities hook
+            sampled = choose_tokens(logits, params, [job.generator for job in rows], [job.output_ids for job in rows])
+            tokens = sampled.tolist()  # the step's one device-to-host transfer (more only for rows asking logprobs)
+            logprobs = token_logprobs(logits, params, tokens)  # per-token log-probabilities hook (rows that ask)
         except Exception as exc:
             log.exception("decode step failed")
-            self._rows, self._cache = [], None
+            self._clear_rows()
             for job in rows:
                 self._finish(job, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
             return
+        self._next_ids = sampled.view(-1, 1)
+        positions += 1
         self.steps_total += 1
         self.observer.on_batch(len(rows))
         self._count_tokens(len(rows))
@@ -382,6 +422,14 @@ class Scheduler:
                 keep.append(i)
         self._retain(keep)
 
+    def _padding_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool -> the [B, 1, 1, T] mask of a decode step, in the form the model's attention takes."""
+        mask = mask[:, None, None, :]
+        if not self._additive_mask:
+            return mask
+        dtype = self.bank.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
     def _accept(self, job: Job, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Record a generated token, stream it; return True when the job finished (and was retired)."""
         now = time.perf_counter()
@@ -391,7 +439,6 @@ class Scheduler:
         job.output_ids.append(token)
         if logprob is not None:
             job.logprobs.append(logprob)
-        job.next_token = token
         text = job.text.push(token)
         reason: str | None = None
         if job.text.stopped or (token in self.eos_ids and not job.params.ignore_eos):
@@ -423,9 +470,16 @@ class Scheduler:
             return
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
-            self._cache = None
-        elif self._cache is not None:
-            self._cache.select(keep)
+            self._clear_rows()
+            return
+        assert self._cache is not None and self._next_ids is not None and self._positions is not None
+        index = torch.tensor(list(keep), dtype=torch.long).to(self.device, non_blocking=True)
+        self._cache.select(keep, index)
+        self._next_ids = self._next_ids.index_select(0, index)
+        self._positions = self._positions.index_select(0, index)
+
+    def _clear_rows(self) -> None:
+        self._rows, self._cache, self._next_ids, self._positions = [], None, None, None
 
     def _finish(self, job: Job, reason: str, error: BaseException | None = None, push: bool = True) -> None:
         if job.slot != NO_SLOT:
@@ -465,7 +519,7 @@ class Scheduler:
             future.set_exception(EngineClosed("the engine is closed"))
         for job in [*self._rows, *waiting]:
             self._finish(job, FINISH_ERROR, EngineClosed("the engine was closed while the request ran"))
-        self._rows, self._cache = [], None
+        self._clear_rows()
 
 
 def _run_into(fn: Callable[[], Any], future: Future[Any]) -> None:

@@ -118,6 +118,25 @@ def test_compose_config_is_valid(tmp_path: Path) -> None:
     assert datasource["datasources"][0]["uid"] == DATASOURCE_UID
 
 
+def test_compose_gpu_profile_reserves_an_nvidia_device(tmp_path: Path) -> None:
+    """The CUDA variant: only with ``--profile gpu``; PyPI's (CUDA) torch wheels, one NVIDIA GPU reserved, the device
+    required (no silent CPU fallback), scraped under the service's name."""
+    config = _compose_config(tmp_path, "--profile", "gpu")
+    services = config["services"]
+    assert set(services) == {"icm-lora", "icm-lora-gpu", "redis", "prometheus", "grafana"}
+    gpu = services["icm-lora-gpu"]
+    assert gpu["build"]["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple"
+    assert gpu["build"]["args"]["BASE_IMAGE"] == services["icm-lora"]["build"]["args"]["BASE_IMAGE"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert gpu["environment"]["ICM_LORA_DEVICE"] == "cuda" and gpu["environment"]["ICM_LORA_DTYPE"] == "auto"
+    Settings(device=gpu["environment"]["ICM_LORA_DEVICE"], dtype=gpu["environment"]["ICM_LORA_DTYPE"])
+    assert "icm-lora" in gpu["networks"]["default"]["aliases"]
+    assert {"source": "icm-lora-data", "target": "/data"}.items() <= gpu["volumes"][0].items()
+    assert gpu["image"] != services["icm-lora"]["image"]
+    assert "deploy" not in services["icm-lora"]  # the CPU service stays the default, reserving nothing
+
+
 def test_compose_config_with_env_example(tmp_path: Path) -> None:
     """.env.example interpolates cleanly, and every ICM_LORA_* name in it is a real setting."""
     config = _compose_config(tmp_path, "--env-file", str(ROOT / ".env.example"))

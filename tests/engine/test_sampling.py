@@ -15,17 +15,17 @@ def test_penalties_and_bias_change_the_choice_and_leave_the_logits_alone() -> No
     logits = torch.tensor([[0.0, 1.0, 3.0, 2.5], [0.0, 1.0, 3.0, 2.5]])
     before = logits.clone()
     plain = SamplingParams()
-    assert choose_tokens(logits, [plain, plain], [None, None]) == [2, 2]
+    assert choose_tokens(logits, [plain, plain], [None, None]).tolist() == [2, 2]
     # token 2 generated twice: frequency 0.3 takes 0.6 off (2.4 < 2.5); frequency 0.2 only 0.4 (2.6 stays on top)
     frequency, weak = SamplingParams(frequency_penalty=0.3), SamplingParams(frequency_penalty=0.2)
     presence = SamplingParams(presence_penalty=0.6)  # once, however often the token came: 2.4 < 2.5
-    assert choose_tokens(logits, [frequency, plain], [None, None], [[2, 2], [2, 2]]) == [3, 2]
-    assert choose_tokens(logits, [weak, presence], [None, None], [[2, 2], [2, 2]]) == [2, 3]
+    assert choose_tokens(logits, [frequency, plain], [None, None], [[2, 2], [2, 2]]).tolist() == [3, 2]
+    assert choose_tokens(logits, [weak, presence], [None, None], [[2, 2], [2, 2]]).tolist() == [2, 3]
     bias = SamplingParams(logit_bias=((0, 10.0),))
-    assert choose_tokens(logits, [bias, plain], [None, None]) == [0, 2]
+    assert choose_tokens(logits, [bias, plain], [None, None]).tolist() == [0, 2]
     sampled = SamplingParams(temperature=1.0, logit_bias=((1, 100.0),))
     generator = torch.Generator().manual_seed(0)
-    assert choose_tokens(logits, [sampled, plain], [generator, None]) == [1, 2]
+    assert choose_tokens(logits, [sampled, plain], [generator, None]).tolist() == [1, 2]
     assert torch.equal(logits, before)
 
 

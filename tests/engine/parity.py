@@ -1,0 +1,102 @@
+"""Engine vs plain peft on one base model in one dtype: greedy tokens (alone and in one mixed batch) and answer
+log-likelihoods. Shared by the low-precision and the architecture tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from generator.adapter import GeneratedAdapter
+from generator.base_model import BaseModel
+from generator.batching import answer_logprobs, encode_pair, pad_pairs
+from generator.selfcheck import encode_groups
+from generator.tasks import Example, format_prompt, format_target
+from service.engine import Engine, EngineConfig, SamplingParams
+
+# where the parity tests run: the CPU in CI; bench/gpu.sh sets cuda (tiny models are built on the CPU, then moved)
+TEST_DEVICE = torch.device(os.environ.get("ICM_LORA_TEST_DEVICE", "cpu"))
+
+EXAMPLES = (
+    Example("red green blue", "blue green red"),
+    Example("one two", "two one"),
+    Example("a much longer input with many more words in it than the others", "it"),
+)
+
+
+@dataclass
+class Parity:
+    alone: list[list[int]]  # engine, one request at a time
+    mixed: list[list[int]]  # engine, every row in one batch
+    reference: list[list[int]]  # plain peft, one request at a time
+    engine_scores: torch.Tensor  # [adapters, examples] mean answer log-probability per token
+    reference_scores: torch.Tensor
+
+    @staticmethod
+    def agreement(got: Sequence[Sequence[int]], want: Sequence[Sequence[int]]) -> float:
+        """Share of generated positions whose token equals the reference's."""
+        same = total = 0
+        for a, b in zip(got, want, strict=True):
+            total += max(len(a), len(b))
+            same += sum(x == y for x, y in zip(a, b, strict=False))
+        return same / total
+
+
+def run_parity(
+    load: Callable[[], BaseModel],
+    adapters: Sequence[GeneratedAdapter | None],
+    prompts: Sequence[str],
+    max_tokens: int,
+    folder: Path,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Parity:
+    """Every prompt with every adapter (None: the base model); ``load`` builds a fresh copy of the base model."""
+    engine_base = load()
+    tokenizer = engine_base.tokenizer
+    rows = [(tokenizer(p)["input_ids"], a) for a in adapters for p in prompts]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    groups = encode_groups(tokenizer, EXAMPLES, max_length=48, choices=False)
+    pairs = [encode_pair(tokenizer, format_prompt(e.input), format_target(e.output), 48) for e in EXAMPLES]
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    with Engine(engine_base, EngineConfig(num_slots=len(adapters), target_modules=target_modules)) as engine:
+        alone = [engine.generate(ids, a, params).token_ids for ids, a in rows]
+        mixed = [r.token_ids for r in engine.generate_many([r[0] for r in rows], [r[1] for r in rows], params)]
+        engine_scores = engine.answer_logprobs(groups, adapters)  # every adapter's rows in one pass
+
+    batch = pad_pairs(pairs, pad)
+    reference: list[list[int]] = []
+    reference_scores = []
+    for i, a in enumerate(adapters):
+        model = load().model
+        if a is not None:
+            # the adapter in the base model's dtype, as the engine's slots hold it (peft would upcast it to fp32)
+            model = PeftModel.from_pretrained(model, a.save_peft(folder / f"a{i}"), autocast_adapter_dtype=False)
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            for ids, row_adapter in rows:
+                if row_adapter is not a:
+                    continue
+                reference.append(_greedy(model, ids, max_tokens, device))
+            logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
+            total, count = answer_logprobs(logits, batch.labels.to(device))
+            reference_scores.append((total / count.clamp_min(1)).float().cpu())
+    return Parity(alone, mixed, reference, engine_scores, torch.stack(reference_scores))
+
+
+def _greedy(model: torch.nn.Module, ids: Sequence[int], max_tokens: int, device: torch.device) -> list[int]:
+    """Greedy decoding with the model's own KV cache, through EOS (the engine's ``ignore_eos``; ``generate`` would
+    stop there, or with ``min_new_tokens`` mask EOS out)."""
+    input_ids = torch.tensor([list(ids)], device=device)
+    out = model(input_ids=input_ids, use_cache=True)
+    tokens: list[int] = []
+    while True:
+        token = out.logits[0, -1].argmax()
+        tokens.append(int(token))
+        if len(tokens) == max_tokens:
+            return tokens
+        out = model(input_ids=token.view(1, 1), cache=out.past_key_values, use_cache=True)
