@@ -12,12 +12,15 @@ Three sources, chosen by one string:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,13 +71,14 @@ def default_data_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "icm-lora"
 
 
-def load_base_model(source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None) -> BaseModel:
-    """Load a base model in fp32, eval mode, on the CPU."""
+def load_base_model(source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None, progress: bool = True) -> BaseModel:
+    """Load a base model in fp32, eval mode, on the CPU. ``progress=False`` (the service): no progress bars from the
+    first run's conversion of the packaged model (it is logged as one line with its duration)."""
     source = source.strip()
     if not source:
         raise BaseModelError("the base model name is empty")
     if source == DEFAULT_BASE_MODEL:
-        folder = ensure_smollm2_folder(data_dir or default_data_dir())
+        folder = ensure_smollm2_folder(data_dir or default_data_dir(), progress)
         return _from_folder(str(folder), name=DEFAULT_BASE_MODEL)
     if source == TINY_PREFIX or source.startswith(TINY_PREFIX + ":"):
         seed = _tiny_seed(source)
@@ -125,7 +129,7 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def ensure_smollm2_folder(data_dir: Path) -> Path:
+def ensure_smollm2_folder(data_dir: Path, progress: bool = True) -> Path:
     """Dequantise the packaged GGUF into a plain HF folder once; return the folder.
 
     The model loaded from GGUF cannot be ``save_pretrained`` as is (it carries a GGUF quantisation config), so a
@@ -136,9 +140,13 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     gguf = smollm2_gguf_path()
-    log.info("dequantising %s into %s (once)", gguf.name, folder)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    start = time.perf_counter()
+    # transformers' GGUF reader draws a tqdm bar on stderr that no setting turns off: without progress, that bar
+    # goes nowhere (logging handlers keep their own stream and still write)
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -155,6 +163,13 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
         if folder.exists():
             shutil.rmtree(folder)  # a half-written folder from an older version
         tmp.rename(folder)
+        log.info(
+            "converted the packaged %s (%s) into %s in %.1f s; later starts load it from there",
+            DEFAULT_BASE_MODEL,
+            gguf.name,
+            folder,
+            time.perf_counter() - start,
+        )
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

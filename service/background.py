@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from service.config import Settings
 from service.main import create_app
 from service.refine import Refiner
+from service.state import Startup
 
 
 def free_port() -> int:
@@ -30,7 +31,8 @@ def free_port() -> int:
 
 
 class BackgroundServer:
-    """One service instance; ``start`` returns once uvicorn accepts connections (the lifespan has run)."""
+    """One service instance; ``start`` returns once the model and generator are loaded (``wait_ready=False``: once
+    uvicorn accepts connections, which is at once: loading goes on in the background)."""
 
     def __init__(self, settings: Settings, port: int | None = None, refiner: Refiner | None = None) -> None:
         self.settings = settings
@@ -41,13 +43,17 @@ class BackgroundServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self, timeout_s: float = 300) -> BackgroundServer:
+    def start(self, timeout_s: float = 300, wait_ready: bool = True) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + timeout_s
-        while not self.server.started:
+        startup: Startup = self.app.state.startup
+        while not self.server.started or (wait_ready and startup.status == "loading"):
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the service did not start")
             time.sleep(0.05)
+        if wait_ready and startup.status == "failed":
+            self.stop()
+            raise RuntimeError(f"the service failed to start: {startup.error}")
         return self
 
     def stop(self) -> None:

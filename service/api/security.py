@@ -4,33 +4,38 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from service.api.rate_limit import RateLimiter, RateLimitState
 from service.errors import APIError
 
 
 @dataclass
-class RateLimiter:
+class TokenBucketLimiter:
     """``per_minute`` requests per identity, refilled continuously; bursts up to ``per_minute``."""
 
     per_minute: int
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # identity -> (tokens, last refill)
 
-    def check(self, identity: str) -> float:
-        """0 when allowed (a token is taken), else seconds until the next token."""
+    def hit(self, identity: str) -> RateLimitState:
         now = time.monotonic()
         rate = self.per_minute / 60.0
         tokens, last = self._buckets.get(identity, (float(self.per_minute), now))
         tokens = min(float(self.per_minute), tokens + (now - last) * rate)
-        if tokens >= 1.0:
-            self._buckets[identity] = (tokens - 1.0, now)
-            return 0.0
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
         self._buckets[identity] = (tokens, now)
-        return (1.0 - tokens) / rate
+        return RateLimitState(
+            allowed=allowed,
+            limit=self.per_minute,
+            remaining=int(tokens),
+            reset_s=(self.per_minute - tokens) / rate,
+            retry_after_s=0.0 if allowed else (1.0 - tokens) / rate,
+        )
 
 
 class Guard:
@@ -39,7 +44,9 @@ class Guard:
     def __init__(self, api_keys: list[str], rate_limit_per_minute: int) -> None:
         # keys are kept as digests: comparing fixed-length digests in constant time leaks neither key nor length
         self._digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
-        self._limiter = RateLimiter(rate_limit_per_minute) if rate_limit_per_minute > 0 else None
+        self._limiter: RateLimiter | None = (
+            TokenBucketLimiter(rate_limit_per_minute) if rate_limit_per_minute > 0 else None
+        )
 
     def identity(self, request: Request) -> str:
         if not self._digests:
@@ -61,7 +68,8 @@ class Guard:
     async def __call__(self, request: Request) -> str:
         identity = self.identity(request)
         if self._limiter is not None:
-            wait = self._limiter.check(identity)
-            if wait > 0:
-                raise APIError(429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            limit = self._limiter.hit(identity)
+            request.state.rate_limit = limit  # scope["state"][STATE_KEY]: RateLimitHeaders puts it on the response
+            if not limit.allowed:
+                raise APIError(429, "rate limit exceeded", headers=limit.headers())
         return identity

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from service.api.security import RateLimiter
+from service.api.security import TokenBucketLimiter
 from tests.service.conftest import metric_value, serve
 
 
@@ -42,13 +42,16 @@ def test_rate_limit_per_key(settings_for) -> None:  # type: ignore[no-untyped-de
 
 
 def test_rate_limiter_refills() -> None:
-    limiter = RateLimiter(per_minute=60)
-    assert all(limiter.check("a") == 0 for _ in range(60))
-    wait = limiter.check("a")
-    assert 0 < wait <= 1.0
+    limiter = TokenBucketLimiter(per_minute=60)
+    states = [limiter.hit("a") for _ in range(60)]
+    assert all(s.allowed and s.limit == 60 for s in states)
+    assert [s.remaining for s in states[:3]] == [59, 58, 57] and states[-1].remaining == 0
+    refused = limiter.hit("a")
+    assert not refused.allowed and 0 < refused.retry_after_s <= 1.0 and 59 < refused.reset_s <= 60
+    assert refused.headers()["Retry-After"] == "1" and refused.headers()["X-RateLimit-Remaining"] == "0"
     tokens, last = limiter._buckets["a"]
     limiter._buckets["a"] = (tokens, last - 2.0)  # two seconds later: two tokens back
-    assert limiter.check("a") == 0 and limiter.check("a") == 0 and limiter.check("a") > 0
+    assert limiter.hit("a").allowed and limiter.hit("a").allowed and not limiter.hit("a").allowed
 
 
 def test_cors_closed_by_default(settings_for) -> None:  # type: ignore[no-untyped-def]

@@ -17,15 +17,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.api.negotiation import EVENT_STREAM, JSON, Accepts
 from service.engine import EngineClosed, EngineError
 from service.errors import APIError
 from service.inference import (
     chat_prompt_ids,
     completion_prompt_ids,
     resolve_adapter,
+    resolve_task,
     sampling_params,
     serving_headers,
     submit,
+    with_task_defaults,
 )
 from service.schemas import (
     ChatChoice,
@@ -42,7 +45,7 @@ from service.schemas import (
 )
 from service.state import ServiceState, get_state
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(Accepts(JSON, EVENT_STREAM))])
 MAX_LISTED_TASKS = 1000
 
 
@@ -95,9 +98,11 @@ async def completions(
     response: Response,
     state: Annotated[ServiceState, Depends(get_state)],
 ) -> Any:
+    record = await resolve_task(state, body.model)
+    body = with_task_defaults(body, record)
     params = sampling_params(state, body)
     ids = completion_prompt_ids(state, body.prompt)
-    adapter, info = await resolve_adapter(state, body.model)
+    adapter, info = await resolve_adapter(state, record)
     handle = submit(state, ids, adapter, params)
     request_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:
@@ -126,9 +131,11 @@ async def chat_completions(
     response: Response,
     state: Annotated[ServiceState, Depends(get_state)],
 ) -> Any:
+    record = await resolve_task(state, body.model)
+    body = with_task_defaults(body, record)
     params = sampling_params(state, body)
     ids = chat_prompt_ids(state, body.messages)
-    adapter, info = await resolve_adapter(state, body.model)
+    adapter, info = await resolve_adapter(state, record)
     handle = submit(state, ids, adapter, params)
     request_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:

@@ -1,4 +1,4 @@
-"""The task registry: POST/GET /v1/tasks, GET/DELETE /v1/tasks/{task_id}."""
+"""The task registry: POST/GET /v1/tasks, GET/PATCH/DELETE /v1/tasks/{task_id}."""
 
 from __future__ import annotations
 
@@ -10,15 +10,26 @@ from fastapi.responses import JSONResponse
 
 from generator.refine import refined_adapter_id
 from service.adapters import refine_plan, spec_from_request
+from service.api.negotiation import JSON, Accepts
 from service.api.routes.adapters import adapter_metadata
 from service.errors import APIError
 from service.refinements import RefineJob
-from service.schemas import TASK_ID_PATTERN, ExampleIn, RefinementOut, SelfCheckOut, TaskCreate, TaskList, TaskOut
+from service.schemas import (
+    MAX_METADATA_KEYS,
+    TASK_ID_PATTERN,
+    ExampleIn,
+    RefinementOut,
+    SelfCheckOut,
+    TaskCreate,
+    TaskList,
+    TaskOut,
+    TaskPatch,
+)
 from service.selfcheck import check_of, passed
 from service.state import ServiceState, get_state
 from service.task_store import CheckResult, Refinement, TaskRecord, new_record
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], dependencies=[Depends(Accepts(JSON))])
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
 
 
@@ -43,6 +54,8 @@ def task_out(record: TaskRecord, state: ServiceState) -> TaskOut:
             error=record.refinement.error,
             self_check=_check_out(record.refinement.self_check),
         ),
+        metadata=record.metadata,
+        defaults=record.defaults,
     )
 
 
@@ -119,6 +132,41 @@ async def get_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_s
     if record is None:
         raise APIError(404, f"unknown task {task_id!r}")
     return task_out(record, state)
+
+
+@router.patch(
+    "/{task_id}",
+    response_model=TaskOut,
+    responses={422: {"description": "Invalid settings, or an attempt to change the spec (immutable)"}},
+    summary="Update a task's metadata and default generation settings (JSON merge patch; the spec is immutable)",
+)
+async def patch_task(task_id: TaskId, patch: TaskPatch, state: Annotated[ServiceState, Depends(get_state)]) -> TaskOut:
+    record = await state.store.get(task_id)
+    if record is None:
+        raise APIError(404, f"unknown task {task_id!r}")
+    metadata = dict(record.metadata)
+    for key, value in (patch.metadata or {}).items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise APIError(422, f"a task has at most {MAX_METADATA_KEYS} metadata keys; this patch makes {len(metadata)}")
+    defaults = dict(record.defaults)
+    if patch.defaults is not None:
+        for name in patch.defaults.model_fields_set:
+            value = getattr(patch.defaults, name)
+            if value is None:
+                defaults.pop(name, None)
+            else:
+                defaults[name] = value
+    limit = state.settings.max_tokens
+    if defaults.get("max_tokens", 0) > limit:
+        raise APIError(422, f"defaults.max_tokens {defaults['max_tokens']} is above this server's limit of {limit}")
+    updated = await state.store.update_settings(task_id, metadata, defaults)
+    if updated is None:
+        raise APIError(404, f"unknown task {task_id!r}")
+    return task_out(updated, state)
 
 
 @router.delete("/{task_id}", response_model=TaskOut, summary="Delete a task; frees its slot and cache entries")
