@@ -155,9 +155,12 @@ def evaluate(
 
 @app.command("generate")
 def generate(
-    generator_dir: Annotated[Path, typer.Option("--generator", help="Generator checkpoint folder")],
     task: Annotated[Path, typer.Option(help='JSON file: {"description": ..., "examples": [{"input", "output"}]}')],
     out: Annotated[Path, typer.Option(help="Output PEFT adapter folder")],
+    generator_dir: Annotated[
+        Path | None,
+        typer.Option("--generator", help="Generator checkpoint folder (default: the packaged one for the base model)"),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sample z from this seed (default: deterministic z = 0)")] = None,
     base_model: Annotated[str, typer.Option(help="Override the base model the checkpoint names")] = "",
     check: Annotated[
@@ -169,8 +172,8 @@ def generate(
     With examples in the task, the adapter is self-checked first (as the service does): the mean log-likelihood per
     answer token of the examples with the adapter vs the base model. The result is printed and stored in the
     adapter's metadata (``self_check``)."""
-    from generator.base_model import load_base_model
-    from generator.checkpoint import load_checkpoint
+    from generator.base_model import DEFAULT_BASE_MODEL, load_base_model
+    from generator.checkpoint import load_checkpoint, packaged_generator
     from generator.generate import AdapterGenerator
     from generator.lora_model import LoraModel
     from generator.selfcheck import LoraModelScorer, self_check
@@ -181,6 +184,10 @@ def generate(
     result = None
     try:
         spec = TaskSpec.from_dict(json.loads(task.read_text(encoding="utf-8")))
+        if generator_dir is None:
+            generator_dir = packaged_generator(base_model or DEFAULT_BASE_MODEL)
+            if generator_dir is None:
+                raise _fail(f"no packaged generator for base model {base_model!r}; give --generator")
         checkpoint = load_checkpoint(generator_dir)
         base = load_base_model(base_model or checkpoint.base_model)
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)

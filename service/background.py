@@ -87,6 +87,26 @@ class ServiceProcess:
     def start(self, timeout_s: float = 300) -> float:
         """Start and wait until ``/readyz`` answers 200; returns the seconds that took."""
         start = time.monotonic()
+        proc = self.launch()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                ready = httpx.get(f"{self.url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    return time.monotonic() - start
+                if ready.json().get("status") == "failed":
+                    self.kill()
+                    raise RuntimeError(f"the service failed to start: {ready.text}\n{self.log()[-3000:]}")
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() - start > timeout_s:
+                self.kill()
+                raise RuntimeError(f"the service was not ready in {timeout_s} s:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the process and return at once (the port opens soon after; the model loads behind it)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "icm_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -95,18 +115,7 @@ class ServiceProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - start > timeout_s:
-                self.kill()
-                raise RuntimeError(f"the service was not ready in {timeout_s} s:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
+        return self.proc
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -10,8 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from generator.base_model import DEFAULT_BASE_MODEL, default_data_dir
-
-PACKAGED_GENERATORS = Path(__file__).resolve().parent.parent / "generator" / "assets" / "generators"
+from generator.checkpoint import PACKAGED_GENERATORS, packaged_generator  # noqa: F401 (PACKAGED_GENERATORS: re-exported)
 
 
 class Settings(BaseSettings):
@@ -104,8 +103,7 @@ class Settings(BaseSettings):
     def resolved_generator_path(self) -> Path | None:
         if self.generator_path is not None:
             return self.generator_path
-        packaged = PACKAGED_GENERATORS / self.base_model.replace("/", "__")
-        return packaged if (packaged / "generator.json").is_file() else None
+        return packaged_generator(self.base_model)
 
 
 @functools.lru_cache(maxsize=1)
