@@ -4,6 +4,8 @@ immutable). Both registry backends: SQLite and Redis."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -136,3 +138,34 @@ def test_patch_task_settings_and_defaults(settings_for) -> None:  # type: ignore
             assert text in response.json()["error"]["message"], (bad, response.json())
         assert client.get("/v1/tasks/fruit").json()["defaults"] == {"temperature": 0}  # unchanged by refusals
         assert client.patch("/v1/tasks/nope", json={"metadata": {"a": "b"}}).status_code == 404
+
+
+def test_deleting_a_tasks_refined_adapter_trains_it_again(settings_for) -> None:  # type: ignore[no-untyped-def]
+    examples = [
+        {"input": "cat dog cow", "output": "animals"},
+        {"input": "red blue green", "output": "colours"},
+        {"input": "horse sheep goat", "output": "animals"},
+        {"input": "pink grey white", "output": "colours"},
+    ]
+    task = {"task_id": "words", "description": "Animals or colours?", "examples": examples, "refine_steps": 4}
+    prompt = {"model": "words", "prompt": "Input: lion tiger\nOutput:", "max_tokens": 3, "temperature": 0}
+    with serve(settings_for(self_check_margin=100.0)) as service, service.client() as client:
+        assert client.post("/v1/tasks", json=task).status_code == 201
+        deadline = time.monotonic() + 180
+        while (refinement := client.get("/v1/tasks/words").json()["refinement"])["status"] not in {"done", "failed"}:
+            assert time.monotonic() < deadline, refinement
+            time.sleep(0.2)
+        assert refinement["status"] == "done", refinement
+        refined_id = refinement["adapter_id"]
+        before = client.post("/v1/completions", json=prompt).json()
+        assert before["icm_lora"]["adapter_id"] == refined_id and before["icm_lora"]["refined"] is True
+        digest = client.get(f"/v1/adapters/{refined_id}").json()["tensors_sha256"]
+        listed = {a["adapter_id"]: a for a in _all_adapters(client, limit=10)[0]}
+        assert listed[refined_id]["kind"] == "refined" and listed[refined_id]["refine_steps"] == 4
+
+        assert client.delete(f"/v1/adapters/{refined_id}").status_code == 200
+        assert client.get(f"/v1/adapters/{refined_id}").status_code == 404
+        after = client.post("/v1/completions", json=prompt)  # trains it again from the task's own refinement
+        assert after.status_code == 200, after.text
+        assert after.json()["icm_lora"] == before["icm_lora"] and after.json()["choices"] == before["choices"]
+        assert client.get(f"/v1/adapters/{refined_id}").json()["tensors_sha256"] == digest
