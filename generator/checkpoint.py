@@ -67,15 +67,6 @@ class GeneratorCheckpoint:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-PACKAGED_GENERATORS = Path(__file__).resolve().parent / "assets" / "generators"
-
-
-def packaged_generator(base_model: str) -> Path | None:
-    """The generator shipped for ``base_model`` (``generator/assets/generators/<name>``), None when there is none."""
-    folder = PACKAGED_GENERATORS / base_model.replace("/", "__")
-    return folder if (folder / "generator.json").is_file() else None
-
-
 def save_checkpoint(checkpoint: GeneratorCheckpoint, folder: Path) -> str:
     """Write both files (atomically each); return and set the generator id."""
     weights = save(checkpoint.tensors(), metadata={"format": FORMAT})

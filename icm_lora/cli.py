@@ -172,8 +172,9 @@ def generate(
     With examples in the task, the adapter is self-checked first (as the service does): the mean log-likelihood per
     answer token of the examples with the adapter vs the base model. The result is printed and stored in the
     adapter's metadata (``self_check``)."""
-    from generator.base_model import DEFAULT_BASE_MODEL, load_base_model
-    from generator.checkpoint import load_checkpoint, packaged_generator
+    from generator.base_model import load_base_model
+    from generator.checkpoint import load_checkpoint
+    from generator.defaults import DEFAULT_BASE_MODEL, packaged_generator
     from generator.generate import AdapterGenerator
     from generator.lora_model import LoraModel
     from generator.selfcheck import LoraModelScorer, self_check
@@ -242,17 +243,27 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default ICM_LORA_HOST or 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default ICM_LORA_PORT or 8000)")] = None,
 ) -> None:
-    """Run the HTTP service. Configuration comes from ICM_LORA_* environment variables (see README)."""
-    import uvicorn
+    """Run the HTTP service. Configuration comes from ICM_LORA_* environment variables (see README).
 
+    The port opens at once: the service (torch, the model, the generator) loads behind it, and until it is ready
+    /readyz answers 503 "loading" and the /v1 routes 503 with Retry-After."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from service.boot import DeferredApp
     from service.config import Settings
-    from service.main import create_app
 
     try:
         settings = Settings()
     except ValueError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
-    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+
+    def build() -> FastAPI:  # imported here, in the background
+        from service.main import create_app
+
+        return create_app(settings)
+
+    uvicorn.run(DeferredApp(build), host=host or settings.host, port=port or settings.port, log_level="info")
 
 
 def main() -> None:

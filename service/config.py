@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from generator.base_model import DEFAULT_BASE_MODEL, default_data_dir
-from generator.checkpoint import PACKAGED_GENERATORS, packaged_generator  # noqa: F401 (PACKAGED_GENERATORS: re-exported)
+from generator.defaults import DEFAULT_BASE_MODEL, default_data_dir, packaged_generator
+from generator.defaults import PACKAGED_GENERATORS as PACKAGED_GENERATORS  # re-exported (tests)
 
 
 class Settings(BaseSettings):

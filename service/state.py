@@ -11,6 +11,7 @@ from fastapi import Request
 
 from generator.base_model import BaseModel
 from service.adapters import AdapterService
+from service.boot import LOADING_MESSAGE, RETRY_WHILE_LOADING_S
 from service.cache import AdapterCache, RedisTier
 from service.config import Settings
 from service.errors import APIError
@@ -56,9 +57,6 @@ class Startup:
         return details
 
 
-RETRY_WHILE_LOADING_S = 5
-
-
 def get_state(request: Request) -> ServiceState:
     """The loaded service; 503 with ``Retry-After`` while it loads (or when loading failed)."""
     startup: Startup = request.app.state.startup
@@ -66,9 +64,4 @@ def get_state(request: Request) -> ServiceState:
         return startup.state
     if startup.status == "failed":
         raise APIError(503, f"the service failed to start: {startup.error}", "unavailable")
-    raise APIError(
-        503,
-        "the service is starting: the model and generator are loading; retry shortly",
-        "loading",
-        {"Retry-After": str(RETRY_WHILE_LOADING_S)},
-    )
+    raise APIError(503, LOADING_MESSAGE, "loading", {"Retry-After": str(RETRY_WHILE_LOADING_S)})

@@ -4,19 +4,26 @@ packaged generator by default."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from generator.adapter import ADAPTER_WEIGHTS, GeneratedAdapter
-from generator.checkpoint import load_checkpoint, packaged_generator
+from generator.checkpoint import load_checkpoint
+from generator.defaults import packaged_generator
 from icm_lora.cli import app
-from service.background import BackgroundServer, ServiceProcess
+from service.background import BackgroundServer, ServiceProcess, free_port
+from service.boot import DeferredApp
 
 
 def _until(condition, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
@@ -49,7 +56,7 @@ def test_port_opens_at_once_and_the_first_conversion_is_one_log_line(tmp_path: P
             assert refused.status_code == 503 and refused.json()["error"]["type"] == "loading"
             assert int(refused.headers["retry-after"]) >= 1
             assert client.post("/v1/adapters", json={"description": "x"}).status_code == 503
-            assert client.get("/metrics").status_code == 200
+            assert client.get("/metrics").status_code in (200, 503)  # 503 until torch and the service are imported
 
             _until(lambda: client.get("/readyz").status_code == 200, 600, "the service to be ready")
             ready_s = time.monotonic() - launched
@@ -99,3 +106,57 @@ def test_generate_uses_the_packaged_generator_by_default(tmp_path: Path) -> None
     assert written.metadata["generator_id"] == load_checkpoint(packaged).generator_id
     missing = CliRunner().invoke(app, ["generate", "--task", str(task), "--out", str(out), "--base-model", "tiny"])
     assert missing.exit_code == 2 and "give --generator" in missing.output
+
+
+def _run(app: object) -> tuple[uvicorn.Server, threading.Thread, str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _until(lambda: server.started, 30, "uvicorn")
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def test_deferred_app_answers_while_the_application_is_imported() -> None:
+    """``icm-lora serve`` runs uvicorn on DeferredApp: the port answers before the application (and torch) is built."""
+    release = threading.Event()
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        events.append("started")
+        yield
+        events.append("stopped")
+
+    def build() -> FastAPI:
+        assert release.wait(30)
+        app = FastAPI(lifespan=lifespan)
+        app.get("/v1/ping")(lambda: {"pong": True})
+        return app
+
+    server, thread, url = _run(DeferredApp(build))
+    with httpx.Client(base_url=url, timeout=5) as client:
+        assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
+        loading = client.get("/readyz")
+        assert loading.status_code == 503 and loading.json()["status"] == "loading"
+        waiting = client.get("/v1/ping")
+        assert waiting.status_code == 503 and waiting.headers["retry-after"] == "5"
+        assert waiting.json()["error"]["type"] == "loading"
+        release.set()
+        _until(lambda: client.get("/v1/ping").status_code == 200, 30, "the application")
+        assert client.get("/v1/ping").json() == {"pong": True} and events == ["started"]
+    server.should_exit = True
+    thread.join(30)
+    assert events == ["started", "stopped"]  # the application's own lifespan ran inside the shim's
+
+    def broken() -> FastAPI:
+        raise ImportError("no module named 'torch'")
+
+    server, thread, url = _run(DeferredApp(broken))
+    with httpx.Client(base_url=url, timeout=5) as client:
+        _until(lambda: client.get("/healthz").status_code == 503, 30, "the failure")
+        assert client.get("/healthz").json()["status"] == "failed"
+        assert "no module named 'torch'" in client.get("/readyz").json()["checks"]["error"]
+        assert "failed to start" in client.get("/v1/tasks").json()["error"]["message"]
+    server.should_exit = True
+    thread.join(30)
