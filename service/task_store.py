@@ -384,8 +384,12 @@ class RedisTaskStore:
         return f"{self._prefix}:adapter-specs"
 
     async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
-        await self._call(self._redis.set(self._spec_key(adapter_id), stored.to_json(), nx=True))
-        await self._call(self._redis.zadd(self._spec_index_key, {adapter_id: 0}))
+        """The spec (kept when there is one already) and its index entry, in one round trip (every adapter request
+        passes here)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._spec_key(adapter_id), stored.to_json(), nx=True)
+        pipe.zadd(self._spec_index_key, {adapter_id: 0})
+        await self._call(pipe.execute())
 
     async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None:
         raw = await self._call(self._redis.get(self._spec_key(adapter_id)))
