@@ -115,6 +115,12 @@ class TaskCreate(TaskSpecIn):
     task_id: str | None = Field(None, pattern=TASK_ID_PATTERN, description="Default: derived from the spec")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     refine_steps: RefineSteps = 0
+    replace: bool = Field(
+        False,
+        strict=True,
+        description="Replace the spec of an existing task with this id (without it: 409): a new registration with a "
+        "new adapter id; the task's metadata and defaults are kept, its old adapters leave the caches",
+    )
 
 
 class AdapterSummary(BaseModel):
@@ -165,8 +171,8 @@ IMMUTABLE_TASK_FIELDS = ("description", "examples", "seed", "task_id", "refine_s
 
 class TaskPatch(BaseModel):
     """A JSON merge patch of a task's settings: a key set to null removes it; keys not given are unchanged. The spec
-    (description, examples, seed) is immutable: a new spec is a new task id (or delete the task and register it
-    again), since it is a new adapter."""
+    (description, examples, seed) is immutable: a new spec is a new task id, or POST /v1/tasks with replace, since it
+    is a new adapter."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -189,7 +195,7 @@ class TaskPatch(BaseModel):
         if immutable:
             raise ValueError(
                 f"{', '.join(immutable)}: a task's spec is immutable (its adapter id is derived from it); register the "
-                "new spec under a new task id, or delete this task and register it again"
+                'new spec under a new task id, or POST /v1/tasks with "replace": true'
             )
         return data
 

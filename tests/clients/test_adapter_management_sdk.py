@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 
 import pytest
-from icm_lora_client import AdapterDeleted, AsyncClient, BadRequestError, Client, NotFoundError
+from icm_lora_client import AdapterDeleted, AsyncClient, BadRequestError, Client, ConflictError, NotFoundError
 
 from tests.service.conftest import serve
 
@@ -48,6 +48,11 @@ def test_sync_adapter_management(settings_for) -> None:  # type: ignore[no-untyp
             client.get_adapter(task.adapter_id or "")
         assert client.complete("fruit", PROMPT, max_tokens=2).icm_lora is not None  # regenerated for the task
         assert client.get_adapter(task.adapter_id or "").sha256 == task.adapter.sha256
+
+        with pytest.raises(ConflictError):
+            client.create_task("Label the words by colour.", task_id="fruit")
+        replaced = client.create_task("Label the words by colour.", task_id="fruit", replace=True)
+        assert replaced.adapter_id == other.adapter_id and replaced.metadata == {"owner": "ml"}
 
 
 def test_async_adapter_management(settings_for) -> None:  # type: ignore[no-untyped-def]

@@ -169,3 +169,28 @@ def test_deleting_a_tasks_refined_adapter_trains_it_again(settings_for) -> None:
         assert after.status_code == 200, after.text
         assert after.json()["icm_lora"] == before["icm_lora"] and after.json()["choices"] == before["choices"]
         assert client.get(f"/v1/adapters/{refined_id}").json()["tensors_sha256"] == digest
+
+
+def test_replacing_a_tasks_spec_is_explicit_and_changes_the_adapter(settings_for) -> None:  # type: ignore[no-untyped-def]
+    other_spec = {"description": "Decide whether the listed words are colours or tools.", "examples": []}
+    with serve(settings_for()) as service, service.client() as client:
+        first = client.post("/v1/tasks", json={"task_id": "fruit", **SPEC}).json()
+        client.patch("/v1/tasks/fruit", json={"metadata": {"owner": "ml"}, "defaults": {"max_tokens": 2}})
+        conflict = client.post("/v1/tasks", json={"task_id": "fruit", **other_spec})
+        assert conflict.status_code == 409 and '"replace": true' in conflict.json()["error"]["message"]
+        assert client.post("/v1/tasks", json={"task_id": "fruit", **other_spec, "replace": "yes"}).status_code == 422
+
+        replaced = client.post("/v1/tasks", json={"task_id": "fruit", **other_spec, "replace": True})
+        assert replaced.status_code == 201, replaced.text
+        body = replaced.json()
+        assert body["adapter_id"] != first["adapter_id"] and body["description"] == other_spec["description"]
+        assert body["metadata"] == {"owner": "ml"} and body["defaults"] == {"max_tokens": 2}  # kept
+        assert body["created_at"] > first["created_at"]  # a new registration
+        again = client.post("/v1/tasks", json={"task_id": "fruit", **other_spec, "replace": True})
+        assert again.status_code == 200 and again.json()["adapter_id"] == body["adapter_id"]  # a repeat changes nothing
+
+        answer = client.post("/v1/completions", json={"model": "fruit", "prompt": "Input: hammer\nOutput:"}).json()
+        assert answer["icm_lora"]["adapter_id"] == body["adapter_id"] and answer["usage"]["completion_tokens"] <= 2
+        # the old adapter left the caches but its id still resolves (regenerated from its stored spec)
+        old = client.get(f"/v1/adapters/{first['adapter_id']}").json()
+        assert old["cached"] is False and old["sha256"] == first["adapter"]["sha256"]

@@ -76,8 +76,15 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     spec = spec_from_request(body, state.settings)
     task_id = body.task_id or "task-" + hashlib.sha256(f"{spec.canonical_json()}|{body.seed}".encode()).hexdigest()[:16]
     existing = await state.store.get(task_id)
+    replaced = None
     if existing is not None and not existing.same_content(spec, body.seed):
-        raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+        if not body.replace:
+            raise APIError(
+                409,
+                f"task {task_id!r} exists with another spec; choose another id, delete it first, or send "
+                '"replace": true to replace its spec (a new adapter id)',
+            )
+        replaced, existing = existing, None
     if body.refine_steps and not spec.examples:
         raise APIError(422, "refine_steps needs examples: a refinement trains on the task's examples")
     adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
@@ -96,6 +103,8 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
             raise APIError(429, "the refinement queue is full; retry shortly", "overloaded", {"Retry-After": "5"})
         job = RefineJob(spec, body.seed, plan, refined_id)
     queued = Refinement("queued", plan.steps, job.adapter_id) if plan and job else None
+    if replaced is not None:
+        await _drop_adapters(state, await state.store.delete(task_id) or replaced)
     try:
         record, created = await state.store.create(new_record(task_id, spec, body.seed, check, queued))
         if not created and not record.same_content(spec, body.seed):  # registered by someone else meanwhile
@@ -109,6 +118,8 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     finally:
         if job is not None:
             state.refinements.release()
+    if replaced is not None and created and (replaced.metadata or replaced.defaults):
+        record = await state.store.update_settings(task_id, replaced.metadata, replaced.defaults) or record
     out = task_out(record, state)
     out.adapter = adapter_metadata(adapter, tier)
     return JSONResponse(out.model_dump(), status_code=201 if created else 200)
@@ -174,10 +185,16 @@ async def delete_task(task_id: TaskId, state: Annotated[ServiceState, Depends(ge
     record = await state.store.delete(task_id)
     if record is None:
         raise APIError(404, f"unknown task {task_id!r}")
-    out = task_out(record, state)
-    for adapter_id in (out.adapter_id, record.refinement.adapter_id):
+    await _drop_adapters(state, record)
+    return task_out(record, state)
+
+
+async def _drop_adapters(state: ServiceState, record: TaskRecord) -> None:
+    """A deleted (or replaced) task's adapters leave the cache tiers and the engine's slots (their specs stay: the
+    ids can still be fetched, regenerated on demand)."""
+    generated = state.adapters.adapter_id(record.spec, record.seed) if state.adapters.generator else None
+    for adapter_id in (generated, record.refinement.adapter_id):
         if adapter_id is not None:
             await state.cache.drop(adapter_id)
             if state.engine is not None:
                 state.engine.release_adapter(adapter_id)
-    return out

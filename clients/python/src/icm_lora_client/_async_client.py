@@ -75,11 +75,14 @@ class AsyncClient:
         task_id: str | None = None,
         seed: int | None = None,
         refine_steps: int = 0,
+        replace: bool = False,
     ) -> Task:
         """Register a task and generate its adapter; the answer carries the adapter's metadata in ``adapter``, its
         self-check in ``self_check``. ``refine_steps`` (1 to 64) also refines the adapter on the examples in the
-        background: follow ``get_task(task_id).refinement`` until its status is done (completions then use it)."""
-        request = api.create_task(description, examples, task_id, seed, refine_steps)
+        background: follow ``get_task(task_id).refinement`` until its status is done (completions then use it).
+        ``replace=True`` replaces the spec of an existing ``task_id`` (otherwise a ``ConflictError``): a new adapter
+        id; the task's metadata and defaults stay."""
+        request = api.create_task(description, examples, task_id, seed, refine_steps, replace)
         return api.parse(await self._send(request), Task)
 
     async def get_task(self, task_id: str) -> Task:

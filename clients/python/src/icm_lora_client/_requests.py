@@ -55,8 +55,10 @@ def create_task(
     task_id: str | None,
     seed: int | None,
     refine_steps: int = 0,
+    replace: bool = False,
 ) -> APIRequest:
-    # idempotent by design: the same id and spec answers 200 with the same task, another spec 409 (never a duplicate)
+    # idempotent by design: the same id and spec answers 200 with the same task, another spec 409 (never a duplicate);
+    # with replace, a repeat finds the new spec in place and answers 200
     body = _spec(description, examples)
     if task_id is not None:
         body["task_id"] = task_id
@@ -64,6 +66,8 @@ def create_task(
         body["seed"] = seed
     if refine_steps:
         body["refine_steps"] = refine_steps
+    if replace:
+        body["replace"] = True
     return APIRequest("POST", "/v1/tasks", json=body)
 
 
