@@ -74,8 +74,9 @@ VOLUME ["/data"]
 USER 10001:10001
 WORKDIR /home/icm
 EXPOSE 8000
-# /healthz is liveness; it answers once the model and generator are loaded (the first start dequantises the base
-# model into /data, hence the long start period).
+# The port opens at once and the model loads behind it: healthy means ready (/readyz, 503 "loading" until the model
+# and generator are loaded; the first start dequantises the base model into /data, hence the long start period).
+# /healthz (liveness) answers 200 from the start, 503 only when loading failed.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('ICM_LORA_PORT', '8000')}/healthz\", timeout=4)"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('ICM_LORA_PORT', '8000')}/readyz\", timeout=4)"]
 CMD ["icm-lora", "serve", "--host", "0.0.0.0"]

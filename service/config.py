@@ -5,15 +5,23 @@ from __future__ import annotations
 import functools
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from generator.base_model import DEFAULT_BASE_MODEL, default_data_dir
-from generator.device import DEVICE_CHOICES, Placement, check_device_name, check_dtype_name, resolve_placement
+from generator.defaults import (
+    DEFAULT_BASE_MODEL,
+    DEVICE_CHOICES,
+    check_device_name,
+    check_dtype_name,
+    default_data_dir,
+    packaged_generator,
+)
+from generator.defaults import PACKAGED_GENERATORS as PACKAGED_GENERATORS  # re-exported (tests)
 
-PACKAGED_GENERATORS = Path(__file__).resolve().parent.parent / "generator" / "assets" / "generators"
+if TYPE_CHECKING:
+    from generator.device import Placement
 
 
 class Settings(BaseSettings):
@@ -126,7 +134,10 @@ class Settings(BaseSettings):
         return check_dtype_name(value)
 
     def placement(self) -> Placement:
-        """The device and dtype on this machine; ``PlacementError`` (a ``ValueError``) says why they cannot be used."""
+        """The device and dtype on this machine; ``PlacementError`` (a ``ValueError``) says why they cannot be used.
+        Imports torch (this module does not: the service's start-up shim reads the settings first)."""
+        from generator.device import resolve_placement
+
         return resolve_placement(self.device, self.dtype)
 
     @field_validator("task_store")
@@ -147,8 +158,7 @@ class Settings(BaseSettings):
     def resolved_generator_path(self) -> Path | None:
         if self.generator_path is not None:
             return self.generator_path
-        packaged = PACKAGED_GENERATORS / self.base_model.replace("/", "__")
-        return packaged if (packaged / "generator.json").is_file() else None
+        return packaged_generator(self.base_model)
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,6 +20,7 @@ _TYPES = {
     403: "permission_denied",
     404: "not_found",
     405: "method_not_allowed",
+    406: "not_acceptable",
     409: "conflict",
     413: "request_too_large",
     415: "unsupported_media_type",
@@ -59,6 +60,19 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _invalid_json_message(exc: RequestValidationError) -> str | None:
+    """A body that is not JSON at all (FastAPI reports it as a validation error at ``("body", offset)``): what the
+    parser said and where, for a 400."""
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            loc = err.get("loc", ())
+            offset = loc[1] if len(loc) > 1 else None
+            reason = (err.get("ctx") or {}).get("error", "not valid JSON")
+            where = f" at character {offset}" if isinstance(offset, int) else ""
+            return f"the request body is not valid JSON: {reason}{where}"
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -70,6 +84,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        invalid_json = _invalid_json_message(exc)
+        if invalid_json is not None:
+            return error_response(400, invalid_json, "invalid_json")
         return error_response(422, _validation_message(exc))
 
     @app.exception_handler(StarletteHTTPException)

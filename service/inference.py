@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Sequence
+from typing import TypeVar
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
+from generator.refine import refined_adapter_id
+from service.adapters import refine_plan
 from service.config import Settings
 from service.engine import (
     AdapterError,
@@ -35,6 +38,9 @@ from service.schemas import (
 )
 from service.selfcheck import check_of, choose_adapter
 from service.state import ServiceState
+from service.task_store import TaskRecord
+
+RequestT = TypeVar("RequestT", bound=_SamplingFields)
 
 WARNING_HEADER = "X-ICM-LoRA-Warning"
 
@@ -77,22 +83,40 @@ def start_engine(
     return engine
 
 
-async def resolve_adapter(state: ServiceState, model: str) -> tuple[GeneratedAdapter | None, ServingInfo | None]:
-    """``model`` is the base model's name (no adapter) or a registered task id (404 otherwise). For a task: the
-    adapter the self-check policy picks (None: the base model) and what to tell the client about it."""
+async def resolve_task(state: ServiceState, model: str) -> TaskRecord | None:
+    """``model`` is the base model's name (None) or a registered task id (its record); 404 otherwise."""
     if model == state.settings.model_name:
-        return None, None
+        return None
     record = await state.store.get(model)
     if record is None:
         raise APIError(
             404, f"model {model!r} is neither a registered task id nor {state.settings.model_name!r}", "model_not_found"
         )
+    return record
+
+
+def with_task_defaults(body: RequestT, record: TaskRecord | None) -> RequestT:
+    """The request with the task's stored generation defaults (``PATCH /v1/tasks/{id}``) for the fields it does not
+    set itself; a field the request sets, even to its default value, wins."""
+    if record is None:
+        return body
+    unset = {name: value for name, value in record.defaults.items() if name not in body.model_fields_set}
+    return body.model_copy(update=unset) if unset else body
+
+
+async def resolve_adapter(
+    state: ServiceState, record: TaskRecord | None
+) -> tuple[GeneratedAdapter | None, ServingInfo | None]:
+    """For a task (``resolve_task``): the adapter the self-check policy picks (None: the base model) and what to tell
+    the client about it. None for the base model."""
+    if record is None:
+        return None, None
     generated, _ = await state.adapters.get_or_generate(record.spec, record.seed)
     check = record.self_check if record.self_check is not None else check_of(generated)
     choice = choose_adapter(state.settings.self_check, generated.adapter_id, check, record.refinement)
     adapter: GeneratedAdapter | None = generated
     if choice.use == "refined":
-        adapter, _ = await state.adapters.by_id(choice.adapter_id)
+        adapter = await _refined(state, record, generated, choice.adapter_id)
     elif choice.use == "base":
         adapter = None
     info = ServingInfo(
@@ -102,6 +126,22 @@ async def resolve_adapter(state: ServiceState, model: str) -> tuple[GeneratedAda
         warning=choice.warning,
     )
     return adapter, info
+
+
+async def _refined(
+    state: ServiceState, record: TaskRecord, generated: GeneratedAdapter, adapter_id: str
+) -> GeneratedAdapter:
+    """The task's refined adapter: cached, regenerated from its stored spec, or, when it was deleted
+    (``DELETE /v1/adapters/{id}``), refined again from the task's own refinement (same plan, same id)."""
+    try:
+        adapter, _ = await state.adapters.by_id(adapter_id)
+        return adapter
+    except APIError as exc:
+        plan = refine_plan(state.settings, record.refinement.steps)
+        if exc.status != 404 or refined_adapter_id(generated.adapter_id, plan) != adapter_id:
+            raise
+    adapter, _ = await state.adapters.refined(generated, record.spec, record.seed, plan)
+    return adapter
 
 
 def serving_headers(info: ServingInfo | None) -> dict[str, str]:

@@ -3,34 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
+from transformers.utils import logging as transformers_logging
 
-from generator.base_model import load_base_model
+from generator.base_model import BaseModel, load_base_model
 from generator.checkpoint import GeneratorCheckpoint, load_checkpoint
 from generator.config import LoraSettings
 from generator.device import Placement
 from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
-from service.api.middleware import BodySizeLimit, RequestId, RequestMetrics
-from service.api.routes import adapters, health, openai, tasks
-from service.api.security import Guard, RateLimiter
+from service.api.middleware import BodySizeLimit, RateLimitHeaders, RequestId, RequestMetrics
+from service.api.routes import adapters, health, openai, playground, tasks
+from service.api.security import Guard, SlidingWindowLimiter
 from service.cache import AdapterCache, Invalidations, RedisTier
 from service.config import Settings, get_settings
+from service.engine import Engine
 from service.errors import install_error_handlers
 from service.inference import start_engine
 from service.metrics import ServiceMetrics
 from service.refine import Refiner, TrainingRefiner
 from service.refinements import RefinementQueue
 from service.selfcheck import AdapterChecker
-from service.state import ServiceState
+from service.state import ServiceState, Startup
 from service.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
 
 log = logging.getLogger(__name__)
@@ -39,20 +43,26 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, refiner: Refiner | None = None) -> FastAPI:
     """``refiner``: what trains refined adapters; default a ``TrainingRefiner`` on a private copy of the base model.
 
-    The device and dtype are resolved here, before the server starts: ``PlacementError`` (a ``ValueError``) says why
-    they cannot be used (``icm-lora serve`` prints it and exits 2)."""
+    The port opens at once: the model and generator load in the background (``Startup``), and until they are ready
+    ``/readyz`` answers 503 ``loading`` and every ``/v1`` route 503 with ``Retry-After``. The device and dtype are
+    resolved first: ``PlacementError`` (a ``ValueError``) says why they cannot be used."""
     settings = settings or get_settings()
     placement = settings.placement()
     metrics = ServiceMetrics(redis_configured=bool(settings.redis_url))
+    startup = Startup()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _build_state(settings, placement, metrics, refiner)
-        app.state.icm = state
+        loading = asyncio.create_task(_load(app, startup, settings, placement, metrics, refiner))
         try:
             yield
         finally:
-            await _close_state(state)
+            if not loading.done():  # stopped while loading: the worker thread finishes on its own, unused
+                loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            if startup.state is not None:
+                await _close_state(startup.state)
 
     app = FastAPI(
         title="icm-lora",
@@ -60,9 +70,11 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
         summary="LoRA adapters generated on demand from a task description and examples, and served.",
         lifespan=lifespan,
     )
+    app.state.startup = startup
+    app.state.metrics = metrics
     install_error_handlers(app)
     limiter = (
-        RateLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
+        SlidingWindowLimiter(settings.rate_limit_per_minute, settings.redis_url, settings.redis_prefix)
         if settings.rate_limit_per_minute > 0
         else None
     )
@@ -72,36 +84,51 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
     app.include_router(tasks.router, dependencies=v1)
     app.include_router(openai.router, dependencies=v1)
     app.include_router(health.router)
+    app.include_router(playground.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(RequestId)  # outermost: even a 413 from BodySizeLimit carries the id
     return app
 
 
-async def _build_state(
-    settings: Settings, placement: Placement, metrics: ServiceMetrics, refiner: Refiner | None
-) -> ServiceState:
-    start = time.perf_counter()
-    base = load_base_model(settings.base_model, settings.data_dir, placement)
-    redis = (
-        Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        if settings.redis_url
-        else None
-    )
-    redis_tier = RedisTier(redis, settings.redis_prefix, settings.adapter_ttl_s, metrics) if redis else None
-    store: TaskStore
-    if settings.use_redis_tasks:
-        if redis is None:
-            raise ValueError("ICM_LORA_TASK_STORE=redis needs ICM_LORA_REDIS_URL")
-        store = RedisTaskStore(redis, settings.redis_prefix, settings.adapter_spec_ttl_s)
-    else:
-        store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
+async def _load(
+    app: FastAPI,
+    startup: Startup,
+    settings: Settings,
+    placement: Placement,
+    metrics: ServiceMetrics,
+    refiner: Refiner | None,
+) -> None:
+    try:
+        state = await _build_state(settings, placement, metrics, refiner)
+    except Exception as exc:  # the process stays up and says why: /healthz and /readyz answer 503 "failed"
+        log.exception("icm-lora could not start")
+        startup.fail(f"{type(exc).__name__}: {exc}")
+        return
+    app.state.icm = state
+    startup.ready(state)
+
+
+@dataclass
+class _Models:
+    """What loads slowly (in a worker thread, while the port is already open)."""
+
+    base: BaseModel
+    checkpoint: GeneratorCheckpoint | None
+    engine: Engine
+    generator: AdapterGenerator | None
+    checker: AdapterChecker | None
+
+
+def _load_models(settings: Settings, placement: Placement, metrics: ServiceMetrics) -> _Models:
+    transformers_logging.disable_progress_bar()  # service logs get one line per step, never progress bars
+    base = load_base_model(settings.base_model, settings.data_dir, placement, progress=False)
     checkpoint = _load_checkpoint(settings)
-    cache = AdapterCache(settings.memory_cache_size, metrics, redis_tier)
     lora = checkpoint.layout.settings if checkpoint else LoraSettings()
     engine = start_engine(settings, base, metrics, max_rank=lora.rank, target_modules=lora.target_modules)
     generator = checker = None
@@ -113,8 +140,35 @@ async def _build_state(
         generator = AdapterGenerator(checkpoint, encoder)
         read, length = checkpoint.encoder.max_examples, checkpoint.encoder.max_length
         checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)
-        refiner = refiner or TrainingRefiner(settings.base_model, settings.data_dir, lora, placement)
-    adapters = AdapterService(generator, cache, store, metrics, checker, refiner, settings.self_check)
+    return _Models(base, checkpoint, engine, generator, checker)
+
+
+async def _build_state(
+    settings: Settings, placement: Placement, metrics: ServiceMetrics, refiner: Refiner | None
+) -> ServiceState:
+    start = time.perf_counter()
+    if settings.use_redis_tasks and not settings.redis_url:
+        raise ValueError("ICM_LORA_TASK_STORE=redis needs ICM_LORA_REDIS_URL")
+    models = await asyncio.to_thread(_load_models, settings, placement, metrics)
+    base, checkpoint, engine = models.base, models.checkpoint, models.engine
+    redis = (
+        Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        if settings.redis_url
+        else None
+    )
+    redis_tier = RedisTier(redis, settings.redis_prefix, settings.adapter_ttl_s, metrics) if redis else None
+    store: TaskStore
+    if settings.use_redis_tasks:
+        assert redis is not None  # checked above
+        store = RedisTaskStore(redis, settings.redis_prefix, settings.adapter_spec_ttl_s)
+    else:
+        store = SqliteTaskStore(settings.data_dir / "tasks.sqlite3")
+    cache = AdapterCache(settings.memory_cache_size, metrics, redis_tier)
+    if checkpoint is not None:
+        refiner = refiner or TrainingRefiner(
+            settings.base_model, settings.data_dir, checkpoint.layout.settings, placement
+        )
+    adapters = AdapterService(models.generator, cache, store, metrics, models.checker, refiner, settings.self_check)
 
     def forget(adapter_ids: list[str]) -> None:  # another replica deleted them (or this one: already done)
         for adapter_id in adapter_ids:
@@ -144,7 +198,7 @@ async def _build_state(
         time.perf_counter() - start,
         base.name,
         placement,
-        generator.generator_id if generator else None,
+        models.generator.generator_id if models.generator else None,
     )
     return state
 

@@ -77,6 +77,13 @@ class SelfCheckOut(BaseModel):
     passed: bool
 
 
+class FileDigests(BaseModel):
+    """SHA-256 of the exact bytes of each download format (``sha256sum`` of the downloaded file); also its ETag."""
+
+    zip: str = Field(description="The PEFT folder as a zip (GET .../weights)")
+    safetensors: str = Field(description="The bare safetensors file (GET .../weights?format=safetensors)")
+
+
 class AdapterMetadata(BaseModel):
     adapter_id: str
     generator_id: str
@@ -86,7 +93,8 @@ class AdapterMetadata(BaseModel):
     alpha: float
     target_modules: list[str]
     num_parameters: int
-    sha256: str
+    sha256: FileDigests
+    tensors_sha256: str = Field(description="Digest of the tensors (keys, dtypes, shapes, values), whatever the format")
     cached: bool = Field(description="True when served from a cache tier instead of generated for this request")
     weights_url: str
     self_check: SelfCheckOut | None = Field(
@@ -112,6 +120,89 @@ class TaskCreate(TaskSpecIn):
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     refine_steps: RefineSteps = 0
+    replace: bool = Field(
+        False,
+        strict=True,
+        description="Replace the spec of an existing task with this id (without it: 409): a new registration with a "
+        "new adapter id; the task's metadata and defaults are kept, its old adapters leave the caches",
+    )
+
+
+class AdapterSummary(BaseModel):
+    """An adapter this service can serve: its durable spec (the weights are regenerated from it on demand)."""
+
+    adapter_id: str
+    kind: Literal["generated", "refined"]
+    description: str
+    num_examples: int
+    seed: int | None
+    parent_adapter_id: str | None = Field(None, description="For a refined adapter: the generated one it refines")
+    refine_steps: int | None = None
+    url: str = Field(description="Its metadata (GET)")
+
+
+class AdapterList(BaseModel):
+    data: list[AdapterSummary]
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= to get the next page")
+
+
+class AdapterDeleted(BaseModel):
+    adapter_id: str
+    deleted: Literal[True] = True
+
+
+# --- task settings (PATCH /v1/tasks/{task_id}) ----------------------------------------------------------------------
+
+MAX_METADATA_KEYS = 32
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+MetadataValue = Annotated[Text, Field(max_length=512)]
+
+
+class GenerationDefaults(BaseModel):
+    """Generation settings stored with a task, applied to a completion for the task when the request does not set
+    them. Types are strict: ``"5"`` is not a number."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: list[Annotated[Text, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=4)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+IMMUTABLE_TASK_FIELDS = ("description", "examples", "seed", "task_id", "refine_steps")
+
+
+class TaskPatch(BaseModel):
+    """A JSON merge patch of a task's settings: a key set to null removes it; keys not given are unchanged. The spec
+    (description, examples, seed) is immutable: a new spec is a new task id, or POST /v1/tasks with replace, since it
+    is a new adapter."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"metadata": {"owner": "search-team"}, "defaults": {"max_tokens": 4, "stop": ["\n"]}}]
+        },
+    )
+
+    metadata: dict[MetadataKey, MetadataValue | None] | None = Field(
+        None, max_length=MAX_METADATA_KEYS, description="Free-form labels (string values); null removes a key"
+    )
+    defaults: GenerationDefaults | None = Field(
+        None, description="Generation settings used when a request does not set them; a field set to null is removed"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec_is_immutable(cls, data: object) -> object:
+        immutable = [f for f in IMMUTABLE_TASK_FIELDS if isinstance(data, dict) and f in data]
+        if immutable:
+            raise ValueError(
+                f"{', '.join(immutable)}: a task's spec is immutable (its adapter id is derived from it); register the "
+                'new spec under a new task id, or POST /v1/tasks with "replace": true'
+            )
+        return data
 
 
 class RefinementOut(BaseModel):
@@ -132,6 +223,10 @@ class TaskOut(BaseModel):
     adapter: AdapterMetadata | None = Field(None, description="Full metadata (in the response to POST)")
     self_check: SelfCheckOut | None = Field(None, description="The generated adapter's self-check")
     refinement: RefinementOut = Field(default_factory=RefinementOut)
+    metadata: dict[str, str] = Field(default_factory=dict, description="Labels set with PATCH")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="Generation settings applied when a completion request does not set them"
+    )
 
 
 class TaskList(BaseModel):

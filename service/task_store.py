@@ -73,6 +73,9 @@ class TaskRecord:
     created_at: float
     self_check: CheckResult | None = None
     refinement: Refinement = field(default_factory=Refinement)
+    metadata: dict[str, str] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Generation settings (max_tokens, temperature, top_p, stop, seed) for requests that omit them."""
 
     def same_content(self, spec: TaskSpec, seed: int | None) -> bool:
         return self.spec.canonical_json() == spec.canonical_json() and self.seed == seed
@@ -90,6 +93,8 @@ class TaskRecord:
                 "created_at": self.created_at,
                 "self_check": self.self_check,
                 "refinement": self.refinement.to_dict(),
+                "metadata": self.metadata,
+                "defaults": self.defaults,
             }
         )
 
@@ -103,6 +108,8 @@ class TaskRecord:
             float(data["created_at"]),
             data.get("self_check"),
             Refinement.from_dict(data.get("refinement")),
+            dict(data.get("metadata") or {}),
+            dict(data.get("defaults") or {}),
         )
 
 
@@ -127,6 +134,10 @@ class StoredSpec:
         return cls(TaskSpec.from_dict(data["spec"]), data["seed"], refine)
 
 
+SpecPage = list[tuple[str, StoredSpec]]
+"""(adapter id, spec) pairs in id order."""
+
+
 class TaskStore(Protocol):
     async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
         """Insert unless the id exists; returns the stored record and whether it was created."""
@@ -144,6 +155,12 @@ class TaskStore(Protocol):
         """Set the refinement of ``record``'s task if it is still the same registration; False when it is gone."""
         ...
 
+    async def update_settings(
+        self, task_id: str, metadata: dict[str, str], defaults: dict[str, Any]
+    ) -> TaskRecord | None:
+        """Replace a task's metadata and generation defaults (never its spec); the updated record, None when gone."""
+        ...
+
     async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
         """Store the spec behind an adapter id (kept if there is one); a bounded store renews its lifetime."""
         ...
@@ -152,6 +169,14 @@ class TaskStore(Protocol):
 
     async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
         """Keep these specs while a registered task uses them (``pinned``), or let them expire again."""
+        ...
+
+    async def list_adapter_specs(self, limit: int, after: str | None) -> SpecPage:
+        """Up to ``limit`` (adapter id, spec) pairs with ids greater than ``after``, in id order."""
+        ...
+
+    async def delete_adapter_spec(self, adapter_id: str) -> bool:
+        """Forget an adapter's spec; False when there was none."""
         ...
 
     async def close(self) -> None: ...
@@ -221,6 +246,21 @@ class SqliteTaskStore:
 
             return await asyncio.to_thread(update)
 
+    async def update_settings(
+        self, task_id: str, metadata: dict[str, str], defaults: dict[str, Any]
+    ) -> TaskRecord | None:
+        async with self._lock:
+
+            def update() -> TaskRecord | None:
+                row = self._db.execute("SELECT record FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+                if row is None:
+                    return None
+                updated = replace(TaskRecord.from_json(row[0]), metadata=metadata, defaults=defaults)
+                self._db.execute("UPDATE tasks SET record = ? WHERE task_id = ?", (updated.to_json(), task_id))
+                return updated
+
+            return await asyncio.to_thread(update)
+
     async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
         await self._run(
             "INSERT OR IGNORE INTO adapter_specs (adapter_id, body) VALUES (?, ?)", (adapter_id, stored.to_json())
@@ -232,6 +272,17 @@ class SqliteTaskStore:
 
     async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
         return None  # the embedded store keeps every spec (one process; see README)
+
+    async def list_adapter_specs(self, limit: int, after: str | None) -> SpecPage:
+        rows = await self._run(
+            "SELECT adapter_id, body FROM adapter_specs WHERE adapter_id > ? ORDER BY adapter_id LIMIT ?",
+            (after or "", limit),
+        )
+        return [(str(r[0]), StoredSpec.from_json(str(r[1]))) for r in rows]
+
+    async def delete_adapter_spec(self, adapter_id: str) -> bool:
+        rows = await self._run("DELETE FROM adapter_specs WHERE adapter_id = ? RETURNING adapter_id", (adapter_id,))
+        return bool(rows)
 
     async def close(self) -> None:
         async with self._lock:
@@ -316,13 +367,45 @@ class RedisTaskStore:
                 raise StoreUnavailable(f"task registry (Redis) unavailable: {exc}") from None
         raise StoreUnavailable(f"task {record.task_id!r} kept changing while its refinement was recorded")
 
+    async def update_settings(
+        self, task_id: str, metadata: dict[str, str], defaults: dict[str, Any]
+    ) -> TaskRecord | None:
+        """Optimistic like ``update_refinement``: WATCH, read, write in a transaction; retried on a race."""
+        key = self._task_key(task_id)
+        for _ in range(10):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        return None
+                    updated = replace(TaskRecord.from_json(raw), metadata=metadata, defaults=defaults)
+                    pipe.multi()
+                    pipe.set(key, updated.to_json(), xx=True)
+                    await pipe.execute()
+                    return updated
+            except WatchError:
+                continue
+            except (RedisError, OSError) as exc:
+                raise StoreUnavailable(f"task registry (Redis) unavailable: {exc}") from None
+        raise StoreUnavailable(f"task {task_id!r} kept changing while its settings were updated")
+
     def _spec_key(self, adapter_id: str) -> str:
         return f"{self._prefix}:adapter-spec:{adapter_id}"
 
+    @property
+    def _spec_index_key(self) -> str:
+        return f"{self._prefix}:adapter-specs"
+
     async def put_adapter_spec(self, adapter_id: str, stored: StoredSpec) -> None:
+        """The spec (kept when there is one already; its lifetime renewed, a pinned one stays) and its index entry,
+        in one round trip (every adapter request passes here)."""
         key = self._spec_key(adapter_id)
-        if not await self._call(self._redis.set(key, stored.to_json(), nx=True, ex=self._spec_ttl_s)):
-            await self._call(self._redis.expire(key, self._spec_ttl_s, gt=True))  # renew; a pinned one stays
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(key, stored.to_json(), nx=True, ex=self._spec_ttl_s)
+        pipe.expire(key, self._spec_ttl_s, gt=True)  # renew; a key without a TTL (pinned) counts as infinite
+        pipe.zadd(self._spec_index_key, {adapter_id: 0})
+        await self._call(pipe.execute())
 
     async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None:
         key = self._spec_key(adapter_id)
@@ -340,6 +423,24 @@ class RedisTaskStore:
                 else:
                     pipe.expire(self._spec_key(adapter_id), self._spec_ttl_s)
             await self._call(pipe.execute())
+
+    async def list_adapter_specs(self, limit: int, after: str | None) -> SpecPage:
+        """From the index ``{prefix}:adapter-specs`` (specs stored before the index existed are not listed)."""
+        start = f"({after}" if after else "-"
+        raw_ids = await self._call(self._redis.zrangebylex(self._spec_index_key, start, "+", start=0, num=limit))
+        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in raw_ids]
+        if not ids:
+            return []
+        raws = await self._call(self._redis.mget([self._spec_key(i) for i in ids]))
+        expired = [i for i, r in zip(ids, raws, strict=True) if r is None]
+        if expired:  # the index outlives specs that expired (bounded store): pruned as they are met
+            await self._call(self._redis.zrem(self._spec_index_key, *expired))
+        return [(i, StoredSpec.from_json(r)) for i, r in zip(ids, raws, strict=True) if r is not None]
+
+    async def delete_adapter_spec(self, adapter_id: str) -> bool:
+        deleted = await self._call(self._redis.delete(self._spec_key(adapter_id)))
+        await self._call(self._redis.zrem(self._spec_index_key, adapter_id))
+        return bool(deleted)
 
     async def close(self) -> None:
         return None

@@ -8,6 +8,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.rate_limit import STATE_KEY, RateLimitState
 from service.errors import error_body
 from service.metrics import ServiceMetrics
 
@@ -138,3 +139,27 @@ class RequestId:
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class RateLimitHeaders:
+    """``X-RateLimit-Limit``, ``-Remaining`` and ``-Reset`` on every response of a rate-limited route (429s too), from
+    the ``RateLimitState`` the ``Guard`` left in the request's state (``service.api.rate_limit``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def limited_send(message: Message) -> None:
+            limit = scope.get("state", {}).get(STATE_KEY)
+            if message["type"] == "http.response.start" and isinstance(limit, RateLimitState):
+                names = {name.lower().encode() for name in limit.headers()}
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                extra = [(k.lower().encode(), v.encode()) for k, v in limit.headers().items()]
+                message = {**message, "headers": [*headers, *extra]}
+            await send(message)
+
+        await self.app(scope, receive, limited_send)

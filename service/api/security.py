@@ -19,12 +19,13 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
+from service.api.rate_limit import RateLimiter, RateLimitState
 from service.errors import APIError
 
 log = logging.getLogger(__name__)
 
 
-class RateLimiter:
+class SlidingWindowLimiter:
     """``per_minute`` requests per identity in any sliding minute; shared through Redis when ``redis_url`` is set.
     When the shared store cannot be reached, requests are let through (logged): an outage of the limiter's store
     must not take the API down with it."""
@@ -48,19 +49,26 @@ class RateLimiter:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._warned_at = -math.inf
 
-    async def check(self, identity: str) -> float:
-        """0 when allowed (the request is counted), else seconds until the next request would be allowed."""
+    async def hit(self, identity: str) -> RateLimitState:
+        """Count one request of ``identity`` (when allowed); the state after it (``RateLimitState``)."""
+        limit = self.item.amount
         try:
-            if await self._limiter.hit(self.item, identity):
-                return 0.0
+            allowed = await self._limiter.hit(self.item, identity)
             stats = await self._limiter.get_window_stats(self.item, identity)
         except StorageError as exc:
             now = time.monotonic()
             if now - self._warned_at > 60:
                 self._warned_at = now
                 log.warning("rate limit store unavailable, letting requests through: %s", exc.storage_error)
-            return 0.0
-        return max(stats.reset_time - time.time(), 1e-3)
+            return RateLimitState(allowed=True, limit=limit, remaining=limit, reset_s=0.0)
+        wait = max(stats.reset_time - time.time(), 1e-3)
+        return RateLimitState(
+            allowed=allowed,
+            limit=limit,
+            remaining=stats.remaining,
+            reset_s=wait,
+            retry_after_s=0.0 if allowed else wait,
+        )
 
 
 class Guard:
@@ -93,7 +101,8 @@ class Guard:
     async def __call__(self, request: Request) -> str:
         identity = self.identity(request)
         if self._limiter is not None:
-            wait = await self._limiter.check(identity)
-            if wait > 0:
-                raise APIError(429, "rate limit exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            limit = await self._limiter.hit(identity)
+            request.state.rate_limit = limit  # scope["state"][STATE_KEY]: RateLimitHeaders puts it on the response
+            if not limit.allowed:
+                raise APIError(429, "rate limit exceeded", headers=limit.headers())
         return identity

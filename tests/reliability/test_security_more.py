@@ -12,7 +12,8 @@ from pathlib import Path
 from tests.reliability.conftest import ROOT, serve
 
 KEY, OTHER_KEY, WRONG_KEY = "sk-alpha-5f3a9c", "sk-beta-81d2e0", "sk-wrong-000000"
-PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+# "/": the playground page (static; the API calls it makes need a key like any other)
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/"}
 
 
 def _routes(app) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import redis
 
-from service.api.security import RateLimiter
+from service.api.security import SlidingWindowLimiter
 from tests.service.conftest import REDIS_URL, free_port, metric_value, serve
 
 
@@ -50,12 +50,15 @@ def test_rate_limit_is_shared_through_redis(redis_prefix: str) -> None:
     """Two limiters on one Redis (two replicas) spend one budget per identity; counters expire with the window."""
 
     async def run() -> None:
-        first = RateLimiter(3, REDIS_URL, redis_prefix)
-        second = RateLimiter(3, REDIS_URL, redis_prefix)
-        waits = [await limiter.check("key:a") for limiter in (first, second, first)]
-        assert waits == [0.0, 0.0, 0.0]
-        assert await second.check("key:a") > 0 and await first.check("key:a") > 0  # not 2 x 3
-        assert await second.check("key:b") == 0.0  # per identity
+        first = SlidingWindowLimiter(3, REDIS_URL, redis_prefix)
+        second = SlidingWindowLimiter(3, REDIS_URL, redis_prefix)
+        states = [await limiter.hit("key:a") for limiter in (first, second, first)]
+        assert [s.allowed for s in states] == [True, True, True]
+        assert [s.remaining for s in states] == [2, 1, 0]  # one budget, counted by both
+        refused = await second.hit("key:a")
+        assert not refused.allowed and not (await first.hit("key:a")).allowed  # not 2 x 3
+        assert 0 < refused.retry_after_s <= 60 and refused.headers()["X-RateLimit-Remaining"] == "0"
+        assert (await second.hit("key:b")).allowed  # per identity
         keys = [k.decode() for k in redis.Redis.from_url(REDIS_URL).scan_iter(f"{redis_prefix}:ratelimit*")]
         assert keys and all(redis.Redis.from_url(REDIS_URL).ttl(k) > 0 for k in keys), keys  # bounded: they expire
 
@@ -64,18 +67,18 @@ def test_rate_limit_is_shared_through_redis(redis_prefix: str) -> None:
 
 def test_rate_limit_lets_requests_through_when_its_redis_is_down() -> None:
     async def run() -> None:
-        limiter = RateLimiter(1, f"redis://127.0.0.1:{free_port()}/0", "down")
-        assert [await limiter.check("key:a") for _ in range(3)] == [0.0, 0.0, 0.0]
+        limiter = SlidingWindowLimiter(1, f"redis://127.0.0.1:{free_port()}/0", "down")
+        assert [(await limiter.hit("key:a")).allowed for _ in range(3)] == [True, True, True]
 
     asyncio.run(run())
 
 
 def test_rate_limit_in_memory_without_redis() -> None:
     async def run() -> None:
-        limiter = RateLimiter(2)
-        assert [await limiter.check("addr:x") for _ in range(2)] == [0.0, 0.0]
-        wait = await limiter.check("addr:x")
-        assert 0 < wait <= 60
+        limiter = SlidingWindowLimiter(2)
+        states = [await limiter.hit("addr:x") for _ in range(3)]
+        assert [s.allowed for s in states] == [True, True, False] and states[0].limit == 2
+        assert 0 < states[2].retry_after_s <= 60 and states[2].headers()["Retry-After"] != "0"
 
     asyncio.run(run())
 

@@ -145,7 +145,7 @@ def test_refinement_is_served_once_done_and_reproducible(settings_for, tmp_path:
             "/v1/adapters", json={"description": TASK["description"], "examples": EXAMPLES, "refine_steps": 8}
         )
         assert adhoc.json()["refined_adapter_id"] == refined_id
-        sha = meta["sha256"]
+        sha = meta["tensors_sha256"]  # the file digests also cover the self-check, which B's margin changes
 
     # B: policy refine, a margin between the two deltas: the generated adapter fails, its refinement passes
     margin = -(generated_delta + refined_delta) / 2
@@ -167,7 +167,7 @@ def test_refinement_is_served_once_done_and_reproducible(settings_for, tmp_path:
             "refined": True,
             "warning": None,
         }
-        assert client.get(f"/v1/adapters/{refined_id}").json()["sha256"] == sha
+        assert client.get(f"/v1/adapters/{refined_id}").json()["tensors_sha256"] == sha
         metrics = client.get("/metrics").text
         assert metric_value(metrics, "icm_lora_adapter_self_checks_total", outcome="refined") == 1
         assert metric_value(metrics, "icm_lora_adapter_refinements_total", result="done") == 1
@@ -175,7 +175,7 @@ def test_refinement_is_served_once_done_and_reproducible(settings_for, tmp_path:
     # B restarted: empty caches; the refined adapter is trained again from its stored spec, bit-identically
     with serve(settings_b) as service, service.client() as client:
         again = client.get(f"/v1/adapters/{refined_id}").json()
-        assert again["cached"] is False and again["sha256"] == sha
+        assert again["cached"] is False and again["tensors_sha256"] == sha
         assert client.get("/v1/tasks/words").json()["refinement"]["status"] == "done"
         weights = client.get(f"/v1/adapters/{refined_id}/weights", params={"format": "safetensors"}).content
         assert GeneratedAdapter.from_safetensors_bytes(weights, expected_id=refined_id).sha256 == sha

@@ -73,7 +73,7 @@ def test_redis_tiers_hit_miss_and_corruption(settings_for, redis_prefix: str) ->
         key = f"{redis_prefix}:adapter:{meta['adapter_id']}"
         stored = raw.get(key)
         assert stored is not None and 0 < raw.ttl(key) <= settings.adapter_ttl_s
-        assert GeneratedAdapter.from_safetensors_bytes(stored).sha256 == meta["sha256"]
+        assert GeneratedAdapter.from_safetensors_bytes(stored).sha256 == meta["tensors_sha256"]
     with serve(settings) as service, service.client() as client:  # new process: memory empty, Redis warm
         hit = client.post("/v1/adapters", json=spec).json()
         assert hit["cached"] is True and hit["sha256"] == meta["sha256"]
@@ -88,7 +88,7 @@ def test_redis_tiers_hit_miss_and_corruption(settings_for, redis_prefix: str) ->
         assert regenerated["cached"] is False and regenerated["sha256"] == meta["sha256"]
         metrics = client.get("/metrics").text
         assert metric_value(metrics, "icm_lora_adapter_cache_total", tier="redis", result="corrupt") == 1
-    assert GeneratedAdapter.from_safetensors_bytes(raw.get(key)).sha256 == meta["sha256"]  # repaired
+    assert GeneratedAdapter.from_safetensors_bytes(raw.get(key)).sha256 == meta["tensors_sha256"]  # repaired
     raw.close()
 
 

@@ -1,4 +1,5 @@
-"""POST /v1/adapters, GET /v1/adapters/{adapter_id}, GET /v1/adapters/{adapter_id}/weights."""
+"""POST /v1/adapters, GET /v1/adapters (the registry of specs), GET and DELETE /v1/adapters/{adapter_id},
+GET /v1/adapters/{adapter_id}/weights (one strong ETag per format: the SHA-256 of its bytes)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,25 @@ from fastapi.responses import JSONResponse, Response
 from generator.adapter import GeneratedAdapter
 from generator.refine import RefinePlan
 from service.adapters import refine_plan, spec_from_request
+from service.api.negotiation import JSON, SAFETENSORS, ZIP, Accepts, negotiate, not_modified
 from service.cache import Tier
 from service.errors import APIError
 from service.refine import REFINE, REFINED_FROM
 from service.refinements import RefineJob
-from service.schemas import AdapterMetadata, AdapterRequest, SelfCheckOut
+from service.schemas import (
+    AdapterDeleted,
+    AdapterList,
+    AdapterMetadata,
+    AdapterRequest,
+    AdapterSummary,
+    FileDigests,
+    SelfCheckOut,
+)
 from service.selfcheck import check_of
 from service.state import ServiceState, get_state
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-
-ZIP = "application/zip"
-SAFETENSORS = "application/octet-stream"
+FORMATS = {"zip": ZIP, "safetensors": SAFETENSORS}
 
 
 def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
@@ -38,7 +46,8 @@ def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
         alpha=adapter.lora.alpha,
         target_modules=list(adapter.lora.target_modules),
         num_parameters=adapter.num_parameters,
-        sha256=adapter.sha256,
+        sha256=FileDigests.model_validate(adapter.file_sha256),
+        tensors_sha256=adapter.sha256,
         cached=tier != "generated",
         weights_url=f"/v1/adapters/{adapter.adapter_id}/weights",
         self_check=SelfCheckOut.model_validate(check) if check else None,
@@ -47,26 +56,34 @@ def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
     )
 
 
-def download(adapter: GeneratedAdapter, as_zip: bool = True) -> Response:
-    """The PEFT folder as a zip, or the bare safetensors file; the ETag is the tensors' checksum."""
-    content, media_type, suffix = (
-        (adapter.to_peft_zip(), ZIP, "zip") if as_zip else (adapter.to_safetensors_bytes(), SAFETENSORS, "safetensors")
-    )
-    headers = {
-        "Content-Disposition": f'attachment; filename="{adapter.adapter_id}.{suffix}"',
-        "ETag": f'"{adapter.sha256}"',
-    }
-    return Response(content, media_type=media_type, headers=headers)
+def download(
+    adapter: GeneratedAdapter, fmt: Literal["zip", "safetensors"] = "zip", request: Request | None = None
+) -> Response:
+    """The PEFT folder as a zip, or the bare safetensors file. Its strong ETag is the SHA-256 of its bytes (also
+    ``sha256.<format>`` in the metadata); a GET's ``If-None-Match`` with it (``request``) gets a 304 without a body."""
+    etag = f'"{adapter.file_sha256[fmt]}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}  # content-addressed, but a deleted id may come back
+    if request is not None and not_modified(request, etag):
+        return Response(status_code=304, headers=headers)
+    content = adapter.to_peft_zip() if fmt == "zip" else adapter.to_safetensors_bytes()
+    headers["Content-Disposition"] = f'attachment; filename="{adapter.adapter_id}.{fmt}"'
+    return Response(content, media_type=FORMATS[fmt], headers=headers)  # Content-Length: set from the bytes
 
 
 @router.post(
     "",
     response_model=AdapterMetadata,
-    responses={200: {"content": {ZIP: {}}, "description": "Metadata, or the PEFT folder as a zip"}},
+    responses={
+        200: {"content": {ZIP: {}}, "description": "Metadata, or the PEFT folder as a zip (Accept: application/zip)"},
+        406: {"description": "Accept takes neither JSON nor a zip"},
+    },
     summary="Generate (or fetch from cache) the adapter for a task",
 )
 async def create_adapter(
-    body: AdapterRequest, request: Request, state: Annotated[ServiceState, Depends(get_state)]
+    body: AdapterRequest,
+    request: Request,
+    state: Annotated[ServiceState, Depends(get_state)],
+    media_type: Annotated[str, Depends(Accepts(JSON, ZIP))],
 ) -> Response:
     spec = spec_from_request(body, state.settings)
     if body.refine_steps and not spec.examples:
@@ -80,28 +97,90 @@ async def create_adapter(
             if not state.refinements.reserve():
                 raise APIError(429, "the refinement queue is full; retry shortly", "overloaded", {"Retry-After": "5"})
             state.refinements.submit(RefineJob(spec, body.seed, plan, refined_id))
-    if ZIP in request.headers.get("accept", ""):
+    if media_type == ZIP:
         return download(adapter)
     metadata = adapter_metadata(adapter, tier)
     metadata.refined_adapter_id = refined_id
     return JSONResponse(metadata.model_dump())
 
 
-@router.get("/{adapter_id}", response_model=AdapterMetadata, summary="Adapter metadata")
+@router.get(
+    "",
+    response_model=AdapterList,
+    summary="List the adapters this service can serve (from their stored specs), in id order",
+    dependencies=[Depends(Accepts(JSON))],
+)
+async def list_adapters(
+    state: Annotated[ServiceState, Depends(get_state)],
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=128)] = None,
+) -> AdapterList:
+    rows = await state.store.list_adapter_specs(limit + 1, cursor)
+    page = rows[:limit]
+    return AdapterList(
+        data=[
+            AdapterSummary(
+                adapter_id=adapter_id,
+                kind="refined" if stored.refine else "generated",
+                description=stored.spec.description,
+                num_examples=len(stored.spec.examples),
+                seed=stored.seed,
+                parent_adapter_id=stored.refine.parent_id if stored.refine else None,
+                refine_steps=stored.refine.plan.steps if stored.refine else None,
+                url=f"/v1/adapters/{adapter_id}",
+            )
+            for adapter_id, stored in page
+        ],
+        next_cursor=page[-1][0] if len(rows) > limit else None,
+    )
+
+
+@router.get(
+    "/{adapter_id}",
+    response_model=AdapterMetadata,
+    summary="Adapter metadata",
+    dependencies=[Depends(Accepts(JSON))],
+)
 async def get_adapter(adapter_id: str, state: Annotated[ServiceState, Depends(get_state)]) -> AdapterMetadata:
     adapter, tier = await state.adapters.by_id(adapter_id)
     return adapter_metadata(adapter, tier)
 
 
+@router.delete(
+    "/{adapter_id}",
+    response_model=AdapterDeleted,
+    summary="Delete an adapter: its cached weights (every tier) and its stored spec",
+    dependencies=[Depends(Accepts(JSON))],
+)
+async def delete_adapter(adapter_id: str, state: Annotated[ServiceState, Depends(get_state)]) -> AdapterDeleted:
+    """A task whose adapter this is keeps working: its next request regenerates the adapter (same id, same bytes)
+    from the task's spec. An id with neither a spec nor a cached copy is a 404."""
+    had_spec = await state.store.delete_adapter_spec(adapter_id)
+    cached = await state.cache.drop(adapter_id)
+    if not (had_spec or cached):
+        raise APIError(404, f"unknown adapter {adapter_id!r}")
+    if state.engine is not None:
+        state.engine.release_adapter(adapter_id)
+    if state.invalidations is not None:  # every other replica drops its memory copy and frees its slot
+        await state.invalidations.publish([adapter_id])
+    return AdapterDeleted(adapter_id=adapter_id)
+
+
 @router.get(
     "/{adapter_id}/weights",
-    responses={200: {"content": {ZIP: {}, SAFETENSORS: {}}}},
+    responses={
+        200: {"content": {ZIP: {}, SAFETENSORS: {}}},
+        304: {"description": "If-None-Match names the current ETag"},
+        406: {"description": "Accept does not take the format asked for"},
+    },
     summary="The adapter's weights: PEFT zip (default) or the bare safetensors file",
 )
 async def get_weights(
     adapter_id: str,
+    request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     format: Annotated[Literal["zip", "safetensors"], Query()] = "zip",
 ) -> Response:
+    negotiate(request, [FORMATS[format]])
     adapter, _ = await state.adapters.by_id(adapter_id)
-    return download(adapter, as_zip=format == "zip")
+    return download(adapter, format, request)

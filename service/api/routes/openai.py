@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.api.negotiation import EVENT_STREAM, JSON, Accepts
 from service.engine import EngineClosed, EngineError, GenerationResult, RequestHandle, StreamDelta
 from service.engine.requests import FINISH_ERROR
 from service.engine.sampling import TokenLogprob
@@ -33,9 +34,11 @@ from service.inference import (
     completion_prompt_ids,
     prompt_logprobs,
     resolve_adapter,
+    resolve_task,
     sampling_params,
     serving_headers,
     submit,
+    with_task_defaults,
 )
 from service.schemas import (
     TASK_ID_PATTERN,
@@ -54,7 +57,7 @@ from service.schemas import (
 )
 from service.state import ServiceState, get_state
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(Accepts(JSON, EVENT_STREAM))])
 MAX_LISTED_TASKS = 1000
 TASK_ID = re.compile(TASK_ID_PATTERN)
 
@@ -165,12 +168,14 @@ async def completions(
     response: Response,
     state: Annotated[ServiceState, Depends(get_state)],
 ) -> Any:
+    record = await resolve_task(state, body.model)
+    body = with_task_defaults(body, record)
     prompts = body.prompts
     n = body.choices_per_prompt
     k = body.logprobs
     params = sampling_params(state, body, k, len(prompts))
     prompt_ids = [completion_prompt_ids(state, p) for p in prompts]
-    adapter, info = await resolve_adapter(state, body.model)
+    adapter, info = await resolve_adapter(state, record)
     echoed: list[tuple[list[int], list[TokenLogprob | None]]] = []  # per prompt: its tokens and their logprobs
     if body.echo and k is not None:
         for ids in prompt_ids:
@@ -240,11 +245,13 @@ async def chat_completions(
     response: Response,
     state: Annotated[ServiceState, Depends(get_state)],
 ) -> Any:
+    record = await resolve_task(state, body.model)
+    body = with_task_defaults(body, record)
     n = body.choices_per_prompt
     k = body.top_logprobs_wanted
     params = sampling_params(state, body, k, 1)
     ids = chat_prompt_ids(state, body.messages)
-    adapter, info = await resolve_adapter(state, body.model)
+    adapter, info = await resolve_adapter(state, record)
     handles = submit(state, [ids] * n, adapter, choice_params(params, n))
     request_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:

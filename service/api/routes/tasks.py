@@ -1,4 +1,4 @@
-"""The task registry: POST/GET /v1/tasks, GET/DELETE /v1/tasks/{task_id}."""
+"""The task registry: POST/GET /v1/tasks, GET/PATCH/DELETE /v1/tasks/{task_id}."""
 
 from __future__ import annotations
 
@@ -10,15 +10,26 @@ from fastapi.responses import JSONResponse
 
 from generator.refine import refined_adapter_id
 from service.adapters import refine_plan, spec_from_request
+from service.api.negotiation import JSON, Accepts
 from service.api.routes.adapters import adapter_metadata
 from service.errors import APIError
 from service.refinements import RefineJob
-from service.schemas import TASK_ID_PATTERN, ExampleIn, RefinementOut, SelfCheckOut, TaskCreate, TaskList, TaskOut
+from service.schemas import (
+    MAX_METADATA_KEYS,
+    TASK_ID_PATTERN,
+    ExampleIn,
+    RefinementOut,
+    SelfCheckOut,
+    TaskCreate,
+    TaskList,
+    TaskOut,
+    TaskPatch,
+)
 from service.selfcheck import check_of, passed
 from service.state import ServiceState, get_state
 from service.task_store import CheckResult, Refinement, TaskRecord, new_record
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], dependencies=[Depends(Accepts(JSON))])
 TaskId = Annotated[str, Path(pattern=TASK_ID_PATTERN)]
 
 
@@ -43,6 +54,8 @@ def task_out(record: TaskRecord, state: ServiceState) -> TaskOut:
             error=record.refinement.error,
             self_check=_check_out(record.refinement.self_check),
         ),
+        metadata=record.metadata,
+        defaults=record.defaults,
     )
 
 
@@ -74,8 +87,15 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     spec = spec_from_request(body, state.settings)
     task_id = body.task_id or "task-" + hashlib.sha256(f"{spec.canonical_json()}|{body.seed}".encode()).hexdigest()[:16]
     existing = await state.store.get(task_id)
+    replaced = None
     if existing is not None and not existing.same_content(spec, body.seed):
-        raise APIError(409, f"task {task_id!r} exists with another spec; delete it first or choose another id")
+        if not body.replace:
+            raise APIError(
+                409,
+                f"task {task_id!r} exists with another spec; choose another id, delete it first, or send "
+                '"replace": true to replace its spec (a new adapter id)',
+            )
+        replaced, existing = existing, None
     if body.refine_steps and not spec.examples:
         raise APIError(422, "refine_steps needs examples: a refinement trains on the task's examples")
     adapter, tier = await state.adapters.get_or_generate(spec, body.seed)
@@ -94,6 +114,8 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
             raise APIError(429, "the refinement queue is full; retry shortly", "overloaded", {"Retry-After": "5"})
         job = RefineJob(spec, body.seed, plan, refined_id)
     queued = Refinement("queued", plan.steps, job.adapter_id) if plan and job else None
+    if replaced is not None:
+        await _drop_adapters(state, await state.store.delete(task_id) or replaced)
     try:
         record, created = await state.store.create(new_record(task_id, spec, body.seed, check, queued))
         if not created and not record.same_content(spec, body.seed):  # registered by someone else meanwhile
@@ -107,6 +129,8 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     finally:
         if job is not None:
             state.refinements.release()
+    if replaced is not None and created and (replaced.metadata or replaced.defaults):
+        record = await state.store.update_settings(task_id, replaced.metadata, replaced.defaults) or record
     # the specs behind the task's adapters stay while it is registered (a bounded store lets others expire)
     await state.store.pin_adapter_specs([i for i in (adapter.adapter_id, record.refinement.adapter_id) if i], True)
     out = task_out(record, state)
@@ -134,13 +158,56 @@ async def get_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_s
     return task_out(record, state)
 
 
+@router.patch(
+    "/{task_id}",
+    response_model=TaskOut,
+    responses={422: {"description": "Invalid settings, or an attempt to change the spec (immutable)"}},
+    summary="Update a task's metadata and default generation settings (JSON merge patch; the spec is immutable)",
+)
+async def patch_task(task_id: TaskId, patch: TaskPatch, state: Annotated[ServiceState, Depends(get_state)]) -> TaskOut:
+    record = await state.store.get(task_id)
+    if record is None:
+        raise APIError(404, f"unknown task {task_id!r}")
+    metadata = dict(record.metadata)
+    for key, value in (patch.metadata or {}).items():
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise APIError(422, f"a task has at most {MAX_METADATA_KEYS} metadata keys; this patch makes {len(metadata)}")
+    defaults = dict(record.defaults)
+    if patch.defaults is not None:
+        for name in patch.defaults.model_fields_set:
+            value = getattr(patch.defaults, name)
+            if value is None:
+                defaults.pop(name, None)
+            else:
+                defaults[name] = value
+    limit = state.settings.max_tokens
+    if defaults.get("max_tokens", 0) > limit:
+        raise APIError(422, f"defaults.max_tokens {defaults['max_tokens']} is above this server's limit of {limit}")
+    updated = await state.store.update_settings(task_id, metadata, defaults)
+    if updated is None:
+        raise APIError(404, f"unknown task {task_id!r}")
+    return task_out(updated, state)
+
+
 @router.delete("/{task_id}", response_model=TaskOut, summary="Delete a task; frees its slot and cache entries")
 async def delete_task(task_id: TaskId, state: Annotated[ServiceState, Depends(get_state)]) -> TaskOut:
     record = await state.store.delete(task_id)
     if record is None:
         raise APIError(404, f"unknown task {task_id!r}")
-    out = task_out(record, state)
-    dropped = [i for i in (out.adapter_id, record.refinement.adapter_id) if i is not None]
+    await _drop_adapters(state, record)
+    return task_out(record, state)
+
+
+async def _drop_adapters(state: ServiceState, record: TaskRecord) -> None:
+    """A deleted (or replaced) task's adapters leave the cache tiers and the engine's slots, on every replica (the
+    other replicas hear it through Redis). Their specs stay, unpinned: the ids can still be fetched and regenerated
+    on demand until a bounded store lets them expire."""
+    generated = state.adapters.adapter_id(record.spec, record.seed) if state.adapters.generator else None
+    dropped = [i for i in (generated, record.refinement.adapter_id) if i is not None]
     for adapter_id in dropped:
         await state.cache.drop(adapter_id)
         if state.engine is not None:
@@ -148,4 +215,3 @@ async def delete_task(task_id: TaskId, state: Annotated[ServiceState, Depends(ge
     await state.store.pin_adapter_specs(dropped, False)
     if state.invalidations is not None:  # every other replica drops its memory copies and frees its slots
         await state.invalidations.publish(dropped)
-    return out

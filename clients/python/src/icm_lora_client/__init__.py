@@ -25,7 +25,10 @@ from ._errors import (
 from ._retry import RetryPolicy
 from ._streaming import AsyncStream, Stream
 from ._types import (
+    AdapterDeleted,
     AdapterMetadata,
+    AdapterPage,
+    AdapterSummary,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -37,6 +40,7 @@ from ._types import (
     CompletionChunk,
     CompletionChunkChoice,
     Example,
+    FileDigests,
     Health,
     Model,
     ModelList,
@@ -45,6 +49,7 @@ from ._types import (
     SelfCheck,
     ServingInfo,
     Task,
+    TaskDefaults,
     TaskPage,
     Usage,
 )
@@ -61,7 +66,10 @@ __all__ = [
     "APIStatusError",
     "APIStreamError",
     "APITimeoutError",
+    "AdapterDeleted",
     "AdapterMetadata",
+    "AdapterPage",
+    "AdapterSummary",
     "AsyncClient",
     "AsyncStream",
     "AuthenticationError",
@@ -79,6 +87,7 @@ __all__ = [
     "CompletionChunkChoice",
     "ConflictError",
     "Example",
+    "FileDigests",
     "Health",
     "ICMLoraError",
     "InternalServerError",
@@ -97,6 +106,7 @@ __all__ = [
     "ServingInfo",
     "Stream",
     "Task",
+    "TaskDefaults",
     "TaskPage",
     "UnsafeArchiveError",
     "Usage",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Unpack, overload
@@ -17,7 +17,10 @@ from ._requests import APIRequest, ExampleLike, MessageLike
 from ._retry import RetryPolicy, delay_or_raise
 from ._streaming import Stream
 from ._types import (
+    AdapterDeleted,
     AdapterMetadata,
+    AdapterPage,
+    AdapterSummary,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -26,6 +29,7 @@ from ._types import (
     ModelList,
     SamplingOptions,
     Task,
+    TaskDefaults,
     TaskPage,
 )
 from ._zip import extract_peft_zip
@@ -70,11 +74,14 @@ class Client:
         task_id: str | None = None,
         seed: int | None = None,
         refine_steps: int = 0,
+        replace: bool = False,
     ) -> Task:
         """Register a task and generate its adapter; the answer carries the adapter's metadata in ``adapter``, its
         self-check in ``self_check``. ``refine_steps`` (1 to 64) also refines the adapter on the examples in the
-        background: follow ``get_task(task_id).refinement`` until its status is done (completions then use it)."""
-        request = api.create_task(description, examples, task_id, seed, refine_steps)
+        background: follow ``get_task(task_id).refinement`` until its status is done (completions then use it).
+        ``replace=True`` replaces the spec of an existing ``task_id`` (otherwise a ``ConflictError``): a new adapter
+        id; the task's metadata and defaults stay."""
+        request = api.create_task(description, examples, task_id, seed, refine_steps, replace)
         return api.parse(self._send(request), Task)
 
     def get_task(self, task_id: str) -> Task:
@@ -93,6 +100,17 @@ class Client:
     def delete_task(self, task_id: str) -> Task:
         return api.parse(self._send(api.delete_task(task_id)), Task)
 
+    def update_task(
+        self,
+        task_id: str,
+        *,
+        metadata: Mapping[str, str | None] | None = None,
+        defaults: TaskDefaults | None = None,
+    ) -> Task:
+        """Change a task's ``metadata`` (labels) and ``defaults`` (generation settings used when a completion does not
+        set them), as a merge: keys not given stay, a key set to None is removed. The spec cannot change."""
+        return api.parse(self._send(api.update_task(task_id, metadata, defaults)), Task)
+
     # --- adapters ------------------------------------------------------------------------------------------------
 
     def generate_adapter(
@@ -110,6 +128,20 @@ class Client:
 
     def get_adapter(self, adapter_id: str) -> AdapterMetadata:
         return api.parse(self._send(api.get_adapter(adapter_id)), AdapterMetadata)
+
+    def list_adapters(self, *, page_size: int = 100) -> Iterator[AdapterSummary]:
+        """Every adapter the service can serve (from its stored specs) in id order, a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = api.parse(self._send(api.list_adapters(page_size, cursor)), AdapterPage)
+            yield from page.data
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def delete_adapter(self, adapter: str | AdapterMetadata | Task) -> AdapterDeleted:
+        """Delete an adapter's cached weights and stored spec; a task using it regenerates it on its next request."""
+        return api.parse(self._send(api.delete_adapter(adapter)), AdapterDeleted)
 
     def download_adapter(self, adapter: str | AdapterMetadata | Task, path: str | os.PathLike[str]) -> Path:
         """Download an adapter (by id, metadata or task) as a PEFT folder at ``path``, which

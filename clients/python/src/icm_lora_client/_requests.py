@@ -11,7 +11,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from ._errors import ResponseValidationError, request_id_of
-from ._types import AdapterMetadata, ChatMessage, Example, SamplingOptions, Task
+from ._types import AdapterMetadata, ChatMessage, Example, SamplingOptions, Task, TaskDefaults
 
 ZIP = "application/zip"
 EVENT_STREAM = "text/event-stream"
@@ -55,8 +55,10 @@ def create_task(
     task_id: str | None,
     seed: int | None,
     refine_steps: int = 0,
+    replace: bool = False,
 ) -> APIRequest:
-    # idempotent by design: the same id and spec answers 200 with the same task, another spec 409 (never a duplicate)
+    # idempotent by design: the same id and spec answers 200 with the same task, another spec 409 (never a duplicate);
+    # with replace, a repeat finds the new spec in place and answers 200
     body = _spec(description, examples)
     if task_id is not None:
         body["task_id"] = task_id
@@ -64,6 +66,8 @@ def create_task(
         body["seed"] = seed
     if refine_steps:
         body["refine_steps"] = refine_steps
+    if replace:
+        body["replace"] = True
     return APIRequest("POST", "/v1/tasks", json=body)
 
 
@@ -82,6 +86,16 @@ def delete_task(task_id: str) -> APIRequest:
     return APIRequest("DELETE", f"/v1/tasks/{_segment(task_id)}")
 
 
+def update_task(task_id: str, metadata: Mapping[str, str | None] | None, defaults: TaskDefaults | None) -> APIRequest:
+    # a JSON merge patch: repeating it gives the same task, so it is retried like a GET
+    body: dict[str, Any] = {}
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    if defaults is not None:
+        body["defaults"] = dict(defaults)
+    return APIRequest("PATCH", f"/v1/tasks/{_segment(task_id)}", json=body)
+
+
 def generate_adapter(
     description: str, examples: Sequence[ExampleLike] | None, seed: int | None, refine_steps: int = 0
 ) -> APIRequest:
@@ -96,6 +110,17 @@ def generate_adapter(
 
 def get_adapter(adapter_id: str) -> APIRequest:
     return APIRequest("GET", f"/v1/adapters/{_segment(adapter_id)}")
+
+
+def list_adapters(page_size: int, cursor: str | None) -> APIRequest:
+    params: dict[str, Any] = {"limit": page_size}
+    if cursor is not None:
+        params["cursor"] = cursor
+    return APIRequest("GET", "/v1/adapters", params=params)
+
+
+def delete_adapter(adapter: str | AdapterMetadata | Task) -> APIRequest:
+    return APIRequest("DELETE", f"/v1/adapters/{_segment(adapter_id_of(adapter))}")
 
 
 def adapter_id_of(adapter: str | AdapterMetadata | Task) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypedDict as ValidatedTypedDict  # typing.TypedDict is not validated by pydantic on 3.11
 
 
 class _Model(BaseModel):
@@ -52,6 +53,13 @@ class ServingInfo(_Model):
     warning: str | None = None
 
 
+class FileDigests(_Model):
+    """SHA-256 of the exact bytes of each download format (what ``sha256sum`` of the downloaded file prints)."""
+
+    zip: str
+    safetensors: str
+
+
 class AdapterMetadata(_Model):
     adapter_id: str
     generator_id: str
@@ -61,13 +69,48 @@ class AdapterMetadata(_Model):
     alpha: float
     target_modules: list[str]
     num_parameters: int
-    sha256: str
+    sha256: FileDigests
+    tensors_sha256: str = Field(description="Digest of the tensors, whatever the format")
     cached: bool
     weights_url: str
     self_check: SelfCheck | None = None
     parent_adapter_id: str | None = Field(None, description="For a refined adapter: the adapter it refines")
     refine_steps: int | None = None
     refined_adapter_id: str | None = Field(None, description="Only in the answer to generate_adapter(refine_steps=N)")
+
+
+class AdapterSummary(_Model):
+    """One entry of ``list_adapters``: an adapter the service can serve (from its stored spec)."""
+
+    adapter_id: str
+    kind: Literal["generated", "refined"]
+    description: str
+    num_examples: int
+    seed: int | None = None
+    parent_adapter_id: str | None = None
+    refine_steps: int | None = None
+    url: str
+
+
+class AdapterPage(_Model):
+    data: list[AdapterSummary]
+    next_cursor: str | None = None
+
+
+class AdapterDeleted(_Model):
+    adapter_id: str
+    deleted: bool
+
+
+class TaskDefaults(ValidatedTypedDict, total=False):
+    """Generation settings stored with a task (``update_task``), used when a completion request does not set them.
+    In ``update_task`` a field set to None removes it."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    stop: list[str] | None
+    seed: int | None
 
 
 class Task(_Model):
@@ -80,6 +123,8 @@ class Task(_Model):
     adapter: AdapterMetadata | None = Field(None, description="Only in the answer to create_task")
     self_check: SelfCheck | None = None
     refinement: Refinement = Field(default_factory=Refinement)
+    metadata: dict[str, str] = Field(default_factory=dict, description="Labels set with update_task")
+    defaults: TaskDefaults = Field(default_factory=lambda: TaskDefaults(), description="Set with update_task")
 
 
 class TaskPage(_Model):
