@@ -241,9 +241,11 @@ def generate(
         typer.echo("self-check: skipped" + ("" if not check else " (the task has no examples)"))
         return
     where = "held-out" if result.held_out else "in-sample"
+    stored = result.to_dict()  # the figures as the adapter's metadata keeps them
     typer.echo(
-        f"self-check: {'passed' if result.passed else 'FAILED'}: answer log-likelihood {result.adapter:.4f} with the "
-        f"adapter vs {result.base:.4f} without ({result.delta:+.4f} nats/token) on {result.examples} {where} examples"
+        f"self-check: {'passed' if result.passed else 'FAILED'}: answer log-likelihood {stored['adapter_loglik']:.4f} "
+        f"with the adapter vs {stored['base_loglik']:.4f} without ({stored['delta']:+.4f} nats/token) on "
+        f"{result.examples} {where} examples"
     )
     if not result.passed:
         typer.secho(

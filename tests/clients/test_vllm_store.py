@@ -28,7 +28,7 @@ def test_store_fetches_verifies_and_bounds(settings_for, tmp_path: Path) -> None
             assert by_task is not None and by_task.task_id == "fruit" and by_task.adapter_id == first.adapter_id
             weights = (by_task.path / "adapter_model.safetensors").read_bytes()
             served = GeneratedAdapter.from_safetensors_bytes(weights)  # the service's own check agrees
-            assert tensors_sha256(weights) == served.sha256 == first.adapter.sha256  # type: ignore[union-attr]
+            assert tensors_sha256(weights) == served.sha256 == first.adapter.tensors_sha256  # type: ignore[union-attr]
             config = json.loads((by_task.path / "adapter_config.json").read_text())
             assert config["base_model_name_or_path"] == "tiny:0" and config["r"] == first.adapter.rank  # type: ignore[union-attr]
             assert 0 < by_task.int_id < 2**31 and by_task.int_id == (await store.fetch("fruit")).int_id  # type: ignore[union-attr]
@@ -45,7 +45,7 @@ def test_store_fetches_verifies_and_bounds(settings_for, tmp_path: Path) -> None
             # weights that do not match the served checksum are refused and leave nothing behind
             metadata = await client.get_adapter(first.adapter_id or "")
             with pytest.raises(ChecksumMismatch):
-                await store._download(metadata.model_copy(update={"sha256": "0" * 64}), tmp_path / "cache" / "x")
+                await store._download(metadata.model_copy(update={"tensors_sha256": "0" * 64}), tmp_path / "cache" / "x")
             assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [second.adapter_id]
 
     with serve(settings_for()) as service:

@@ -1,8 +1,8 @@
 """Adapters fetched from an icm-lora service into a bounded local folder, verified; no vLLM, no torch.
 
 ``AdapterStore.fetch(name)`` resolves a task id (or an adapter id) through the service, downloads the adapter's PEFT
-zip, checks the weights against the checksum the service serves (``sha256`` of the adapter's metadata, the same
-digest the safetensors header carries), and moves the folder into place in one rename, so a reader (vLLM's loader)
+zip, checks the weights against the checksum the service serves (``tensors_sha256`` of the adapter's metadata, the
+same digest the safetensors header carries), and moves the folder into place in one rename, so a reader (vLLM's loader)
 never sees half an adapter. At most ``max_adapters`` folders are kept; the least recently used go first.
 """
 
@@ -115,9 +115,10 @@ class AdapterStore:
         try:
             await self.client.download_adapter(metadata.adapter_id, tmp)
             actual = tensors_sha256((tmp / WEIGHTS).read_bytes())
-            if actual != metadata.sha256:
+            if actual != metadata.tensors_sha256:
                 raise ChecksumMismatch(
-                    f"adapter {metadata.adapter_id}: weights checksum {actual} is not the served {metadata.sha256}"
+                    f"adapter {metadata.adapter_id}: weights checksum {actual} is not the served "
+                    f"{metadata.tensors_sha256}"
                 )
             try:
                 tmp.rename(path)
