@@ -45,7 +45,8 @@ def test_store_fetches_verifies_and_bounds(settings_for, tmp_path: Path) -> None
             # weights that do not match the served checksum are refused and leave nothing behind
             metadata = await client.get_adapter(first.adapter_id or "")
             with pytest.raises(ChecksumMismatch):
-                await store._download(metadata.model_copy(update={"tensors_sha256": "0" * 64}), tmp_path / "cache" / "x")
+                wrong = metadata.model_copy(update={"tensors_sha256": "0" * 64})
+                await store._download(wrong, tmp_path / "cache" / "x")
             assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [second.adapter_id]
 
     with serve(settings_for()) as service:
