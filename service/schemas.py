@@ -339,12 +339,14 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """``developer`` is read as ``system``; a list of text parts is joined with newlines."""
+    """``developer`` is read as ``system``; a list of text parts is joined with newlines. ``name`` (OpenAI's
+    participant name) is accepted and not given to the chat template, which has no place for it."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=64)]
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
     def template_message(self) -> dict[str, str]:
         """What the chat template gets."""

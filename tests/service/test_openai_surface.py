@@ -321,6 +321,8 @@ def test_text_parts_and_developer_role(oai: openai.OpenAI) -> None:
     expected = answer(as_strings)
     assert answer(as_parts) == expected
     assert answer(as_parts, stream=True) == expected
+    named = [{**m, "name": "ops_bot"} for m in as_strings]  # OpenAI's participant name: accepted, not templated
+    assert answer(named) == expected
     with pytest.raises(openai.UnprocessableEntityError):
         answer([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
 
