@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, get_args
@@ -345,41 +345,30 @@ class RedisTaskStore:
         return [TaskRecord.from_json(r) for r in raws if r is not None]
 
     async def update_refinement(self, record: TaskRecord, refinement: Refinement) -> bool:
-        """Optimistic: WATCH the key, check it is the same registration, write in a transaction; retried on a race."""
-        key = self._task_key(record.task_id)
-        for _ in range(10):
-            try:
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    if raw is None:
-                        return False
-                    current = TaskRecord.from_json(raw)
-                    if not current.same_task(record):
-                        return False
-                    pipe.multi()
-                    pipe.set(key, replace(current, refinement=refinement).to_json(), xx=True)
-                    await pipe.execute()
-                    return True
-            except WatchError:
-                continue
-            except (RedisError, OSError) as exc:
-                raise StoreUnavailable(f"task registry (Redis) unavailable: {exc}") from None
-        raise StoreUnavailable(f"task {record.task_id!r} kept changing while its refinement was recorded")
+        def change(current: TaskRecord) -> TaskRecord | None:
+            return replace(current, refinement=refinement) if current.same_task(record) else None
+
+        return await self._update(record.task_id, change, "refinement") is not None
 
     async def update_settings(
         self, task_id: str, metadata: dict[str, str], defaults: dict[str, Any]
     ) -> TaskRecord | None:
-        """Optimistic like ``update_refinement``: WATCH, read, write in a transaction; retried on a race."""
+        return await self._update(task_id, lambda c: replace(c, metadata=metadata, defaults=defaults), "settings")
+
+    async def _update(
+        self, task_id: str, change: Callable[[TaskRecord], TaskRecord | None], what: str
+    ) -> TaskRecord | None:
+        """Optimistic read-modify-write: WATCH the key, read, write ``change(record)`` in a transaction; retried on a
+        race. None when the task is gone or ``change`` declines (returns None)."""
         key = self._task_key(task_id)
         for _ in range(10):
             try:
                 async with self._redis.pipeline(transaction=True) as pipe:
                     await pipe.watch(key)
                     raw = await pipe.get(key)
-                    if raw is None:
+                    updated = None if raw is None else change(TaskRecord.from_json(raw))
+                    if updated is None:
                         return None
-                    updated = replace(TaskRecord.from_json(raw), metadata=metadata, defaults=defaults)
                     pipe.multi()
                     pipe.set(key, updated.to_json(), xx=True)
                     await pipe.execute()
@@ -388,7 +377,7 @@ class RedisTaskStore:
                 continue
             except (RedisError, OSError) as exc:
                 raise StoreUnavailable(f"task registry (Redis) unavailable: {exc}") from None
-        raise StoreUnavailable(f"task {task_id!r} kept changing while its settings were updated")
+        raise StoreUnavailable(f"task {task_id!r} kept changing while its {what} was recorded")
 
     def _spec_key(self, adapter_id: str) -> str:
         return f"{self._prefix}:adapter-spec:{adapter_id}"
