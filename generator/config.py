@@ -162,6 +162,11 @@ class CVAETrainingSettings(_DictMixin):
     ``steps`` train the CVAE to reconstruct the collection's LoRAs; ``e2e_steps`` then (or from scratch, with
     ``steps = 0``) train it end to end: the generated LoRA is applied to the base model and the loss is the task's
     next-token loss on its train examples (``e2e_tasks_per_step`` tasks x ``e2e_examples_per_task`` examples a step).
+
+    ``e2e_contrast_weight`` > 0 adds a task-specificity term: each task's examples are also scored under another
+    chosen task's LoRA (a sibling from the same family when one exists, with probability ``e2e_sibling_rate``), and
+    ``max(0, margin - (loss under the other LoRA - loss under its own))`` per task is added with that weight, so an
+    adapter that helps every task alike (a format adapter) is not enough.
     """
 
     steps: int = 2000
@@ -178,6 +183,9 @@ class CVAETrainingSettings(_DictMixin):
     e2e_tasks_per_step: int = 4
     e2e_examples_per_task: int = 4
     e2e_learning_rate: float = 3e-4
+    e2e_contrast_weight: float = 0.0
+    e2e_contrast_margin: float = 0.25
+    e2e_sibling_rate: float = 0.5
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0 and self.e2e_steps >= 0, "steps and e2e_steps must be >= 0")
@@ -195,6 +203,12 @@ class CVAETrainingSettings(_DictMixin):
         )
         _require(self.condition_noise >= 0, "condition_noise must be >= 0")
         _require(self.e2e_tasks_per_step >= 1 and self.e2e_examples_per_task >= 1, "e2e batch sizes must be >= 1")
+        _require(self.e2e_contrast_weight >= 0 and self.e2e_contrast_margin >= 0, "e2e contrast must be >= 0")
+        _require(0 <= self.e2e_sibling_rate <= 1, "e2e_sibling_rate must be in [0, 1]")
+        _require(
+            self.e2e_contrast_weight == 0 or self.e2e_tasks_per_step >= 2,
+            "e2e_contrast_weight needs e2e_tasks_per_step >= 2 (another task's LoRA to compare with)",
+        )
 
     @property
     def hide_description(self) -> float:

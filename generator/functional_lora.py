@@ -84,7 +84,30 @@ class FunctionalLora:
 def answer_loss(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy over the label tokens (``IGNORE_INDEX`` elsewhere) of a causal LM.
+    """Mean next-token cross-entropy over the label tokens (``IGNORE_INDEX`` elsewhere) of a causal LM."""
+    return _token_losses(model, input_ids, attention_mask, labels)[0].mean()
+
+
+def answer_losses(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    num_groups: int,
+) -> torch.Tensor:
+    """``[num_groups]``: the mean cross-entropy over the label tokens of the rows in each group (``groups`` [B])."""
+    losses, rows = _token_losses(model, input_ids, attention_mask, labels)
+    token_groups = groups[rows]
+    total = torch.zeros(num_groups, dtype=losses.dtype, device=losses.device).index_add(0, token_groups, losses)
+    count = torch.bincount(token_groups, minlength=num_groups).clamp_min(1)
+    return total / count
+
+
+def _token_losses(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of every label token, and the batch row of each.
 
     The output head runs only at the positions that predict a label token: with a large vocabulary most of a full
     logits tensor would be thrown away (and its backward pass paid for)."""
@@ -94,4 +117,5 @@ def answer_loss(
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    rows = keep.nonzero()[:, 0]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), rows

@@ -240,5 +240,8 @@ def train_and_save(
         checkpoint.info["e2e_final_loss"] = sum(result.losses[-20:]) / len(result.losses[-20:])
         checkpoint.info["e2e_first_loss"] = sum(result.losses[:20]) / len(result.losses[:20])
         checkpoint.info["e2e_seconds"] = round(result.seconds, 1)
+        if result.gaps:  # how much better each task's own LoRA fits it than its partner's, first and last 20 steps
+            checkpoint.info["e2e_first_gap"] = sum(result.gaps[:20]) / len(result.gaps[:20])
+            checkpoint.info["e2e_final_gap"] = sum(result.gaps[-20:]) / len(result.gaps[-20:])
     save_checkpoint(checkpoint, out_dir)
     return checkpoint

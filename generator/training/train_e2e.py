@@ -5,6 +5,12 @@ decodes each task's LoRA from its condition (z = 0, the deterministic adapter th
 condition dropout as reconstruction training); the LoRAs are applied to the frozen base model with
 ``FunctionalLora`` (each batch row with its own task's LoRA) and the loss is the next-token loss of the examples'
 answers (followed by the end-of-sequence token). Gradients reach the CVAE only.
+
+With ``e2e_contrast_weight`` > 0 the tasks of a step come in pairs (a same-family sibling as the partner with
+probability ``e2e_sibling_rate``, e.g. bbq ``*_ambig`` with ``*_disambig``, which share a description), each task's
+examples also run under its partner's LoRA in the same forward pass, and the loss becomes the mean of the per-task
+losses plus ``weight * mean(max(0, margin - (partner's loss - own loss)))``: the generator is paid for adapters that
+fit their own task better than another's, not for one adapter that helps every task alike.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from generator.base_model import BaseModel
 from generator.batching import EncodedPair, pad_pairs
 from generator.config import CVAETrainingSettings, LoraTrainingSettings
 from generator.cvae import CVAE
-from generator.functional_lora import FunctionalLora, answer_loss
+from generator.functional_lora import FunctionalLora, answer_loss, answer_losses
 from generator.lora_layout import LoraLayout, NormStats
 from generator.task_encoder import ConditionStats
 from generator.tasks import Task
@@ -34,6 +40,7 @@ from generator.training.train_loras import encode_examples
 class EndToEndResult:
     losses: list[float]
     seconds: float
+    gaps: list[float]  # contrastive steps only: mean (partner's LoRA loss - own LoRA loss) per step
 
 
 def train_end_to_end(
@@ -75,12 +82,14 @@ def train_end_to_end(
     cvae.to(device).train()
     losses: list[float] = []
     start = time.perf_counter()
-    n_tasks = len(tasks)
     n_views = vectors.in_context[0].shape[0]
+    contrast = settings.e2e_contrast_weight > 0
+    families = _families(tasks)
+    gaps: list[float] = []  # per contrastive step: mean (partner's loss - own loss) over its tasks
     try:
         with tqdm(range(settings.e2e_steps), desc="generator, end to end", disable=not show_progress) as bar:
             for step in bar:
-                chosen = rng.sample(range(n_tasks), min(settings.e2e_tasks_per_step, n_tasks))
+                chosen = _choose_tasks(tasks, settings, rng, families)
                 conds, rows, batch_pairs = [], [], []
                 for slot, task in enumerate(chosen):
                     conds.append(training_condition(cond_stats, vectors, task, rng.randrange(n_views), settings, rng))
@@ -92,13 +101,13 @@ def train_end_to_end(
                 z = torch.zeros(len(chosen), cvae.config.latent_dim, device=device)
                 lora_vectors = cvae.decode(z, cond) * scale + mean  # [T, D] de-normalised LoRAs
                 batch = pad_pairs(batch_pairs, pad_id)
-                with functional.applied(lora_vectors, torch.tensor(rows, device=device)):
-                    loss = answer_loss(
-                        base.model,
-                        batch.input_ids.to(device),
-                        batch.attention_mask.to(device),
-                        batch.labels.to(device),
-                    )
+                ids, attention, labels = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+                if contrast:
+                    loss, gap = _contrastive_loss(functional, lora_vectors, rows, ids, attention, labels, settings)
+                    gaps.append(gap)
+                else:
+                    with functional.applied(lora_vectors, torch.tensor(rows, device=device)):
+                        loss = answer_loss(base.model, ids, attention, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(cvae.parameters(), 1.0)
@@ -107,10 +116,77 @@ def train_end_to_end(
                 losses.append(float(loss.detach()))
                 if step % 10 == 0 or step == settings.e2e_steps - 1:
                     recent = losses[-20:]
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
+                    postfix = {"loss": f"{sum(recent) / len(recent):.3f}"}
+                    if gaps:
+                        postfix["gap"] = f"{sum(gaps[-20:]) / len(gaps[-20:]):.3f}"
+                    bar.set_postfix(postfix)
     finally:
         functional.remove()
         for p, flag in zip(base.model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
         cvae.to("cpu").eval()  # the generator decodes on the CPU (one small MLP pass per adapter)
-    return EndToEndResult(losses=losses, seconds=time.perf_counter() - start)
+    return EndToEndResult(losses=losses, seconds=time.perf_counter() - start, gaps=gaps)
+
+
+def _families(tasks: Sequence[Task]) -> list[list[int]]:
+    """Per task: the other tasks of its family (empty when it has none or no family)."""
+    members: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        if task.family:
+            members.setdefault(task.family, []).append(i)
+    return [[j for j in members.get(task.family, []) if j != i] if task.family else [] for i, task in enumerate(tasks)]
+
+
+def _choose_tasks(
+    tasks: Sequence[Task], settings: CVAETrainingSettings, rng: random.Random, families: list[list[int]]
+) -> list[int]:
+    """The step's tasks. Without the contrastive term: a plain sample. With it: pairs (0, 1), (2, 3), ..., the
+    second of each a sibling of the first with probability ``e2e_sibling_rate`` when the first has one."""
+    n = min(settings.e2e_tasks_per_step, len(tasks))
+    if settings.e2e_contrast_weight == 0:
+        return rng.sample(range(len(tasks)), n)
+    chosen: list[int] = []
+    while len(chosen) < n:
+        free = [i for i in range(len(tasks)) if i not in chosen]
+        first = rng.choice(free)
+        chosen.append(first)
+        if len(chosen) == n:
+            break
+        siblings = [j for j in families[first] if j not in chosen]
+        rest = [i for i in free if i != first]
+        chosen.append(
+            rng.choice(siblings) if siblings and rng.random() < settings.e2e_sibling_rate else rng.choice(rest)
+        )
+    return chosen
+
+
+def partners(count: int) -> list[int]:
+    """The task whose LoRA each of ``count`` chosen tasks is compared with: its pair's other member (0 <-> 1,
+    2 <-> 3, ...); with an odd count the last one is compared with the first."""
+    return [i ^ 1 if i ^ 1 < count else 0 for i in range(count)]
+
+
+def _contrastive_loss(
+    functional: FunctionalLora,
+    lora_vectors: torch.Tensor,
+    rows: list[int],
+    ids: torch.Tensor,
+    attention: torch.Tensor,
+    labels: torch.Tensor,
+    settings: CVAETrainingSettings,
+) -> tuple[torch.Tensor, float]:
+    """Every example under its own task's LoRA and under its partner's, in one forward pass (the batch twice)."""
+    count = lora_vectors.shape[0]
+    other = partners(count)
+    device = ids.device
+    own = torch.tensor(rows, device=device)
+    lora_rows = torch.cat([own, torch.tensor([other[r] for r in rows], device=device)])
+    groups = torch.cat([own, own + count])  # group t: task t's examples under its LoRA; count + t: under its partner's
+    with functional.applied(lora_vectors, lora_rows):
+        per_group = answer_losses(
+            functional.model, ids.repeat(2, 1), attention.repeat(2, 1), labels.repeat(2, 1), groups, 2 * count
+        )
+    own_loss, partner_loss = per_group[:count], per_group[count:]
+    gap = partner_loss - own_loss
+    hinge = torch.relu(settings.e2e_contrast_margin - gap).mean()
+    return own_loss.mean() + settings.e2e_contrast_weight * hinge, float(gap.detach().mean())

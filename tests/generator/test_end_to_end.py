@@ -22,7 +22,7 @@ from generator.batching import (
     pad_pairs,
 )
 from generator.config import ConfigError, CVAETrainingSettings, LoraSettings, LoraTrainingSettings
-from generator.functional_lora import FunctionalLora, answer_loss
+from generator.functional_lora import FunctionalLora, answer_loss, answer_losses
 from generator.lora_layout import NormStats
 from generator.lora_model import LoraModel
 from generator.refine import RefinePlan, refine, refined_adapter_id
@@ -31,6 +31,7 @@ from generator.tasks import Example, TaskSpec, format_prompt, format_target, syn
 from generator.training.evaluate import paired_bootstrap
 from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
 from generator.training.scoring import exact_match_correct
+from generator.training.train_e2e import partners
 from generator.training.train_loras import encode_examples, train_lora
 
 TASK = synthetic_task("fruit", "animal", ("yes", "no"))
@@ -228,3 +229,50 @@ def test_packed_groups_score_as_one_pair_per_row(tiny_base: BaseModel) -> None:
     assert packed.shape == (7,)
     assert torch.allclose(packed, total / count, atol=1e-5)
     assert packed.unique().numel() == 7  # the answers do not see each other (otherwise equal scores are unlikely)
+
+
+def test_answer_losses_per_group_match_answer_loss_per_subset(tiny_base: BaseModel) -> None:
+    pairs = encode_examples(tiny_base.tokenizer, TASK.train[:6], 32)
+    batch = pad_pairs(pairs, tiny_base.tokenizer.pad_token_id)
+    groups = torch.tensor([0, 1, 0, 2, 1, 0])
+    with torch.no_grad():
+        per_group = answer_losses(
+            tiny_base.model, batch.input_ids, batch.attention_mask, batch.labels, groups, num_groups=4
+        )
+        for g in range(3):
+            rows = (groups == g).nonzero()[:, 0]
+            alone = answer_loss(tiny_base.model, batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows])
+            torch.testing.assert_close(per_group[g], alone, atol=1e-5, rtol=1e-5)
+    assert float(per_group[3]) == 0.0  # an empty group
+
+
+def test_partners_pair_the_chosen_tasks() -> None:
+    assert partners(4) == [1, 0, 3, 2]
+    assert partners(3) == [1, 0, 0]
+    assert partners(2) == [1, 0]
+    with pytest.raises(ConfigError):
+        CVAETrainingSettings(steps=0, e2e_steps=5, e2e_tasks_per_step=1, e2e_contrast_weight=1.0)
+
+
+def test_contrastive_e2e_makes_adapters_fit_their_own_task(tmp_path: Path) -> None:
+    """Two synthetic tasks of one family with opposite labels: with the contrastive term each task's own LoRA ends
+    up fitting it better than its partner's by a clear, growing gap."""
+    settings = dataclasses.replace(
+        SMALL_SETTINGS,
+        cvae_training=CVAETrainingSettings(
+            steps=0,
+            e2e_steps=60,
+            e2e_learning_rate=1e-3,
+            description_dropout=0.5,
+            e2e_tasks_per_step=2,
+            e2e_contrast_weight=1.0,
+            e2e_contrast_margin=0.5,
+            e2e_sibling_rate=1.0,
+        ),
+    )
+    run = Run.create(tmp_path / "run", settings, "synthetic:6", unseen_fraction=0.34)
+    generator = step_train_generator(run, load_base_model("tiny"), progress=False)
+    info = generator.checkpoint.info
+    assert info["e2e_final_gap"] > info["e2e_first_gap"]
+    assert info["e2e_final_gap"] > 0.05
+    assert info["e2e_final_loss"] < info["e2e_first_loss"]
