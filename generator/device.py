@@ -42,6 +42,11 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 assert ("auto", *DTYPES) == DTYPE_CHOICES
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16``."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
@@ -50,7 +55,7 @@ class Placement:
     @property
     def name(self) -> str:
         """``cpu-float32``, ``cuda-bfloat16``: the file-name form (benchmark results)."""
-        return f"{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
+        return f"{self.device.type}-{dtype_name(self.dtype)}"
 
     def __str__(self) -> str:
         return f"{self.device} {str(self.dtype).removeprefix('torch.')}"

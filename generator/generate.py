@@ -50,7 +50,7 @@ class AdapterGenerator:
         return self.checkpoint.generator_id
 
     def adapter_id(self, spec: TaskSpec, seed: int | None = None) -> str:
-        return adapter_id(self.generator_id, spec, seed)
+        return adapter_id(self.generator_id, spec, seed, self.encoder.precision)
 
     def generate(self, spec: TaskSpec, seed: int | None = None) -> GeneratedAdapter:
         """``seed=None``: the deterministic adapter (z = 0). A seed draws z ~ N(0, I) from that seed."""

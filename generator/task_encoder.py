@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from generator.config import TaskEncoderSettings
+from generator.device import dtype_name
 from generator.tasks import DEMO_SEPARATOR, Example, TaskSpec, format_prompt, format_target
 
 DESCRIPTION_DIM = 384
@@ -166,17 +167,23 @@ class TaskVector:
 
 
 class TaskEncoder:
+    """``precision``: the dtype the reader's model runs in (``float32``, ``bfloat16``, ...). Hidden states read in
+    another precision differ, and so do the adapters decoded from them: the precision is part of an adapter's id
+    (``AdapterGenerator.adapter_id``)."""
+
     def __init__(
         self,
         embedder: DescriptionEmbedder,
         reader: HiddenStateReader,
         hidden_size: int,
         settings: TaskEncoderSettings,
+        precision: str = "float32",
     ) -> None:
         self.embedder = embedder
         self.reader = reader
         self.hidden_size = hidden_size
         self.settings = settings
+        self.precision = precision
 
     @classmethod
     def for_model(
@@ -187,7 +194,8 @@ class TaskEncoder:
         no_adapter: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> TaskEncoder:
         reader = ModelHiddenStateReader(model, tokenizer, settings.hidden_layer, settings.max_length, no_adapter)
-        return cls(MiniLMEmbedder(), reader, int(model.config.hidden_size), settings)
+        precision = dtype_name(next(model.parameters()).dtype)
+        return cls(MiniLMEmbedder(), reader, int(model.config.hidden_size), settings, precision)
 
     def encode(self, spec: TaskSpec) -> TaskVector:
         """The first ``max_examples`` examples are read, in the order given."""

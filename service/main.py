@@ -18,7 +18,7 @@ from transformers.utils import logging as transformers_logging
 from generator.base_model import BaseModel, load_base_model
 from generator.checkpoint import GeneratorCheckpoint, load_checkpoint
 from generator.config import LoraSettings
-from generator.device import Placement
+from generator.device import Placement, dtype_name
 from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
@@ -136,7 +136,8 @@ def _load_models(settings: Settings, placement: Placement, metrics: ServiceMetri
         # the task encoder reads hidden states through the engine, and the self-check scores answers through it:
         # one copy of the base model in memory (refinement trains on its own copy, loaded on first use)
         reader = engine.hidden_state_reader(checkpoint.encoder.hidden_layer, checkpoint.encoder.max_length)
-        encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder)
+        precision = dtype_name(placement.dtype)
+        encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder, precision)
         generator = AdapterGenerator(checkpoint, encoder)
         read, length = checkpoint.encoder.max_examples, checkpoint.encoder.max_length
         checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)

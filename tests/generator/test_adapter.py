@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import io
 import json
 import zipfile
@@ -11,9 +12,10 @@ from peft import PeftModel
 
 from generator.adapter import AdapterIntegrityError, GeneratedAdapter, adapter_id, tensors_sha256
 from generator.base_model import BaseModel, load_base_model
-from generator.config import LoraSettings
+from generator.config import LoraSettings, TaskEncoderSettings
 from generator.lora_layout import LoraLayout
 from generator.lora_model import LoraModel
+from generator.task_encoder import TaskEncoder
 from generator.tasks import Example, TaskSpec
 
 
@@ -27,6 +29,18 @@ def test_adapter_id_is_a_content_address() -> None:
     spec = TaskSpec("Do x.", (Example("a", "b"),))
     assert adapter_id("g1", spec, None) == adapter_id("g1", TaskSpec(" Do x. ", (Example("a", "b"),)), None)
     assert len({adapter_id("g1", spec, None), adapter_id("g2", spec, None), adapter_id("g1", spec, 0)}) == 3
+
+
+def test_adapter_id_names_the_read_precision_except_fp32(tiny_base: BaseModel) -> None:
+    """bf16 and fp32 replicas on one Redis read different hidden states, so their adapters get different ids; fp32
+    ids are unchanged (no precision key), so existing caches stay valid."""
+    spec = TaskSpec("Do x.", (Example("a", "b"),))
+    assert adapter_id("g1", spec, None, "float32") == adapter_id("g1", spec, None)
+    assert adapter_id("g1", spec, None, "bfloat16") != adapter_id("g1", spec, None)
+    settings = TaskEncoderSettings()
+    assert TaskEncoder.for_model(tiny_base.model, tiny_base.tokenizer, settings).precision == "float32"
+    half = copy.deepcopy(tiny_base.model).to(torch.bfloat16)
+    assert TaskEncoder.for_model(half, tiny_base.tokenizer, settings).precision == "bfloat16"
 
 
 def test_safetensors_round_trip(tiny_base: BaseModel) -> None:
