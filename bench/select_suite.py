@@ -89,7 +89,7 @@ def main() -> None:
     cand = sub.add_parser("candidates", help="list the candidate tasks")
     cand.add_argument("--root", type=Path, default=ROOT)
     cand.add_argument("--out", type=Path, default=CANDIDATES)
-    cand.add_argument("--per-family", type=int, default=6)
+    cand.add_argument("--per-family", type=int, default=0, help="at most this many subtasks per family (0: all)")
     pil = sub.add_parser("pilot", help="score base and a short LoRA per candidate")
     pil.add_argument("--root", type=Path, default=ROOT)
     pil.add_argument("--candidates", type=Path, default=CANDIDATES)

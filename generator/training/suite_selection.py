@@ -85,9 +85,9 @@ def read_candidate(root: Path, path: Path) -> Candidate | None:
     return Candidate(name, name.split("/")[0], kind, len(examples), str(data.get("description", "")).strip())
 
 
-def find_candidates(root: Path, per_family: int = 6, seed: int = 0) -> list[Candidate]:
-    """Qualifying tasks under ``root`` (a ``bigbench/benchmark_tasks`` folder), at most ``per_family`` per family
-    (a seeded sample), sorted by name. A task with subtasks is represented by its subtasks."""
+def find_candidates(root: Path, per_family: int = 0, seed: int = 0) -> list[Candidate]:
+    """Qualifying tasks under ``root`` (a ``bigbench/benchmark_tasks`` folder), sorted by name; with ``per_family``
+    > 0 at most that many per family (a seeded sample). A task with subtasks is represented by its subtasks."""
     found: dict[str, list[Candidate]] = defaultdict(list)
     for path in sorted(root.rglob("task.json")):
         if any(path.parent.glob("*/task.json")):
@@ -98,7 +98,7 @@ def find_candidates(root: Path, per_family: int = 6, seed: int = 0) -> list[Cand
     chosen: list[Candidate] = []
     for family in sorted(found):
         members = sorted(found[family], key=lambda c: c.name)
-        if len(members) > per_family:
+        if 0 < per_family < len(members):
             members = sorted(random.Random(f"{seed}:{family}").sample(members, per_family), key=lambda c: c.name)
         chosen += members
     return chosen

@@ -47,6 +47,8 @@ def test_candidates_follow_the_rules(tmp_path: Path) -> None:
     assert "parent" not in names  # represented by its subtask
     assert sum(n.startswith("big/") for n in names) == 3
     assert found == find_candidates(tmp_path, per_family=3)  # seeded: the same choice every time
+    every = find_candidates(tmp_path)  # the default: every qualifying subtask
+    assert sum(c.name.startswith("big/") for c in every) == 5 and set(names) <= {c.name for c in every}
     kinds = {c.name: c.kind for c in found}
     assert kinds["good_mc"] == "multiple_choice" and kinds["good_gen"] == "generative"
 
