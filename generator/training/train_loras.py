@@ -32,6 +32,7 @@ from generator.base_model import BaseModel
 from generator.batching import EncodedPair, encode_pair, pad_pairs
 from generator.config import LoraSettings, LoraTrainingSettings
 from generator.files import read_json, safe_name, write_atomic, write_json
+from generator.functional_lora import answer_loss
 from generator.lora_model import LoraModel
 from generator.tasks import Example, Task, format_prompt, format_target
 
@@ -103,15 +104,14 @@ def train_lora(
                     rng.shuffle(order)
                 batch_idx.append(order.pop())
             batch = pad_pairs([pairs[i] for i in batch_idx], pad_id)
-            out = lora.model(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                labels=batch.labels.to(device),
+            # the output head only where a label is predicted: the same loss as the model's own, 30% less work
+            loss = answer_loss(
+                lora.model, batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device)
             )
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             optimizer.step()
-            losses.append(float(out.loss.detach()))
+            losses.append(float(loss.detach()))
             if step in keep:
                 kept.append(lora.vector())
             if progress is not None:
