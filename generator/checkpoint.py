@@ -3,6 +3,10 @@
 The JSON records the SHA-256 of the safetensors file; loading refuses a file that does not match, a tensor that is
 missing or unexpected, and a format it does not know. Nothing is ever unpickled. The checkpoint's ``generator_id``
 is a hash of both files' contents: adapter ids are derived from it, so a new generator never reuses old ids.
+
+A training run saves everything in fp32. ``save_checkpoint(..., packed=True)`` writes the form that ships in the
+package (``icm-lora export-generator``): the CVAE's decoder alone (the encoder only serves reconstruction training)
+with its weights in fp16, upcast to fp32 when loaded; the statistics stay fp32. The JSON says so (``"packed"``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from generator.lora_layout import LoraLayout, NormStats, Segment
 from generator.task_encoder import ConditionStats
 
 FORMAT = "icm-lora-generator/1"
+PACKED_DTYPE = torch.float16
+ENCODER_PREFIXES = ("enc_chunk.", "enc_out.")
 WEIGHTS_FILE = "generator.safetensors"
 CONFIG_FILE = "generator.json"
 
@@ -44,8 +50,12 @@ class GeneratorCheckpoint:
     info: dict[str, Any] = field(default_factory=dict)
     generator_id: str = ""
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"cvae.{k}": v.detach().contiguous() for k, v in self.cvae.state_dict().items()}
+    def tensors(self, packed: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor to save; ``packed``: the decoder's weights only, in fp16."""
+        state = self.cvae.state_dict()
+        if packed:
+            state = {k: v.to(PACKED_DTYPE) for k, v in state.items() if not k.startswith(ENCODER_PREFIXES)}
+        tensors = {f"cvae.{k}": v.detach().contiguous() for k, v in state.items()}
         tensors["norm.mean"] = self.norm.mean.contiguous()
         tensors["norm.scale"] = self.norm.scale.contiguous()
         tensors.update({k: v.contiguous() for k, v in self.cond.tensors().items()})
@@ -63,14 +73,16 @@ class GeneratorCheckpoint:
             "info": self.info,
         }
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+    def nbytes(self, packed: bool = False) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(packed).values())
 
 
-def save_checkpoint(checkpoint: GeneratorCheckpoint, folder: Path) -> str:
-    """Write both files (atomically each); return and set the generator id."""
-    weights = save(checkpoint.tensors(), metadata={"format": FORMAT})
+def save_checkpoint(checkpoint: GeneratorCheckpoint, folder: Path, packed: bool = False) -> str:
+    """Write both files (atomically each); return and set the generator id. ``packed``: the shipping form."""
+    weights = save(checkpoint.tensors(packed), metadata={"format": FORMAT})
     config = checkpoint.config()
+    if packed:
+        config["packed"] = {"cvae_dtype": str(PACKED_DTYPE).removeprefix("torch."), "decoder_only": True}
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     checkpoint.generator_id = _generator_id(config)
     config["generator_id"] = checkpoint.generator_id
@@ -116,8 +128,9 @@ def load_checkpoint(folder: Path) -> GeneratorCheckpoint:
         raise CheckpointError(f"{folder}: malformed checkpoint ({exc})") from None
     if cvae_config.lora_dim != layout.dim:
         raise CheckpointError(f"{folder}: CVAE size {cvae_config.lora_dim} does not match the layout {layout.dim}")
-    cvae = CVAE(cvae_config)
-    state = {k.removeprefix("cvae."): v for k, v in tensors.items() if k.startswith("cvae.")}
+    packed = bool(config.get("packed"))
+    cvae = CVAE(cvae_config, with_encoder=not packed)
+    state = {k.removeprefix("cvae."): v.float() for k, v in tensors.items() if k.startswith("cvae.")}
     try:
         cvae.load_state_dict(state, strict=True)
         norm = NormStats(tensors["norm.mean"], tensors["norm.scale"], layout.segment_ids())

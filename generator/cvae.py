@@ -19,10 +19,13 @@ from generator.config import CVAEConfig
 
 
 class CVAE(nn.Module):
+    """``with_encoder=False`` builds the decoder alone: all that generation needs (a packaged generator ships without
+    the encoder, which only reconstruction training uses)."""
+
     pad_index: torch.Tensor
     valid: torch.Tensor
 
-    def __init__(self, config: CVAEConfig) -> None:
+    def __init__(self, config: CVAEConfig, with_encoder: bool = True) -> None:
         super().__init__()
         self.config = config
         sizes = torch.tensor(config.chunk_sizes)
@@ -39,8 +42,8 @@ class CVAE(nn.Module):
         self.chunk_embedding = nn.Embedding(k, e)
         self.cond_proj = nn.Sequential(nn.Linear(c, h), nn.SiLU(), nn.Linear(h, h))
         # encoder q(z | x, c)
-        self.enc_chunk = nn.Linear(m + e, h)
-        self.enc_out = nn.Sequential(nn.Linear(2 * h, h), nn.SiLU(), nn.Linear(h, 2 * z))
+        self.enc_chunk = nn.Linear(m + e, h) if with_encoder else None
+        self.enc_out = nn.Sequential(nn.Linear(2 * h, h), nn.SiLU(), nn.Linear(h, 2 * z)) if with_encoder else None
         # decoder p(x | z, c)
         self.dec_task = nn.Sequential(nn.Linear(z + h, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU())
         self.dec_chunk = nn.Sequential(nn.Linear(h + e, h), nn.SiLU())
@@ -60,6 +63,8 @@ class CVAE(nn.Module):
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, D], cond [B, C] -> mu, logvar [B, Z]."""
+        if self.enc_chunk is None or self.enc_out is None:
+            raise RuntimeError("this CVAE was built without its encoder (a packaged generator): it can only decode")
         chunks = self.to_chunks(x)  # [B, K, M]
         emb = self.chunk_embedding.weight.expand(x.shape[0], -1, -1)  # [B, K, E]
         per_chunk = F.silu(self.enc_chunk(torch.cat([chunks, emb], dim=-1)))  # [B, K, H]

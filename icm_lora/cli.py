@@ -1,4 +1,5 @@
-"""The ``icm-lora`` command: the offline pipeline (train-loras, train-generator, evaluate), generate, demo, serve.
+"""The ``icm-lora`` command: the offline pipeline (train-loras, train-generator, export-generator, evaluate), generate,
+demo, serve.
 
 Lives outside ``generator`` so that the generator package never imports the service.
 """
@@ -150,6 +151,27 @@ def train_generator(
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"generator {generator.generator_id} written to {pipeline_run.generator_dir}")
+
+
+@app.command("export-generator")
+def export_generator(
+    generator_dir: Annotated[Path, typer.Option("--generator", help="Trained generator folder (run/generator)")],
+    out: Annotated[Path, typer.Option(help="Folder to write the packed generator to")],
+) -> None:
+    """Write the shipping form of a trained generator: the CVAE's decoder alone in fp16 (what generation uses),
+    statistics in fp32, about 40% of the training checkpoint. Its generator id, and so its adapter ids, differ from
+    the training checkpoint's."""
+    from generator.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(generator_dir)
+        before = checkpoint.nbytes()
+        generator_id = save_checkpoint(checkpoint, out, packed=True)
+    except (CheckpointError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"generator {generator_id} written to {out}: {checkpoint.nbytes(packed=True)} tensor bytes (from {before})"
+    )
 
 
 @app.command("evaluate")

@@ -42,7 +42,6 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 OMP_NUM_THREADS=$shards "$bin/python" bench/quality.py --run "$run"
 
-# 4. ship it where `icm-lora serve` finds it
-mkdir -p generator/assets/generators/smollm2-135m
-cp "$run/generator/generator.json" "$run/generator/generator.safetensors" generator/assets/generators/smollm2-135m/
+# 4. ship it where `icm-lora serve` finds it: the packed form (decoder only, fp16; `icm-lora export-generator`)
+"$bin/icm-lora" export-generator --generator "$run/generator" --out generator/assets/generators/smollm2-135m
 echo "default generator installed in generator/assets/generators/smollm2-135m"

@@ -384,7 +384,8 @@ def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, An
             if seen["generated"] is not None and seen["wrong_vector"] is not None
             else None
         ),
-        "generator_bytes": checkpoint.nbytes(),
+        "generator_bytes": checkpoint.nbytes(packed=True),  # what ships (icm-lora export-generator)
+        "trained_generator_bytes": checkpoint.nbytes(),  # the training checkpoint, encoder and fp32 included
         "collection_bytes": _seen_collection_bytes(inputs),
         "objective": checkpoint.info.get("objective", "reconstruction"),
         "self_check_failed_unseen": sum(
@@ -435,11 +436,11 @@ def markdown_table(report: dict[str, Any]) -> str:
     if summary["collection_bytes"]:
         ratio = summary["generator_bytes"] / summary["collection_bytes"]
         lines.append(
-            f"- generator {summary['generator_bytes'] / 1e6:.2f} MB vs LoRA collection "
+            f"- generator {summary['generator_bytes'] / 1e6:.2f} MB packed vs LoRA collection "
             f"{summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
         )
     else:
-        lines.append(f"- generator {summary['generator_bytes'] / 1e6:.2f} MB (trained end to end: no collection)")
+        lines.append(f"- generator {summary['generator_bytes'] / 1e6:.2f} MB packed (trained end to end: no collection)")
     return "\n".join(lines) + "\n"
 
 

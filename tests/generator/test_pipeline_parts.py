@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from generator.base_model import BaseModel, load_base_model
 from generator.checkpoint import CheckpointError, load_checkpoint
@@ -18,6 +19,7 @@ from generator.task_encoder import ModelHiddenStateReader, TaskEncoder, reader_t
 from generator.tasks import Example, TaskSpec
 from generator.training.pipeline import Run, step_train_loras
 from generator.training.train_loras import load_collection
+from icm_lora.cli import app
 
 
 def _generator(run_dir: Path, base: BaseModel | None = None) -> AdapterGenerator:
@@ -161,6 +163,36 @@ def test_checkpoint_round_trip_and_corruption(small_run: Path, tmp_path: Path) -
     config_path.unlink()
     with pytest.raises(CheckpointError, match="no generator checkpoint"):
         load_checkpoint(folder)
+
+
+def test_packed_export_decodes_the_same_adapters_at_under_half_the_size(small_run: Path, tmp_path: Path) -> None:
+    """``icm-lora export-generator``: the decoder alone in fp16; adapters equal the fp32 checkpoint's to fp16
+    rounding; its own generator id; tampering still refused; it cannot encode (no encoder shipped)."""
+    out = tmp_path / "packed"
+    result = CliRunner().invoke(
+        app, ["export-generator", "--generator", str(small_run / "generator"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    full, packed = load_checkpoint(small_run / "generator"), load_checkpoint(out)
+    assert packed.generator_id != full.generator_id
+    assert (out / "generator.safetensors").stat().st_size < 0.5 * (
+        small_run / "generator" / "generator.safetensors"
+    ).stat().st_size
+    assert json.loads((out / "generator.json").read_text())["packed"] == {"cvae_dtype": "float16", "decoder_only": True}
+    z = torch.zeros(4, full.cvae.config.latent_dim)
+    c = torch.randn(4, full.cvae.config.cond_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = full.norm.denormalise(full.cvae.decode(z, c)), packed.norm.denormalise(packed.cvae.decode(z, c))
+    assert got.dtype == torch.float32
+    assert float(torch.nn.functional.cosine_similarity(want, got, dim=1).min()) > 0.9999
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
+    with pytest.raises(RuntimeError, match="without its encoder"):
+        packed.cvae.encode(want, c)
+    weights = out / "generator.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(out)
 
 
 def test_generator_refuses_a_mismatched_encoder(small_run: Path, tiny_base: BaseModel) -> None:
