@@ -440,7 +440,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
         )
     else:
-        lines.append(f"- generator {summary['generator_bytes'] / 1e6:.2f} MB packed (trained end to end: no collection)")
+        packed_mb = summary["generator_bytes"] / 1e6
+        lines.append(f"- generator {packed_mb:.2f} MB packed (trained end to end: no collection)")
     return "\n".join(lines) + "\n"
 
 
