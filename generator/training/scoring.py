@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from generator.batching import answer_logprobs, encode_pair, encode_prompt, pad_pairs
+from generator.batching import AnswerGroup, encode_group, encode_prompt, pack_groups, packed_answer_logprobs
 from generator.tasks import DEMO_SEPARATOR, Example, Task, format_prompt, format_target
 
 CausalLM = PreTrainedModel | PeftModel
@@ -25,36 +25,52 @@ def multiple_choice_correct(
     examples: Sequence[Example],
     prefix: str = "",
     max_length: int = 96,
-    batch_size: int = 32,
+    max_tokens: int = 4096,
 ) -> list[float]:
     """Per example: 1.0 when its highest mean-log-likelihood choice is the right one, else 0.0.
 
-    The choices of several examples go through one forward pass (``batch_size`` sequences at a time).
+    Each example is one packed row (``generator.batching.pack_groups``): its prompt read once, then every choice with
+    the positions it would have right after the prompt, attending to the prompt and itself only; the output head runs
+    only where a choice token is predicted. Rows of similar width share a forward pass (up to ``max_tokens`` tokens).
+    The prompt is cut from the left to leave room for the longest choice, the same cut for every choice.
     """
-    pairs = []
+    groups = []
     for example in examples:
         if example.choices is None:
             raise ValueError("multiple_choice_correct needs examples with choices")
         prompt = prefix + format_prompt(example.input)
-        pairs += [encode_pair(tokenizer, prompt, format_target(choice), max_length) for choice in example.choices]
-    scores = torch.empty(len(pairs))
-    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k].ids))  # similar lengths batch with little padding
-    device = _device(model)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = pad_pairs([pairs[k] for k in idx], tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
-        total, count = answer_logprobs(logits, batch.labels.to(device))
-        scores[idx] = (total / count.clamp_min(1)).cpu()
+        groups.append(encode_group(tokenizer, prompt, [format_target(c) for c in example.choices], max_length))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    means: list[torch.Tensor] = [torch.empty(0)] * len(groups)
+    for batch in _token_batches(groups, max_tokens):
+        packed = pack_groups([groups[k] for k in batch], int(pad or 0))
+        scores = packed_answer_logprobs(model, packed).cpu()
+        offset = 0
+        for k in batch:
+            n = len(groups[k].answers)
+            means[k] = scores[offset : offset + n]
+            offset += n
     correct: list[float] = []
-    offset = 0
-    for example in examples:
+    for example, scores in zip(examples, means, strict=True):
         assert example.choices is not None
-        n = len(example.choices)
-        best = int(torch.argmax(scores[offset : offset + n]))
-        correct.append(float(example.choices[best] == example.output))
-        offset += n
+        correct.append(float(example.choices[int(torch.argmax(scores))] == example.output))
     return correct
+
+
+def _token_batches(groups: Sequence[AnswerGroup], max_tokens: int) -> list[list[int]]:
+    """Group indices in batches of similar packed width, each at most ``max_tokens`` (rows x width) unless one row
+    alone is wider."""
+    width = [len(g.prompt) + sum(len(a) for a in g.answers) for g in groups]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for k in sorted(range(len(groups)), key=lambda i: width[i]):
+        if current and (len(current) + 1) * width[k] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(k)
+    if current:
+        batches.append(current)
+    return batches
 
 
 @torch.inference_mode()

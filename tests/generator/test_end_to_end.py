@@ -30,7 +30,7 @@ from generator.selfcheck import LoraModelScorer, check_examples, encode_groups, 
 from generator.tasks import Example, TaskSpec, format_prompt, format_target, synthetic_task
 from generator.training.evaluate import paired_bootstrap
 from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
-from generator.training.scoring import exact_match_correct
+from generator.training.scoring import exact_match_correct, multiple_choice_correct
 from generator.training.train_e2e import partners
 from generator.training.train_loras import encode_examples, train_lora
 
@@ -167,6 +167,28 @@ def test_batched_exact_match_equals_one_at_a_time(tiny_base: BaseModel) -> None:
     batched = exact_match_correct(tiny_base.model, tiny_base.tokenizer, examples, max_length=32, batch_size=4)
     single = [exact_match_correct(tiny_base.model, tiny_base.tokenizer, [e], max_length=32)[0] for e in examples]
     assert batched == single
+
+
+def test_packed_multiple_choice_picks_the_choice_padded_rows_pick(tiny_base: BaseModel) -> None:
+    """The packed scorer (prompt once, every choice after it) agrees with one padded row per (prompt, choice), the
+    way the scorer worked before, on every example; batches of any size give the same answers."""
+    lora = LoraModel(tiny_base.model, LoraSettings())
+    lora.load_vector(_random_lora(lora, 3))
+    tokenizer = tiny_base.tokenizer
+    words = ("yes", "no", "maybe so", "never again")
+    examples = [Example(e.input, words[i % 4], choices=words) for i, e in enumerate(TASK.test[:10])]
+    packed = multiple_choice_correct(lora.model, tokenizer, examples, max_length=48)
+    tiny_batches = multiple_choice_correct(lora.model, tokenizer, examples, max_length=48, max_tokens=1)
+    padded = []
+    with torch.no_grad():
+        for example in examples:
+            pairs = [encode_pair(tokenizer, format_prompt(example.input), format_target(c), 48) for c in words]
+            batch = pad_pairs(pairs, tokenizer.pad_token_id)
+            logits = lora.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            total, count = answer_logprobs(logits, batch.labels)
+            padded.append(float(words[int(torch.argmax(total / count))] == example.output))
+    assert packed == padded == tiny_batches
+    assert 0 < sum(packed) < len(packed)  # not a degenerate all-right / all-wrong case
 
 
 def test_paired_bootstrap_interval() -> None:
