@@ -40,6 +40,11 @@ READS = {
     "in_context@3/4": TaskEncoderSettings(
         max_examples=8, max_length=384, example_read="in_context", queries=3, hidden_layer=-8
     ),
+    # the cheap reads: generation with 8 examples must stay under a second
+    "separate@3/4": TaskEncoderSettings(max_examples=8, max_length=96, hidden_layer=-8),
+    "in_context@3/4,1_query": TaskEncoderSettings(
+        max_examples=8, max_length=384, example_read="in_context", queries=1, hidden_layer=-8
+    ),
 }
 
 
@@ -78,8 +83,11 @@ def main() -> None:
         for i, n in enumerate(names)
         if n.endswith("_ambig") and n.replace("_ambig", "_disambig") in names
     ]
-    results: dict[str, Any] = {}
+    # reads not run this time are kept from an earlier run of the same file (each read records its own load)
+    earlier = json.loads(args.out.read_text())["reads"] if args.out.is_file() else {}
+    results: dict[str, Any] = {k: v for k, v in earlier.items() if k not in args.reads}
     for read in args.reads:
+        read_load = os.getloadavg()
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, READS[read])
         start = time.perf_counter()
         a = torch.stack([encoder.in_context_vector(samples(t)[0]) for t in tasks])
@@ -107,6 +115,8 @@ def main() -> None:
             "same_description_pairs_told_apart": told_apart,
             "same_description_pairs": shared,
             "seconds_per_read_of_8_examples": round(seconds, 3),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before_after": [list(read_load), list(os.getloadavg())],
         }
         print(read, {k: v for k, v in results[read].items() if k not in ("settings", "same_description_pairs")})
     report = {
