@@ -59,6 +59,12 @@ class ServiceMetrics:
         self.spec_writes = Counter(
             f"{PREFIX}adapter_spec_writes", "Adapter specs written to the task store", registry=r
         )
+        self.download_builds = Counter(
+            f"{PREFIX}adapter_download_builds",
+            "Download bodies built (zip or safetensors); each adapter's is built once and then served from memory",
+            ["format"],
+            registry=r,
+        )
         self.adapters_resident = Gauge(f"{PREFIX}adapters_resident", "Adapters resident in engine slots", registry=r)
         self.tokens_generated = Counter(f"{PREFIX}tokens_generated", "Completion tokens generated", registry=r)
         self.time_to_first_token = Histogram(

@@ -45,3 +45,19 @@ def test_deleted_adapter_of_a_task_is_served_again_and_its_spec_stored_again(set
         assert client.get(f"/v1/adapters/{adapter_id}").status_code == 404
         assert client.post("/v1/completions", json=PROMPT).status_code == 200  # regenerated from the task's spec
         assert client.get(f"/v1/adapters/{adapter_id}").status_code == 200  # and its spec stored again
+
+
+def test_a_download_is_built_once(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for()) as service, service.client() as client:
+        meta = client.post("/v1/adapters", json={"description": "An ad-hoc adapter."}).json()
+        url = f"/v1/adapters/{meta['adapter_id']}/weights"
+        for fmt in ("zip", "safetensors"):
+            first = client.get(url, params={"format": fmt})
+            second = client.get(url, params={"format": fmt})
+            assert first.status_code == second.status_code == 200
+            assert first.content == second.content
+            assert first.headers["etag"] == second.headers["etag"] == f'"{meta["sha256"][fmt]}"'
+            builds = metric_value(client.get("/metrics").text, "icm_lora_adapter_download_builds_total", format=fmt)
+            assert builds == 1
+        etag = client.get(url).headers["etag"]  # zip, the default
+        assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
