@@ -14,8 +14,11 @@ class EngineConfig:
     ``max_batch_size``: rows decoded together. ``max_queue``: waiting requests beyond which ``submit`` raises
     ``QueueFull``. ``max_prefill_tokens``: padded prompt tokens prefilled in one forward pass (new requests beyond it
     wait for the next step). ``check_base_model``: refuse adapters whose ``base_model`` names another model.
-    ``max_prepared``: prepared adapters (checked and laid out as a slot row) kept by adapter id, least recently used
-    dropped first, so a request for an adapter seen recently prepares nothing.
+    ``prefill_chunk``: the prefill token budget of one loop iteration for a long prompt: a prompt longer than this is
+    read in chunks of this many tokens, one chunk between two decode steps (running streams keep decoding meanwhile);
+    shorter prompts are prefilled together in one pass as before. ``max_prepared``: prepared adapters (checked and
+    laid out as a slot row) kept by adapter id, least recently used dropped first, so a request for an adapter seen
+    recently prepares nothing.
     """
 
     num_slots: int = 16
@@ -26,11 +29,20 @@ class EngineConfig:
     max_prefill_tokens: int = 2048
     check_base_model: bool = True
     max_prepared: int = 256
+    prefill_chunk: int = 256
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("num_slots", "max_rank", "max_batch_size", "max_queue", "max_prefill_tokens", "max_prepared"):
+        for name in (
+            "num_slots",
+            "max_rank",
+            "max_batch_size",
+            "max_queue",
+            "max_prefill_tokens",
+            "max_prepared",
+            "prefill_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.target_modules:

@@ -72,6 +72,7 @@ class Job:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     position: int = 0  # tokens of this request in the KV cache
     first_token_at: float | None = None
+    chunk_cache: BatchKVCache | None = None  # a long prompt's own cache while it is prefilled chunk by chunk
 
     @property
     def adapter_id(self) -> str | None:
@@ -108,6 +109,7 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._rows: list[Job] = []
+        self._prefilling: deque[Job] = deque()  # long prompts, prefilled one chunk per loop iteration
         self._cache: BatchKVCache | None = None
         # per running row, on the device: the token to feed next [B, 1] and its position [B, 1]; the decode step
         # advances them in place, and they are rebuilt only when rows join or leave
@@ -213,7 +215,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._closing or self._calls or self._waiting or self._rows):
+                    while not (self._closing or self._calls or self._waiting or self._rows or self._prefilling):
                         self._cond.wait()
                     if self._closing:
                         break
@@ -223,7 +225,7 @@ class Scheduler:
                     self._iteration(calls, cancelled, admitted)
                 except Exception as exc:  # a bug must not leave callers waiting forever
                     log.exception("engine iteration failed")
-                    self._fail_all_running([*admitted, *self._rows], exc)
+                    self._fail_all_running([*admitted, *self._prefilling, *self._rows], exc)
             self._shutdown()
 
     def _iteration(
@@ -236,12 +238,18 @@ class Scheduler:
             self._finish(job, FINISH_CANCELLED)
         self._drop_cancelled_rows()
         if admitted:
-            self._prefill(admitted)
+            short = [job for job in admitted if len(job.prompt_ids) <= self.config.prefill_chunk]
+            self._prefilling.extend(self._load_slots([job for job in admitted if job not in short]))
+            if short:
+                self._prefill(short)
+        if self._prefilling:
+            self._prefill_chunk()
         if self._rows:
             self._decode_step()
 
     def _fail_all_running(self, jobs: list[Job], exc: BaseException) -> None:
         self._clear_rows()
+        self._prefilling.clear()
         for job in dict.fromkeys(jobs):  # unique, in order
             if job.handle.done:
                 continue
@@ -255,7 +263,7 @@ class Scheduler:
         """Under the lock: pop cancelled waiting jobs, and the jobs that fit in the batch (their slots pinned)."""
         cancelled: list[Job] = []
         admitted: list[Job] = []
-        room = self.config.max_batch_size - len(self._rows)
+        room = self.config.max_batch_size - len(self._rows) - len(self._prefilling)
         width = 0
         swap_blocked = False
         keep: deque[Job] = deque()
@@ -265,7 +273,8 @@ class Scheduler:
                 cancelled.append(job)
                 continue
             n = len(job.prompt_ids)
-            too_wide = admitted and (len(admitted) + 1) * max(width, n) > self.config.max_prefill_tokens
+            chunked = n > self.config.prefill_chunk  # prefilled on its own, chunk by chunk: no width limit
+            too_wide = not chunked and admitted and (len(admitted) + 1) * max(width, n) > self.config.max_prefill_tokens
             if len(admitted) >= room or too_wide:
                 keep.append(job)
                 continue
@@ -278,7 +287,8 @@ class Scheduler:
                 lease = self.table.acquire(adapter_id)
                 job.slot, job.needs_load, job.evicted = lease.slot, lease.needs_load, lease.evicted
             admitted.append(job)
-            width = max(width, n)
+            if not chunked:
+                width = max(width, n)
         self._waiting = keep
         return cancelled, admitted
 
@@ -311,7 +321,9 @@ class Scheduler:
                 pending.append((adapter_id, slot, evicted, (start, done)))
         self._pending_swaps = pending
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _load_slots(self, jobs: list[Job]) -> list[Job]:
+        """Copy in the adapters that admission said must be loaded; the jobs whose load failed are finished with an
+        error, the others returned."""
         ready: list[Job] = []
         failed: dict[int, str] = {}  # slot -> why its load failed (the table forgot it, with all its pins)
         for job in jobs:
@@ -328,6 +340,10 @@ class Scheduler:
                 self._finish(job, FINISH_ERROR, EngineError(f"loading the adapter failed: {reason}"))
                 continue
             ready.append(job)
+        return ready
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        ready = self._load_slots(jobs)
         if not ready:
             return
         start = time.perf_counter()
@@ -364,6 +380,56 @@ class Scheduler:
                 self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
             return
         self.observer.on_prefill(len(ready), int(ids.numel()), time.perf_counter() - start)
+        self._join(ready, cache, sampled, tokens, logprobs)
+
+    def _prefill_chunk(self) -> None:
+        """The next ``prefill_chunk`` tokens of the oldest long prompt, into its own cache: one forward pass between
+        two decode steps, so running streams keep their pace while a long prompt is read. After its last chunk the
+        request samples its first token and joins the batch."""
+        job = self._prefilling[0]
+        if job.handle.cancel_requested:
+            self._prefilling.popleft()
+            self._finish(job, FINISH_CANCELLED)
+            return
+        cache = job.chunk_cache = job.chunk_cache or BatchKVCache(self.num_layers)
+        done = cache.length
+        end = min(done + self.config.prefill_chunk, len(job.prompt_ids))
+        last = end == len(job.prompt_ids)
+        start = time.perf_counter()
+        try:
+            ids = torch.tensor([job.prompt_ids[done:end]], dtype=torch.long).to(self.device)
+            positions = torch.arange(done, end, dtype=torch.long).view(1, -1).to(self.device)
+            self.bank.activate([job.slot])
+            out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            if not last:
+                return
+            self._prefilling.popleft()
+            job.chunk_cache = None
+            cache.mask = torch.ones((1, end), dtype=torch.bool, device=self.device)
+            logits = out.logits[:, -1, :]
+            sampled = choose_tokens(logits, [job.params], [job.generator])
+            tokens = sampled.tolist()
+            logprobs = token_logprobs(logits, [job.params], tokens)
+        except Exception as exc:
+            log.exception("chunked prefill failed")
+            if self._prefilling and self._prefilling[0] is job:
+                self._prefilling.popleft()
+            job.chunk_cache = None
+            self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
+            return
+        finally:
+            self.observer.on_prefill(1, end - done, time.perf_counter() - start)
+        self._join([job], cache, sampled, tokens, logprobs)
+
+    def _join(
+        self,
+        ready: list[Job],
+        cache: BatchKVCache,
+        sampled: torch.Tensor,
+        tokens: list[int],
+        logprobs: Sequence[TokenLogprob | None],
+    ) -> None:
+        """Prefilled requests (their first token sampled) join the running batch."""
         self._count_tokens(len(ready))
         keep = []
         for i, job in enumerate(ready):
@@ -517,9 +583,10 @@ class Scheduler:
             calls, self._calls = self._calls, []
         for _fn, future in calls:
             future.set_exception(EngineClosed("the engine is closed"))
-        for job in [*self._rows, *waiting]:
+        for job in [*self._rows, *self._prefilling, *waiting]:
             self._finish(job, FINISH_ERROR, EngineClosed("the engine was closed while the request ran"))
         self._clear_rows()
+        self._prefilling.clear()
 
 
 def _run_into(fn: Callable[[], Any], future: Future[Any]) -> None:
