@@ -23,6 +23,7 @@ from service.engine import (
     QueueFull,
     RequestError,
     RequestHandle,
+    RequestTooLarge,
     SamplingParams,
 )
 from service.engine.sampling import TokenLogprob
@@ -78,6 +79,7 @@ def start_engine(
         target_modules=tuple(target_modules),
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        kv_cache_bytes=settings.kv_cache_mb * 2**20,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))
     metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
@@ -243,6 +245,8 @@ def submit(
         return state.engine.submit_many(prompts, [adapter] * len(prompts), params)
     except QueueFull:
         raise APIError(429, "the inference queue is full; retry shortly", "overloaded", {"Retry-After": "1"}) from None
+    except RequestTooLarge as exc:
+        raise APIError(413, str(exc)) from None
     except RequestError as exc:
         raise APIError(400, str(exc)) from None
     except AdapterError as exc:

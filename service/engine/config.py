@@ -18,7 +18,10 @@ class EngineConfig:
     read in chunks of this many tokens, one chunk between two decode steps (running streams keep decoding meanwhile);
     shorter prompts are prefilled together in one pass as before. ``max_prepared``: prepared adapters (checked and
     laid out as a slot row) kept by adapter id, least recently used dropped first, so a request for an adapter seen
-    recently prepares nothing.
+    recently prepares nothing. ``kv_cache_bytes``: the KV cache's memory budget. Admission reserves, for the batch,
+    rows x the longest (prompt + max_tokens) among them (the cache is left-padded to its longest row); a request that
+    would exceed it waits until rows leave, and one that could never fit alone is refused (``RequestTooLarge``).
+    The cache's buffers grow with spare room (up to half again), so memory may reach about 1.5x the budget.
     """
 
     num_slots: int = 16
@@ -30,6 +33,7 @@ class EngineConfig:
     check_base_model: bool = True
     max_prepared: int = 256
     prefill_chunk: int = 256
+    kv_cache_bytes: int = 4 * 2**30
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, tuple):

@@ -31,7 +31,7 @@ from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
 from generator.batching import AnswerGroup
 from service.engine.config import EngineConfig
-from service.engine.errors import AdapterError, RequestError
+from service.engine.errors import AdapterError, RequestError, RequestTooLarge
 from service.engine.hidden import EngineHiddenStateReader
 from service.engine.lora_layers import LoraBank, PreparedAdapter
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
@@ -344,6 +344,12 @@ class Engine:
         outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
         if outside:
             raise RequestError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        need = (len(ids) + params.max_tokens) * self._scheduler.kv_bytes_per_token
+        if need > self.config.kv_cache_bytes:
+            raise RequestTooLarge(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) need {need} bytes of KV cache; this "
+                f"engine's budget is {self.config.kv_cache_bytes} bytes"
+            )
         prepared = None if adapter is None else self.prepare_adapter(adapter)
         seed = generator = None
         if not params.greedy:

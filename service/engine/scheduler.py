@@ -78,6 +78,21 @@ class Job:
     def adapter_id(self) -> str | None:
         return None if self.adapter is None else self.adapter.adapter_id
 
+    @property
+    def reach(self) -> int:
+        """The most positions this request can hold in the KV cache."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """KV cache bytes of one position of one row: keys and values of every layer."""
+    config = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    element = next(model.parameters()).element_size()
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * element
+
 
 class Scheduler:
     def __init__(
@@ -100,6 +115,7 @@ class Scheduler:
         self.pad_id = pad_id
         self.device = bank.device
         self.num_layers = int(model.config.num_hidden_layers)
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
         # a 4D mask goes to the attention as it is: SDPA takes a bool mask, eager attention (Gemma 2's soft-capping)
         # adds it to the scores, so it needs 0 / -inf
         self._additive_mask = getattr(model.config, "_attn_implementation", None) == "eager"
@@ -266,6 +282,11 @@ class Scheduler:
         room = self.config.max_batch_size - len(self._rows) - len(self._prefilling)
         width = 0
         swap_blocked = False
+        # the KV budget: rows x the longest reach (prompt + max_tokens) of the batch, the cache being left-padded
+        reserved_rows = len(self._rows) + len(self._prefilling)
+        reach = max((job.reach for job in [*self._rows, *self._prefilling]), default=0)
+        budget_tokens = self.config.kv_cache_bytes // self.kv_bytes_per_token
+        memory_blocked = False
         keep: deque[Job] = deque()
         while self._waiting:
             job = self._waiting.popleft()
@@ -275,7 +296,9 @@ class Scheduler:
             n = len(job.prompt_ids)
             chunked = n > self.config.prefill_chunk  # prefilled on its own, chunk by chunk: no width limit
             too_wide = not chunked and admitted and (len(admitted) + 1) * max(width, n) > self.config.max_prefill_tokens
-            if len(admitted) >= room or too_wide:
+            over_budget = (reserved_rows + len(admitted) + 1) * max(reach, job.reach) > budget_tokens
+            if len(admitted) >= room or too_wide or memory_blocked or over_budget:
+                memory_blocked = memory_blocked or over_budget  # in arrival order: later ones wait behind it
                 keep.append(job)
                 continue
             if job.adapter is not None:
@@ -287,6 +310,7 @@ class Scheduler:
                 lease = self.table.acquire(adapter_id)
                 job.slot, job.needs_load, job.evicted = lease.slot, lease.needs_load, lease.evicted
             admitted.append(job)
+            reach = max(reach, job.reach)
             if not chunked:
                 width = max(width, n)
         self._waiting = keep

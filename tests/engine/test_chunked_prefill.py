@@ -64,3 +64,32 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_read(
     assert all(observer.events[i][1] == (1, 4) for i in chunk_events[:-1])
     between = observer.events[chunk_events[0] : chunk_events[-1]]
     assert sum(1 for kind, _ in between if kind == "decode") >= chunks - 1  # a decode step after every chunk
+
+
+def test_kv_budget_decides_admission(
+    adapter: MakeAdapter, reference: Reference, prompt_ids: list[list[int]], tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    from service.engine import RequestTooLarge
+    from service.engine.scheduler import kv_bytes_per_token
+
+    base = load_base_model("tiny")
+    per_token = kv_bytes_per_token(base.model)
+    longest = max(prompt_ids, key=len)
+    reach = len(longest) + 6
+    observer = StepObserver()
+    # room for two of these requests at a time, never three
+    engine = Engine(base, EngineConfig(num_slots=4, kv_cache_bytes=per_token * (2 * reach + reach // 2)), observer)
+    try:
+        adapters = [adapter(1), None, adapter(2), adapter(3)]
+        results = engine.generate_many([longest] * 4, adapters, SamplingParams(max_tokens=6, ignore_eos=True))
+        for a, result in zip(adapters, results, strict=True):
+            assert result.token_ids[: len(reference(longest, a, 6))] == reference(longest, a, 6)
+        assert max(observer.batch_sizes) == 2  # the others waited for rows to leave
+        try:
+            engine.submit(prompt_ids[0], params=SamplingParams(max_tokens=3 * reach))
+        except RequestTooLarge as exc:
+            assert "budget" in str(exc)
+        else:
+            raise AssertionError("a request that can never fit was queued")
+    finally:
+        engine.close()
