@@ -6,10 +6,10 @@ distinct adapters through few slots cost.
 
 1. **Long prompt mid-run.** ``--streams`` requests decode (``--tokens`` each, EOS ignored); once every stream has
    produced a few tokens a ``--long-tokens`` prompt (2,000 by default) arrives. For every running stream: its
-   median inter-token gap before the arrival and its longest gap while the long prompt was being read (until the
-   long request's first token). The *delay* is longest - median: what the long prompt added to a stream's next
-   token. Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's length is the
-   unchunked prefill). Target: <= 100 ms.
+   median inter-token gap before the arrival and its longest gap among those that overlap the long prompt's
+   prefill (from its arrival to its first token). The *delay* is longest - median: what the long prompt added to a
+   stream's next token. Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's
+   length is the unchunked prefill). Target: <= 100 ms.
 2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
@@ -21,6 +21,7 @@ Writes JSON with the targets and the machine's load (``os.getloadavg``, ``--load
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -35,7 +36,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import itertools
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import load_base_model
@@ -105,11 +105,10 @@ def long_prompt_interference(
         engine.close()
     delays, medians, worst = [], [], []
     for series in times:
-        before = [b - a for a, b in itertools.pairwise(series) if b <= arrival]
-        during = [b - a for a, b in itertools.pairwise(series) if arrival < b <= first_token_at + 1e-3]
-        after_arrival = [t for t in series if t > arrival]
-        if after_arrival and not during:  # the next token after the arrival, if the long prefill ended first
-            during = [after_arrival[0] - max([t for t in series if t <= arrival], default=arrival)]
+        pairs = list(itertools.pairwise(series))
+        before = [b - a for a, b in pairs if b <= arrival]
+        # the gaps that overlap the long prompt's prefill: from the arrival to its first token
+        during = [b - a for a, b in pairs if b > arrival and a < first_token_at]
         median = statistics.median(before) if before else 0.0
         longest = max(during) if during else 0.0
         medians.append(median)
