@@ -65,6 +65,8 @@ class ServiceMetrics:
             ["format"],
             registry=r,
         )
+        for fmt in ("zip", "safetensors"):  # both series exist from the start
+            self.download_builds.labels(fmt)
         self.adapters_resident = Gauge(f"{PREFIX}adapters_resident", "Adapters resident in engine slots", registry=r)
         self.tokens_generated = Counter(f"{PREFIX}tokens_generated", "Completion tokens generated", registry=r)
         self.time_to_first_token = Histogram(

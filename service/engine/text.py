@@ -22,7 +22,7 @@ _CONTEXT_TOKENS = 5  # prompt tokens decoded with the first generated ones (lead
 class TextStream:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
-        backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         self._decoder: _StreamDecoder | _WindowDecoder = (
             _StreamDecoder(backend, context) if isinstance(backend, Tokenizer) else _WindowDecoder(tokenizer, context)
         )
