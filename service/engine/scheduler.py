@@ -470,9 +470,11 @@ class Scheduler:
             next_ids, positions = next_ids.index_select(0, index), positions.index_select(0, index)
         self._rows.extend(ready[i] for i in keep)
         if self._cache is None or self._next_ids is None or self._positions is None:
-            self._cache, self._next_ids, self._positions = cache, next_ids, positions
+            self._cache = BatchKVCache.concat([cache], row_capacity=self.config.max_batch_size)
+            self._next_ids, self._positions = next_ids, positions
         else:
-            self._cache = BatchKVCache.concat([self._cache, cache])
+            if not self._cache.join(cache):  # longer than the running cache, or beyond its rows: rebuilt once
+                self._cache = BatchKVCache.concat([self._cache, cache], row_capacity=self.config.max_batch_size)
             self._next_ids = torch.cat([self._next_ids, next_ids])
             self._positions = torch.cat([self._positions, positions])
 
@@ -558,13 +560,13 @@ class Scheduler:
         """Keep only these rows of the running batch (the others were finished already)."""
         if len(keep) == len(self._rows):
             return
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
+        if not keep:
             self._clear_rows()
             return
         assert self._cache is not None and self._next_ids is not None and self._positions is not None
-        index = torch.tensor(list(keep), dtype=torch.long).to(self.device, non_blocking=True)
-        self._cache.select(keep, index)
+        order = self._cache.retain(keep)  # in place; the rows after the new end moved into the holes
+        self._rows = [self._rows[i] for i in order]
+        index = torch.tensor(order, dtype=torch.long).to(self.device, non_blocking=True)
         self._next_ids = self._next_ids.index_select(0, index)
         self._positions = self._positions.index_select(0, index)
 
