@@ -46,7 +46,7 @@ def test_running_streams_keep_decoding_while_a_long_prompt_is_read(
     observer = StepObserver()
     engine = Engine(load_base_model("tiny"), EngineConfig(num_slots=4, prefill_chunk=4), observer)
     try:
-        running = engine.submit(prompt_ids[2], params=SamplingParams(max_tokens=40, ignore_eos=True))
+        running = engine.submit(prompt_ids[2], params=SamplingParams(max_tokens=400, ignore_eos=True))
         stream = iter(running)
         next(stream)  # it runs
         long_prompt = [t for _ in range(3) for ids in prompt_ids for t in ids]
