@@ -2,11 +2,14 @@
 
     python bench/load.py                                   # tiny model, a small generator built here (~1 min)
     python bench/load.py --generator runs/demo/generator --duration 60 --clients 24 --tasks 24
+    python bench/load.py --base-model smollm2-135m --duration 60 --clients 16 --tasks 16   # the real model and its
+                                                                                       # packaged generator
 
 The service runs as a real subprocess (``python -m icm_lora.cli serve``, configured by ``ICM_LORA_*`` variables) on
 a free loopback port, so clients and server do not share a Python interpreter. Steps:
 
-1. without ``--generator``: build a small generator for the tiny model (6 synthetic tasks, as ``tests/conftest.py``);
+1. without ``--generator``: for the tiny model, build a small generator (6 synthetic tasks, as ``tests/conftest.py``);
+   for a real base model (``--base-model smollm2-135m``), use its packaged generator;
 2. start the service (``--slots`` LoRA slots, fewer than ``--tasks``, so the load forces hot swaps);
 3. register ``--tasks`` synthetic tasks and, one request at a time, compute the **reference** for every
    (task, prompt) pair: a greedy (temperature 0) completion and chat completion, plus each adapter's zip and
@@ -43,6 +46,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from generator.defaults import packaged_generator  # noqa: E402 (after the path set-up)
 from generator.training.pipeline import run_small  # noqa: E402 (after the path set-up)
 from service.background import ServiceProcess  # noqa: E402
 
@@ -270,6 +274,7 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=8, help="LoRA slots; fewer than --tasks forces hot swaps")
     parser.add_argument("--redis-url", default=None, help="also use a Redis adapter tier (a unique key prefix)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-note", default="", help="what else ran on the machine (written to the JSON)")
     parser.add_argument("--out", type=Path, default=RESULTS / "load.json")
     args = parser.parse_args()
 
@@ -279,6 +284,10 @@ def main() -> int:
     prefix = f"icm-lora-load-{os.getpid()}"
     try:
         generator = args.generator
+        if generator is None and args.base_model != "tiny":
+            generator = packaged_generator(args.base_model)
+            if generator is None:
+                raise SystemExit(f"no packaged generator for {args.base_model!r}; pass --generator")
         if generator is None:
             start = time.perf_counter()
             generator = run_small(work / "run").generator_dir
@@ -339,10 +348,16 @@ def main() -> int:
         "benchmark": "load",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "note": (
-            f"base model {args.base_model!r}; with the tiny model (2 layers, hidden 64) the figures measure the "
-            "service's HTTP, scheduling, caching and swapping overhead, not a real model's compute"
+            f"base model {args.base_model!r}"
+            + (
+                "; with the tiny model (2 layers, hidden 64) the figures measure the service's HTTP, scheduling, "
+                "caching and swapping overhead, not a real model's compute"
+                if args.base_model == "tiny"
+                else ""
+            )
         ),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine_load": {"loadavg_after": [round(x, 2) for x in os.getloadavg()], "note": args.load_note},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "mix": KINDS,
         "load": {

@@ -10,24 +10,32 @@ Adapter requests (``POST /v1/adapters``, JSON metadata), each spec distinct unle
 * memory hit: a spec this process generated before;
 * Redis hit: the same specs after a restart of the service (an empty memory tier, the same Redis prefix).
 
-Throughput: ``--concurrency`` chat completions at once (an instruction each, so the model writes until
-``--max-tokens``), greedy; over HTTP (one thread per request, httpx) and in-process (``Engine.submit`` with the same
-token ids and sampling), ``--pairs`` times alternating, the
-median of the per-pair ratios (this machine's speed drifts; pairing cancels most of it). The cache tier each phase
-hit is checked against the service's own ``icm_lora_adapter_cache_total`` counters.
+Throughput: ``--concurrency`` streamed chat completions at once (an instruction each, so the model writes until
+``--max-tokens``), greedy; over HTTP (one thread per request, httpx, ``stream: true``) and in-process
+(``Engine.submit`` with the same token ids, adapters and sampling, each handle iterated in its own thread), ``--pairs``
+times alternating, the median of the per-pair ratios (this machine's speed drifts; pairing cancels most of it). Two
+workloads: the base model, and ``--tasks`` distinct registered tasks (16: one adapter per request, what a user of
+task adapters gets). Each reports tok/s, time to first token and inter-token latency (p50, p95, p99 over every
+request / gap of the workload). The cache tier each phase hit is checked against the service's own
+``icm_lora_adapter_cache_total`` counters (``--skip-cache-phases`` leaves those phases out).
+
+The JSON carries the targets of issue 14 and the load of the machine (``os.getloadavg`` before and after, and
+``--load-note`` for what else ran), so that a figure from a busy machine is never mistaken for an idle one's.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.background import BackgroundServer
 from service.config import Settings
+from service.engine import PreparedAdapter, RequestHandle
 from service.engine.sampling import SamplingParams
 from service.inference import chat_prompt_ids
 from service.schemas import ChatMessage
@@ -109,29 +118,133 @@ def measured_phase(client: Any, specs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**summary(durations), "cache_lookups": delta(before, cache_counts(client))}
 
 
-def http_throughput(service: BackgroundServer, prompts: list[str], model: str, max_tokens: int) -> tuple[float, int]:
-    def one(prompt: str) -> int:
+def percentiles(values_s: list[float]) -> dict[str, float]:
+    ordered = sorted(values_s)
+    if not ordered:
+        return {}
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 2)
+
+    return {"n": len(ordered), "p50_ms": at(0.5), "p95_ms": at(0.95), "p99_ms": at(0.99)}
+
+
+class Run:
+    """One workload run: tokens, wall time, each request's time to first token and each inter-token gap."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tokens = 0
+        self.ttft: list[float] = []
+        self.gaps: list[float] = []
+        self.seconds = 0.0
+
+    def add(self, tokens: int, ttft: float, gaps: list[float]) -> None:
+        with self.lock:
+            self.tokens += tokens
+            self.ttft.append(ttft)
+            self.gaps.extend(gaps)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "tok_s": round(self.tokens / self.seconds, 2),
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "ttft": percentiles(self.ttft),
+            "inter_token": percentiles(self.gaps),
+        }
+
+
+def http_run(service: BackgroundServer, prompts: list[str], models: list[str], max_tokens: int) -> Run:
+    """Streamed chat completions, all at once; a token's time is when its SSE chunk arrives."""
+    run = Run()
+
+    def one(prompt: str, model: str) -> None:
         with service.client() as client:
             messages = [{"role": "user", "content": prompt}]
-            body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-            response = client.post("/v1/chat/completions", json=body)
-            response.raise_for_status()
-            return int(response.json()["usage"]["completion_tokens"])
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            start = time.perf_counter()
+            times: list[float] = []
+            tokens = 0
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = int(chunk["usage"]["completion_tokens"])
+                    if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                        times.append(time.perf_counter())
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            run.add(tokens, (times[0] - start) if times else float("nan"), gaps)
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        start = time.perf_counter()
-        tokens = sum(pool.map(one, prompts))
-        return tokens / (time.perf_counter() - start), tokens
+    threads = [threading.Thread(target=one, args=(p, m)) for p, m in zip(prompts, models, strict=True)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run.seconds = time.perf_counter() - start
+    return run
 
 
-def engine_throughput(state: ServiceState, prompts: list[str], max_tokens: int) -> tuple[float, int]:
+def engine_run(state: ServiceState, prompts: list[str], adapters: list[PreparedAdapter | None], max_tokens: int) -> Run:
+    """The same requests through ``Engine.submit``, each handle iterated in its own thread."""
     assert state.engine is not None
     ids = [chat_prompt_ids(state, [ChatMessage(role="user", content=p)]) for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    run = Run()
+
+    def one(handle: RequestHandle, start: float) -> None:
+        times = []
+        for delta in handle:
+            if delta.text:
+                times.append(time.perf_counter())
+        result = handle.result()
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        run.add(len(result.token_ids), (times[0] - start) if times else float("nan"), gaps)
+
     start = time.perf_counter()
-    handles = [state.engine.submit(i, None, params) for i in ids]
-    tokens = sum(len(h.result().token_ids) for h in handles)
-    return tokens / (time.perf_counter() - start), tokens
+    handles = [state.engine.submit(i, a, params) for i, a in zip(ids, adapters, strict=True)]
+    threads = [threading.Thread(target=one, args=(h, start)) for h in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def register_tasks(client: Any, n: int, run_id: str) -> dict[str, str]:
+    """``n`` distinct tasks (their adapters generated and checked at registration): task id -> adapter id."""
+    ids: dict[str, str] = {}
+    for i in range(n):
+        task_id = f"bench-{run_id}-{i}"
+        task = {
+            "task_id": task_id,
+            "description": f"Answer in the style of hotel review writer number {i} ({run_id}).",
+            "examples": EXAMPLES[: 2 + i % 6],
+        }
+        response = client.post("/v1/tasks", json=task)
+        response.raise_for_status()
+        ids[task_id] = str(response.json()["adapter_id"])
+    return ids
+
+
+def prepared(state: ServiceState, adapter_id: str) -> PreparedAdapter:
+    """The engine's prepared copy, made when the service first served the task (the in-process side uses it)."""
+    found = state.engine.prepared(adapter_id)
+    if found is None:
+        raise RuntimeError(f"adapter {adapter_id} was not prepared by the service")
+    return found
 
 
 def main() -> None:
@@ -145,8 +258,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--device", default="auto", help="ICM_LORA_DEVICE: auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", help="ICM_LORA_DTYPE: auto | float32 | bfloat16 | float16")
+    parser.add_argument("--tasks", type=int, default=16, help="distinct task adapters of the adapter workload")
+    parser.add_argument("--skip-cache-phases", action="store_true", help="throughput and latency only")
+    parser.add_argument("--load-note", default="", help="what else ran on the machine (written to the JSON)")
     parser.add_argument("--out", type=Path, default=RESULTS / "service.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     prefix = f"icm-lora-bench-{uuid.uuid4().hex[:8]}"
     data_dir = Path(tempfile.mkdtemp(prefix="icm-lora-bench-"))
@@ -158,6 +275,8 @@ def main() -> None:
         data_dir=data_dir,
         task_store="sqlite",
         max_batch_size=max(16, args.concurrency),
+        num_slots=max(8, args.tasks),
+        self_check="keep",  # every task serves its own adapter, whatever its self-check says
         device=args.device,
         dtype=args.dtype,
     )
@@ -168,41 +287,73 @@ def main() -> None:
     ]
     results: dict[str, Any] = {}
     try:
-        service = BackgroundServer(settings).start()
-        with service.client() as client:
-            time_adapter_requests(client, [{"description": f"warm-up {run_id}", "examples": EXAMPLES[:2]}])
-            results["miss_description_only"] = measured_phase(client, desc_specs)
-            results["miss_with_8_examples"] = measured_phase(client, example_specs)
-            results["memory_hit"] = measured_phase(client, desc_specs + example_specs)
-        service.stop()
+        if not args.skip_cache_phases:
+            service = BackgroundServer(settings).start()
+            with service.client() as client:
+                time_adapter_requests(client, [{"description": f"warm-up {run_id}", "examples": EXAMPLES[:2]}])
+                results["miss_description_only"] = measured_phase(client, desc_specs)
+                results["miss_with_8_examples"] = measured_phase(client, example_specs)
+                results["memory_hit"] = measured_phase(client, desc_specs + example_specs)
+            service.stop()
 
         service = BackgroundServer(settings).start()  # empty memory tier, same Redis prefix
         state: ServiceState = service.app.state.icm
         with service.client() as client:
-            results["redis_hit"] = measured_phase(client, desc_specs + example_specs)
-            model = client.get("/v1/models").json()["data"][0]["id"]
+            if not args.skip_cache_phases:
+                results["redis_hit"] = measured_phase(client, desc_specs + example_specs)
+            base_model = client.get("/v1/models").json()["data"][0]["id"]
+            tasks = register_tasks(client, args.tasks, run_id)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.concurrency)]
-        http_throughput(service, prompts[:2], model, 4)  # warm-up
-        pairs = []
-        for k in range(args.pairs):
-            order = ("http", "engine") if k % 2 == 0 else ("engine", "http")
-            pair: dict[str, Any] = {}
-            for side in order:
-                if side == "http":
-                    pair["http_tok_s"], pair["http_tokens"] = http_throughput(service, prompts, model, args.max_tokens)
-                else:
-                    pair["engine_tok_s"], pair["engine_tokens"] = engine_throughput(state, prompts, args.max_tokens)
-            pair["ratio"] = pair["http_tok_s"] / pair["engine_tok_s"]
-            print(f"pair {k + 1}: http {pair['http_tok_s']:.1f} tok/s, engine {pair['engine_tok_s']:.1f} tok/s")
-            pairs.append(pair)
-        results["completions"] = {
-            "concurrency": args.concurrency,
-            "max_tokens": args.max_tokens,
-            "pairs": pairs,
-            "http_tok_s_median": round(statistics.median(p["http_tok_s"] for p in pairs), 1),
-            "engine_tok_s_median": round(statistics.median(p["engine_tok_s"] for p in pairs), 1),
-            "http_over_engine_median": round(statistics.median(p["ratio"] for p in pairs), 3),
-            "target": 0.9,
+        task_ids = list(tasks)
+        task_models = [task_ids[i % len(task_ids)] for i in range(args.concurrency)]
+        http_run(service, prompts[:2], [base_model] * 2, 4)  # warm-up
+        http_run(service, task_ids, task_ids, 2)  # every task adapter prepared and copied into a slot
+        workloads: dict[str, tuple[list[str], list[PreparedAdapter | None]]] = {
+            "base": ([base_model] * len(prompts), [None] * len(prompts)),
+            "adapters": (task_models, [prepared(state, tasks[t]) for t in task_models]),
+        }
+        for name, (models, adapters) in workloads.items():
+            pairs = []
+            for k in range(args.pairs):
+                order = ("http", "engine") if k % 2 == 0 else ("engine", "http")
+                pair: dict[str, Any] = {}
+                for side in order:
+                    if side == "http":
+                        pair["http"] = http_run(service, prompts, models, args.max_tokens).report()
+                    else:
+                        pair["engine"] = engine_run(state, prompts, adapters, args.max_tokens).report()
+                pair["ratio"] = round(pair["http"]["tok_s"] / pair["engine"]["tok_s"], 3)
+                print(
+                    f"{name} pair {k + 1}: http {pair['http']['tok_s']:.1f} tok/s (ttft p50 "
+                    f"{pair['http']['ttft'].get('p50_ms')} ms, itl p50 {pair['http']['inter_token'].get('p50_ms')} ms)"
+                    f", engine {pair['engine']['tok_s']:.1f} tok/s"
+                )
+                pairs.append(pair)
+            http_rates = [p["http"]["tok_s"] for p in pairs]
+            median = statistics.median(http_rates)
+            results[f"completions_{name}"] = {
+                "concurrency": args.concurrency,
+                "max_tokens": args.max_tokens,
+                "distinct_adapters": 0 if name == "base" else len(set(models)),
+                "pairs": pairs,
+                "http_tok_s_median": round(median, 1),
+                "engine_tok_s_median": round(statistics.median(p["engine"]["tok_s"] for p in pairs), 1),
+                "http_over_engine_median": round(statistics.median(p["ratio"] for p in pairs), 3),
+                "http_spread_vs_median": round(max(abs(r - median) for r in http_rates) / median, 3),
+                "http_ttft_p50_ms_median": round(statistics.median(p["http"]["ttft"]["p50_ms"] for p in pairs), 1),
+                "http_inter_token_p50_ms_median": round(
+                    statistics.median(p["http"]["inter_token"].get("p50_ms", float("nan")) for p in pairs), 1
+                ),
+            }
+        base, adapted = results["completions_base"], results["completions_adapters"]
+        results["adapters_over_base_http"] = round(adapted["http_tok_s_median"] / base["http_tok_s_median"], 3)
+        results["targets"] = {
+            "http_over_engine_with_adapters": {"target": ">= 0.9", "measured": adapted["http_over_engine_median"]},
+            "adapters_over_base": {"target": ">= 0.95", "measured": results["adapters_over_base_http"]},
+            "http_spread_vs_median": {
+                "target": "<= 0.10 over 5 identical runs (--pairs 5)",
+                "measured": max(base["http_spread_vs_median"], adapted["http_spread_vs_median"]),
+            },
         }
         results["generator_id"] = state.adapters.generator.generator_id if state.adapters.generator else None
         service.stop()
@@ -217,17 +368,26 @@ def main() -> None:
         "generator": str(settings.resolved_generator_path()),
         "placement": str(settings.placement()),
     }
-    results["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
+    results["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    results["load"] = {
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "note": args.load_note,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for name in ("miss_description_only", "miss_with_8_examples", "memory_hit", "redis_hit"):
-        row = results[name]
-        print(f"{name:24s} p50 {row['p50_ms']:8.2f} ms  p95 {row['p95_ms']:8.2f} ms  cache {row['cache_lookups']}")
-    c = results["completions"]
-    print(
-        f"completions x{c['concurrency']}: http {c['http_tok_s_median']} tok/s, engine {c['engine_tok_s_median']} "
-        f"tok/s, ratio {c['http_over_engine_median']} (target >= 0.9)"
-    )
+        if name in results:
+            row = results[name]
+            print(f"{name:24s} p50 {row['p50_ms']:8.2f} ms  p95 {row['p95_ms']:8.2f} ms  cache {row['cache_lookups']}")
+    for name in ("base", "adapters"):
+        c = results[f"completions_{name}"]
+        print(
+            f"{name} x{c['concurrency']}: http {c['http_tok_s_median']} tok/s, engine {c['engine_tok_s_median']} "
+            f"tok/s, http/engine {c['http_over_engine_median']}, ttft p50 {c['http_ttft_p50_ms_median']} ms"
+        )
+    print(f"16 adapters / base over HTTP: {results['adapters_over_base_http']}")
     print(f"written to {args.out}")
 
 

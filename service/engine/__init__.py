@@ -5,7 +5,15 @@ Imports no HTTP, Redis or Prometheus code; the service wraps it (``EngineObserve
 
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
-from service.engine.errors import AdapterError, EngineClosed, EngineError, NoFreeSlot, QueueFull, RequestError
+from service.engine.errors import (
+    AdapterError,
+    EngineClosed,
+    EngineError,
+    NoFreeSlot,
+    QueueFull,
+    RequestError,
+    RequestTooLarge,
+)
 from service.engine.hidden import EngineHiddenStateReader
 from service.engine.lora_layers import LoraBank, PreparedAdapter, SlottedLoraLinear
 from service.engine.observer import EngineObserver, EngineStats
@@ -29,6 +37,7 @@ __all__ = [
     "QueueFull",
     "RequestError",
     "RequestHandle",
+    "RequestTooLarge",
     "SamplingParams",
     "SlotLease",
     "SlotTable",

@@ -14,6 +14,14 @@ class EngineConfig:
     ``max_batch_size``: rows decoded together. ``max_queue``: waiting requests beyond which ``submit`` raises
     ``QueueFull``. ``max_prefill_tokens``: padded prompt tokens prefilled in one forward pass (new requests beyond it
     wait for the next step). ``check_base_model``: refuse adapters whose ``base_model`` names another model.
+    ``prefill_chunk``: the prefill token budget of one loop iteration for a long prompt: a prompt longer than this is
+    read in chunks of this many tokens, one chunk between two decode steps (running streams keep decoding meanwhile);
+    shorter prompts are prefilled together in one pass as before. ``max_prepared``: prepared adapters (checked and
+    laid out as a slot row) kept by adapter id, least recently used dropped first, so a request for an adapter seen
+    recently prepares nothing. ``kv_cache_bytes``: the KV cache's memory budget. Admission reserves, for the batch,
+    rows x the longest (prompt + max_tokens) among them (the cache is left-padded to its longest row); a request that
+    would exceed it waits until rows leave, and one that could never fit alone is refused (``RequestTooLarge``).
+    The cache's buffers grow with spare room (up to half again), so memory may reach about 1.5x the budget.
     """
 
     num_slots: int = 16
@@ -23,11 +31,22 @@ class EngineConfig:
     max_queue: int = 256
     max_prefill_tokens: int = 2048
     check_base_model: bool = True
+    max_prepared: int = 256
+    prefill_chunk: int = 256
+    kv_cache_bytes: int = 4 * 2**30
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        for name in ("num_slots", "max_rank", "max_batch_size", "max_queue", "max_prefill_tokens"):
+        for name in (
+            "num_slots",
+            "max_rank",
+            "max_batch_size",
+            "max_queue",
+            "max_prefill_tokens",
+            "max_prepared",
+            "prefill_chunk",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.target_modules:

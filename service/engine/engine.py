@@ -14,10 +14,13 @@ from; ``generate`` is the blocking helper for scripts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
 import secrets
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,10 +31,10 @@ from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
 from generator.batching import AnswerGroup
 from service.engine.config import EngineConfig
-from service.engine.errors import AdapterError, RequestError
+from service.engine.errors import AdapterError, RequestError, RequestTooLarge
 from service.engine.hidden import EngineHiddenStateReader
 from service.engine.lora_layers import LoraBank, PreparedAdapter
-from service.engine.observer import EngineObserver, EngineStats
+from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
 from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
 from service.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from service.engine.scheduler import Job, Scheduler
@@ -66,6 +69,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self._observer = GuardedObserver(observer or EngineObserver())
         self._scheduler = Scheduler(
             self.model,
             self.bank,
@@ -76,6 +80,10 @@ class Engine:
             pad_id=int(pad),
         )
         self.pad_id = int(pad)
+        # prepared adapters by id (an adapter id names its weights: the slot table trusts it the same way)
+        self._prepared: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        self._prepared_lock = threading.Lock()
+        self._prepared_total = 0
         self._ids = itertools.count()
         self._closed = False
         self._scheduler.start()
@@ -174,12 +182,32 @@ class Engine:
             return adapter
         if not isinstance(adapter, GeneratedAdapter):
             raise AdapterError(f"expected a GeneratedAdapter, got {type(adapter).__name__}")
+        known = self.prepared(adapter.adapter_id)
+        if known is not None:
+            return known
         if self.config.check_base_model and adapter.base_model and adapter.base_model != self.base_name:
             raise AdapterError(
                 f"adapter {adapter.adapter_id!r} was made for base model {adapter.base_model!r}, "
                 f"this engine serves {self.base_name!r}"
             )
-        return self.bank.prepare(adapter)
+        start = time.perf_counter()
+        prepared = self.bank.prepare(adapter)
+        self._observer.on_prepare(adapter.adapter_id, time.perf_counter() - start)
+        with self._prepared_lock:
+            self._prepared_total += 1
+            self._prepared[adapter.adapter_id] = prepared
+            while len(self._prepared) > self.config.max_prepared:
+                self._prepared.popitem(last=False)
+        return prepared
+
+    def prepared(self, adapter_id: str) -> PreparedAdapter | None:
+        """The adapter prepared earlier under this id (a use: it becomes the most recently used), or None. Cheap:
+        callers on an event loop prepare in a worker thread only when this is None."""
+        with self._prepared_lock:
+            found = self._prepared.get(adapter_id)
+            if found is not None:
+                self._prepared.move_to_end(adapter_id)
+            return found
 
     def load_adapter(self, adapter: GeneratedAdapter | PreparedAdapter) -> int:
         """Copy an adapter into a slot now (evicting the least recently used unpinned one); return the slot.
@@ -190,6 +218,9 @@ class Engine:
     def release_adapter(self, adapter_id: str) -> bool:
         """Free the adapter's slot when no running request pins it (a deleted task); True when a slot was freed.
         A pinned slot stays until its requests finish, then ages out like any other."""
+
+        with self._prepared_lock:
+            self._prepared.pop(adapter_id, None)
 
         def release() -> bool:
             table = self._scheduler.table
@@ -263,9 +294,8 @@ class Engine:
     def stats(self, sync: bool = False) -> EngineStats:
         """Counters and gauges, cheap from any thread. ``sync=True`` takes them on the engine thread between two
         steps (waits up to one step), so they reflect every request that has finished so far."""
-        if sync:
-            return self._scheduler.call(self._scheduler.stats).result()
-        return self._scheduler.stats()
+        stats = self._scheduler.call(self._scheduler.stats).result() if sync else self._scheduler.stats()
+        return dataclasses.replace(stats, adapters_prepared_total=self._prepared_total)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -314,6 +344,12 @@ class Engine:
         outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
         if outside:
             raise RequestError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        need = (len(ids) + params.max_tokens) * self._scheduler.kv_bytes_per_token
+        if need > self.config.kv_cache_bytes:
+            raise RequestTooLarge(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) need {need} bytes of KV cache; this "
+                f"engine's budget is {self.config.kv_cache_bytes} bytes"
+            )
         prepared = None if adapter is None else self.prepare_adapter(adapter)
         seed = generator = None
         if not params.greedy:

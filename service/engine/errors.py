@@ -20,6 +20,10 @@ class RequestError(EngineError, ValueError):
     """A request is invalid: empty prompt, bad sampling parameters, prompt + max_tokens beyond the model's context."""
 
 
+class RequestTooLarge(RequestError):
+    """A request whose KV cache (prompt + max_tokens) could never fit the engine's memory budget (HTTP 413)."""
+
+
 class EngineClosed(EngineError):
     """The engine was closed before or while the request ran."""
 

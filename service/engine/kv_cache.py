@@ -4,9 +4,12 @@ Rows of different lengths share one [B, kv_heads, T, head_dim] tensor per layer;
 left and ``mask`` [B, T] marks the real positions. Each layer keeps spare room along T so that a decode step writes
 its new key/value in place instead of concatenating the whole cache (``DynamicCache`` copies it every step).
 
-Rows join with ``concat`` (after their own prefill) and leave with ``select``; both rebuild the buffers once, which
-is cheap next to a forward pass and only happens when the batch changes. Padded positions hold zeros (a padded
-query position of a prefill may produce NaN when SDPA sees a fully masked row; zeroing keeps it out of the cache).
+The running batch's cache keeps spare rows (``row_capacity``, the engine's batch size). Rows leave in place
+(``retain``: the rows after the new end move into the holes, one copy of the moved rows only, and the caller learns
+the new order); rows join in place (``join``: written into spare rows, right-aligned and zero-padded) when they are
+not longer than the cache. Only a joining prompt longer than the cache, or a batch beyond its rows, rebuilds the
+buffers (``concat``). Padded positions hold zeros (a padded query position of a prefill may produce NaN when SDPA
+sees a fully masked row; zeroing keeps it out of the cache).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class _GrowingLayer(DynamicLayer):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._len = 0
+        self._rows = 0  # active rows: the first ones of the buffers
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -41,12 +45,15 @@ class _GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._k is None:
+            self._rows = key_states.shape[0]
         new_len = self._len + key_states.shape[-2]
         if self._k is None or self._v is None or new_len > self._k.shape[-2]:
             self._grow(new_len, key_states, value_states)
         assert self._k is not None and self._v is not None
-        self._k[:, :, self._len : new_len].copy_(key_states)
-        self._v[:, :, self._len : new_len].copy_(value_states)
+        rows = self._rows
+        self._k[:rows, :, self._len : new_len].copy_(key_states)
+        self._v[:rows, :, self._len : new_len].copy_(value_states)
         self._len = new_len
         self._expose()
         return self.keys, self.values  # type: ignore[return-value]
@@ -54,30 +61,39 @@ class _GrowingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._len
 
-    def set_buffers(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+    def set_buffers(self, k: torch.Tensor, v: torch.Tensor, length: int, rows: int | None = None) -> None:
+        """``k``/``v``: whole buffers (spare rows included); ``rows``: how many are active (all by default)."""
         self._k, self._v, self._len = k, v, length
+        self._rows = k.shape[0] if rows is None else rows
         self.device = k.device
         self.is_initialized = True
         self._expose()
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active rows' buffers (spare columns included)."""
+        assert self._k is not None and self._v is not None
+        return self._k[: self._rows], self._v[: self._rows]
+
+    def full_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole buffers, spare rows included."""
         assert self._k is not None and self._v is not None
         return self._k, self._v
 
     def _grow(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
+        rows = b if self._k is None else self._k.shape[0]
         cap = _capacity(needed)
-        k = key_states.new_zeros(b, h, cap, d)
-        v = value_states.new_zeros(b, h, cap, value_states.shape[-1])
+        k = key_states.new_zeros(rows, h, cap, d)
+        v = value_states.new_zeros(rows, h, cap, value_states.shape[-1])
         if self._k is not None and self._v is not None and self._len:
-            k[:, :, : self._len].copy_(self._k[:, :, : self._len])
-            v[:, :, : self._len].copy_(self._v[:, :, : self._len])
+            k[: self._rows, :, : self._len].copy_(self._k[: self._rows, :, : self._len])
+            v[: self._rows, :, : self._len].copy_(self._v[: self._rows, :, : self._len])
         self._k, self._v = k, v
 
     def _expose(self) -> None:
         assert self._k is not None and self._v is not None
-        self.keys = self._k[:, :, : self._len]
-        self.values = self._v[:, :, : self._len]
+        self.keys = self._k[: self._rows, :, : self._len]
+        self.values = self._v[: self._rows, :, : self._len]
 
 
 class BatchKVCache(Cache):
@@ -86,15 +102,17 @@ class BatchKVCache(Cache):
     row is also kept on the host (``real_lengths``), so that deciding whether the batch is padded never reads the
     device."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, row_capacity: int = 0) -> None:
         super().__init__(layers=[_GrowingLayer() for _ in range(num_layers)])
+        self.row_capacity = row_capacity  # rows its buffers keep room for (at least its rows)
         self._mask_buffer: torch.Tensor | None = None
         self._mask_len = 0
         self._lengths: list[int] = []
+        self._rows = 0
 
     @property
     def mask(self) -> torch.Tensor | None:
-        return None if self._mask_buffer is None else self._mask_buffer[:, : self._mask_len]
+        return None if self._mask_buffer is None else self._mask_buffer[: self._rows, : self._mask_len]
 
     @mask.setter
     def mask(self, mask: torch.Tensor | None) -> None:
@@ -106,13 +124,13 @@ class BatchKVCache(Cache):
 
     def _set_mask(self, mask: torch.Tensor, lengths: list[int]) -> None:
         rows, length = mask.shape
-        buffer = mask.new_zeros(rows, _capacity(length))
-        buffer[:, :length].copy_(mask)
-        self._mask_buffer, self._mask_len, self._lengths = buffer, length, lengths
+        buffer = mask.new_zeros(max(rows, self.row_capacity), _capacity(length))
+        buffer[:rows, :length].copy_(mask)
+        self._mask_buffer, self._mask_len, self._lengths, self._rows = buffer, length, lengths, rows
 
     @property
     def num_rows(self) -> int:
-        return 0 if self._mask_buffer is None else int(self._mask_buffer.shape[0])
+        return 0 if self._mask_buffer is None else self._rows
 
     @property
     def length(self) -> int:
@@ -152,10 +170,10 @@ class BatchKVCache(Cache):
             grown = buffer.new_zeros(buffer.shape[0], _capacity(self._mask_len + 1))
             grown[:, : self._mask_len].copy_(buffer)
             self._mask_buffer = buffer = grown
-        buffer[:, self._mask_len].fill_(True)
+        buffer[: self._rows, self._mask_len].fill_(True)
         self._mask_len += 1
         self._lengths = [n + 1 for n in self._lengths]
-        return buffer[:, : self._mask_len]
+        return buffer[: self._rows, : self._mask_len]
 
     def has_padding(self) -> bool:
         return bool(self._lengths) and min(self._lengths) < self._mask_len
@@ -174,6 +192,61 @@ class BatchKVCache(Cache):
             layer.set_buffers(k.index_select(0, index), v.index_select(0, index), layer._len)
         self._trim_left()
 
+    def retain(self, keep: Sequence[int]) -> list[int]:
+        """Keep the rows ``keep`` in place: the kept rows after the new end move into the holes the others leave (a
+        copy of the moved rows only; no buffer is rebuilt). Returns the new order: the old index of the row now at
+        each position (the caller reorders its own per-row state the same way)."""
+        n = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        for hole, source in zip(holes, movers, strict=True):
+            order[hole] = source
+        buffer = self._mask_buffer
+        assert buffer is not None
+        if holes:
+            pairs = torch.tensor([*holes, *movers], dtype=torch.long).to(buffer.device, non_blocking=True)
+            dst, src = pairs[: len(holes)], pairs[len(holes) :]
+            live = buffer[:, : self._mask_len]
+            live.index_copy_(0, dst, live.index_select(0, src))
+            for layer in self._layers():
+                for tensor in layer.full_buffers():
+                    used = tensor[:, :, : layer._len]
+                    used.index_copy_(0, dst, used.index_select(0, src))
+        self._lengths = [self._lengths[i] for i in order]
+        self._rows = n
+        for layer in self._layers():
+            layer._rows = n
+            layer._expose()
+        self._trim_left()
+        return order
+
+    def join(self, other: BatchKVCache) -> bool:
+        """Append ``other``'s rows in place (into spare rows, right-aligned, zero-padded on the left) when they fit:
+        room in rows and not longer than this cache. False (nothing changed) when they do not: use ``concat``."""
+        buffer = self._mask_buffer
+        theirs_mask = other.mask
+        n, m = self._rows, other.num_rows
+        if buffer is None or theirs_mask is None or other.length > self.length or n + m > buffer.shape[0]:
+            return False
+        layers = self._layers()
+        if any(layer._k is None or layer._k.shape[0] < n + m for layer in layers):
+            return False
+        length, offset = self.length, self.length - other.length
+        for mine, theirs in zip(layers, other._layers(), strict=True):
+            their_k, their_v = theirs.buffers()
+            for tensor, source in zip(mine.full_buffers(), (their_k, their_v), strict=True):
+                tensor[n : n + m, :, :offset].zero_()
+                tensor[n : n + m, :, offset:length].copy_(source[:, :, : other.length])
+            mine._rows = n + m
+            mine._expose()
+        buffer[n : n + m].zero_()
+        buffer[n : n + m, offset:length].copy_(theirs_mask)
+        self._lengths = [*self._lengths, *other._lengths]
+        self._rows = n + m
+        return True
+
     def _trim_left(self) -> None:
         if not self._lengths:
             return
@@ -184,19 +257,20 @@ class BatchKVCache(Cache):
         assert mask is not None
         self._set_mask(mask[:, lead:], self._lengths)
         for layer in self._layers():
-            k, v = layer.buffers()
-            layer.set_buffers(k[:, :, lead:], v[:, :, lead:], layer._len - lead)
+            k, v = layer.full_buffers()
+            layer.set_buffers(k[:, :, lead:], v[:, :, lead:], layer._len - lead, rows=layer._rows)
 
     @classmethod
-    def concat(cls, caches: Sequence[BatchKVCache]) -> BatchKVCache:
-        """One cache holding the rows of ``caches`` in order, left-padded to the longest."""
+    def concat(cls, caches: Sequence[BatchKVCache], row_capacity: int = 0) -> BatchKVCache:
+        """One cache holding the rows of ``caches`` in order, left-padded to the longest, with room for
+        ``row_capacity`` rows."""
         caches = [c for c in caches if c.num_rows > 0]
         if not caches:
             raise ValueError("nothing to concatenate")
-        if len(caches) == 1:
+        if len(caches) == 1 and caches[0].row_capacity >= row_capacity:
             return caches[0]
         num_layers = len(caches[0].layers)
-        out = cls(num_layers)
+        out = cls(num_layers, row_capacity)
         length = max(c.length for c in caches)
         rows = sum(c.num_rows for c in caches)
         first_mask = caches[0].mask
@@ -211,8 +285,8 @@ class BatchKVCache(Cache):
         cap = _capacity(length)
         for i in range(num_layers):
             k0, v0 = caches[0]._layers()[i].buffers()
-            k = k0.new_zeros(rows, k0.shape[1], cap, k0.shape[3])
-            v = v0.new_zeros(rows, v0.shape[1], cap, v0.shape[3])
+            k = k0.new_zeros(max(rows, row_capacity), k0.shape[1], cap, k0.shape[3])
+            v = v0.new_zeros(max(rows, row_capacity), v0.shape[1], cap, v0.shape[3])
             start = 0
             for c in caches:
                 ck, cv = c._layers()[i].buffers()
@@ -220,5 +294,5 @@ class BatchKVCache(Cache):
                 k[start : start + n, :, offset:length].copy_(ck[:, :, : c.length])
                 v[start : start + n, :, offset:length].copy_(cv[:, :, : c.length])
                 start += n
-            out._layers()[i].set_buffers(k, v, length)
+            out._layers()[i].set_buffers(k, v, length, rows=rows)
         return out

@@ -25,6 +25,9 @@ class EngineObserver:
     def on_batch(self, size: int) -> None:
         """A decode step ran over ``size`` rows."""
 
+    def on_prepare(self, adapter_id: str, seconds: float) -> None:
+        """An adapter was checked and laid out as a slot row (on the caller's thread; once per id while it is kept)."""
+
     def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
         """New requests were prefilled together (``tokens`` counts the padded prompt tokens)."""
 
@@ -56,6 +59,9 @@ class GuardedObserver(EngineObserver):
     def on_batch(self, size: int) -> None:
         self._call("on_batch", size)
 
+    def on_prepare(self, adapter_id: str, seconds: float) -> None:
+        self._call("on_prepare", adapter_id, seconds)
+
     def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
         self._call("on_prefill", rows, tokens, seconds)
 
@@ -82,3 +88,4 @@ class EngineStats:
     requests_finished_total: int
     decode_steps_total: int
     kv_cache_bytes: int
+    adapters_prepared_total: int = 0  # preparations (checks + slot-row layout); a resident id is prepared once

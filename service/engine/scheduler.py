@@ -72,10 +72,26 @@ class Job:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     position: int = 0  # tokens of this request in the KV cache
     first_token_at: float | None = None
+    chunk_cache: BatchKVCache | None = None  # a long prompt's own cache while it is prefilled chunk by chunk
 
     @property
     def adapter_id(self) -> str | None:
         return None if self.adapter is None else self.adapter.adapter_id
+
+    @property
+    def reach(self) -> int:
+        """The most positions this request can hold in the KV cache."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """KV cache bytes of one position of one row: keys and values of every layer."""
+    config = model.config
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    element = next(model.parameters()).element_size()
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * element
 
 
 class Scheduler:
@@ -99,6 +115,7 @@ class Scheduler:
         self.pad_id = pad_id
         self.device = bank.device
         self.num_layers = int(model.config.num_hidden_layers)
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
         # a 4D mask goes to the attention as it is: SDPA takes a bool mask, eager attention (Gemma 2's soft-capping)
         # adds it to the scores, so it needs 0 / -inf
         self._additive_mask = getattr(model.config, "_attn_implementation", None) == "eager"
@@ -108,6 +125,7 @@ class Scheduler:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._rows: list[Job] = []
+        self._prefilling: deque[Job] = deque()  # long prompts, prefilled one chunk per loop iteration
         self._cache: BatchKVCache | None = None
         # per running row, on the device: the token to feed next [B, 1] and its position [B, 1]; the decode step
         # advances them in place, and they are rebuilt only when rows join or leave
@@ -213,7 +231,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._closing or self._calls or self._waiting or self._rows):
+                    while not (self._closing or self._calls or self._waiting or self._rows or self._prefilling):
                         self._cond.wait()
                     if self._closing:
                         break
@@ -223,7 +241,7 @@ class Scheduler:
                     self._iteration(calls, cancelled, admitted)
                 except Exception as exc:  # a bug must not leave callers waiting forever
                     log.exception("engine iteration failed")
-                    self._fail_all_running([*admitted, *self._rows], exc)
+                    self._fail_all_running([*admitted, *self._prefilling, *self._rows], exc)
             self._shutdown()
 
     def _iteration(
@@ -236,12 +254,18 @@ class Scheduler:
             self._finish(job, FINISH_CANCELLED)
         self._drop_cancelled_rows()
         if admitted:
-            self._prefill(admitted)
+            short = [job for job in admitted if len(job.prompt_ids) <= self.config.prefill_chunk]
+            self._prefilling.extend(self._load_slots([job for job in admitted if job not in short]))
+            if short:
+                self._prefill(short)
+        if self._prefilling:
+            self._prefill_chunk()
         if self._rows:
             self._decode_step()
 
     def _fail_all_running(self, jobs: list[Job], exc: BaseException) -> None:
         self._clear_rows()
+        self._prefilling.clear()
         for job in dict.fromkeys(jobs):  # unique, in order
             if job.handle.done:
                 continue
@@ -255,9 +279,14 @@ class Scheduler:
         """Under the lock: pop cancelled waiting jobs, and the jobs that fit in the batch (their slots pinned)."""
         cancelled: list[Job] = []
         admitted: list[Job] = []
-        room = self.config.max_batch_size - len(self._rows)
+        room = self.config.max_batch_size - len(self._rows) - len(self._prefilling)
         width = 0
         swap_blocked = False
+        # the KV budget: rows x the longest reach (prompt + max_tokens) of the batch, the cache being left-padded
+        reserved_rows = len(self._rows) + len(self._prefilling)
+        reach = max((job.reach for job in [*self._rows, *self._prefilling]), default=0)
+        budget_tokens = self.config.kv_cache_bytes // self.kv_bytes_per_token
+        memory_blocked = False
         keep: deque[Job] = deque()
         while self._waiting:
             job = self._waiting.popleft()
@@ -265,8 +294,11 @@ class Scheduler:
                 cancelled.append(job)
                 continue
             n = len(job.prompt_ids)
-            too_wide = admitted and (len(admitted) + 1) * max(width, n) > self.config.max_prefill_tokens
-            if len(admitted) >= room or too_wide:
+            chunked = n > self.config.prefill_chunk  # prefilled on its own, chunk by chunk: no width limit
+            too_wide = not chunked and admitted and (len(admitted) + 1) * max(width, n) > self.config.max_prefill_tokens
+            over_budget = (reserved_rows + len(admitted) + 1) * max(reach, job.reach) > budget_tokens
+            if len(admitted) >= room or too_wide or memory_blocked or over_budget:
+                memory_blocked = memory_blocked or over_budget  # in arrival order: later ones wait behind it
                 keep.append(job)
                 continue
             if job.adapter is not None:
@@ -278,7 +310,9 @@ class Scheduler:
                 lease = self.table.acquire(adapter_id)
                 job.slot, job.needs_load, job.evicted = lease.slot, lease.needs_load, lease.evicted
             admitted.append(job)
-            width = max(width, n)
+            reach = max(reach, job.reach)
+            if not chunked:
+                width = max(width, n)
         self._waiting = keep
         return cancelled, admitted
 
@@ -311,7 +345,9 @@ class Scheduler:
                 pending.append((adapter_id, slot, evicted, (start, done)))
         self._pending_swaps = pending
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _load_slots(self, jobs: list[Job]) -> list[Job]:
+        """Copy in the adapters that admission said must be loaded; the jobs whose load failed are finished with an
+        error, the others returned."""
         ready: list[Job] = []
         failed: dict[int, str] = {}  # slot -> why its load failed (the table forgot it, with all its pins)
         for job in jobs:
@@ -328,6 +364,10 @@ class Scheduler:
                 self._finish(job, FINISH_ERROR, EngineError(f"loading the adapter failed: {reason}"))
                 continue
             ready.append(job)
+        return ready
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        ready = self._load_slots(jobs)
         if not ready:
             return
         start = time.perf_counter()
@@ -364,6 +404,56 @@ class Scheduler:
                 self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
             return
         self.observer.on_prefill(len(ready), int(ids.numel()), time.perf_counter() - start)
+        self._join(ready, cache, sampled, tokens, logprobs)
+
+    def _prefill_chunk(self) -> None:
+        """The next ``prefill_chunk`` tokens of the oldest long prompt, into its own cache: one forward pass between
+        two decode steps, so running streams keep their pace while a long prompt is read. After its last chunk the
+        request samples its first token and joins the batch."""
+        job = self._prefilling[0]
+        if job.handle.cancel_requested:
+            self._prefilling.popleft()
+            self._finish(job, FINISH_CANCELLED)
+            return
+        cache = job.chunk_cache = job.chunk_cache or BatchKVCache(self.num_layers)
+        done = cache.length
+        end = min(done + self.config.prefill_chunk, len(job.prompt_ids))
+        last = end == len(job.prompt_ids)
+        start = time.perf_counter()
+        try:
+            ids = torch.tensor([job.prompt_ids[done:end]], dtype=torch.long).to(self.device)
+            positions = torch.arange(done, end, dtype=torch.long).view(1, -1).to(self.device)
+            self.bank.activate([job.slot])
+            out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            if not last:
+                return
+            self._prefilling.popleft()
+            job.chunk_cache = None
+            cache.mask = torch.ones((1, end), dtype=torch.bool, device=self.device)
+            logits = out.logits[:, -1, :]
+            sampled = choose_tokens(logits, [job.params], [job.generator])
+            tokens = sampled.tolist()
+            logprobs = token_logprobs(logits, [job.params], tokens)
+        except Exception as exc:
+            log.exception("chunked prefill failed")
+            if self._prefilling and self._prefilling[0] is job:
+                self._prefilling.popleft()
+            job.chunk_cache = None
+            self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
+            return
+        finally:
+            self.observer.on_prefill(1, end - done, time.perf_counter() - start)
+        self._join([job], cache, sampled, tokens, logprobs)
+
+    def _join(
+        self,
+        ready: list[Job],
+        cache: BatchKVCache,
+        sampled: torch.Tensor,
+        tokens: list[int],
+        logprobs: Sequence[TokenLogprob | None],
+    ) -> None:
+        """Prefilled requests (their first token sampled) join the running batch."""
         self._count_tokens(len(ready))
         keep = []
         for i, job in enumerate(ready):
@@ -380,9 +470,11 @@ class Scheduler:
             next_ids, positions = next_ids.index_select(0, index), positions.index_select(0, index)
         self._rows.extend(ready[i] for i in keep)
         if self._cache is None or self._next_ids is None or self._positions is None:
-            self._cache, self._next_ids, self._positions = cache, next_ids, positions
+            self._cache = BatchKVCache.concat([cache], row_capacity=self.config.max_batch_size)
+            self._next_ids, self._positions = next_ids, positions
         else:
-            self._cache = BatchKVCache.concat([self._cache, cache])
+            if not self._cache.join(cache):  # longer than the running cache, or beyond its rows: rebuilt once
+                self._cache = BatchKVCache.concat([self._cache, cache], row_capacity=self.config.max_batch_size)
             self._next_ids = torch.cat([self._next_ids, next_ids])
             self._positions = torch.cat([self._positions, positions])
 
@@ -468,13 +560,13 @@ class Scheduler:
         """Keep only these rows of the running batch (the others were finished already)."""
         if len(keep) == len(self._rows):
             return
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
+        if not keep:
             self._clear_rows()
             return
         assert self._cache is not None and self._next_ids is not None and self._positions is not None
-        index = torch.tensor(list(keep), dtype=torch.long).to(self.device, non_blocking=True)
-        self._cache.select(keep, index)
+        order = self._cache.retain(keep)  # in place; the rows after the new end moved into the holes
+        self._rows = [self._rows[i] for i in order]
+        index = torch.tensor(order, dtype=torch.long).to(self.device, non_blocking=True)
         self._next_ids = self._next_ids.index_select(0, index)
         self._positions = self._positions.index_select(0, index)
 
@@ -517,9 +609,10 @@ class Scheduler:
             calls, self._calls = self._calls, []
         for _fn, future in calls:
             future.set_exception(EngineClosed("the engine is closed"))
-        for job in [*self._rows, *waiting]:
+        for job in [*self._rows, *self._prefilling, *waiting]:
             self._finish(job, FINISH_ERROR, EngineClosed("the engine was closed while the request ran"))
         self._clear_rows()
+        self._prefilling.clear()
 
 
 def _run_into(fn: Callable[[], Any], future: Future[Any]) -> None:

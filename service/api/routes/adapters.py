@@ -56,18 +56,22 @@ def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
     )
 
 
-def download(
-    adapter: GeneratedAdapter, fmt: Literal["zip", "safetensors"] = "zip", request: Request | None = None
+async def download(
+    state: ServiceState,
+    adapter: GeneratedAdapter,
+    fmt: Literal["zip", "safetensors"] = "zip",
+    request: Request | None = None,
 ) -> Response:
-    """The PEFT folder as a zip, or the bare safetensors file. Its strong ETag is the SHA-256 of its bytes (also
-    ``sha256.<format>`` in the metadata); a GET's ``If-None-Match`` with it (``request``) gets a 304 without a body."""
-    etag = f'"{adapter.file_sha256[fmt]}"'
+    """The PEFT folder as a zip, or the bare safetensors file, built once per adapter (``service.downloads``). Its
+    strong ETag is the SHA-256 of its bytes (also ``sha256.<format>`` in the metadata); a GET's ``If-None-Match``
+    with it (``request``) gets a 304 without a body."""
+    body = await state.downloads.body(adapter, fmt)
+    etag = f'"{body.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}  # content-addressed, but a deleted id may come back
     if request is not None and not_modified(request, etag):
         return Response(status_code=304, headers=headers)
-    content = adapter.to_peft_zip() if fmt == "zip" else adapter.to_safetensors_bytes()
     headers["Content-Disposition"] = f'attachment; filename="{adapter.adapter_id}.{fmt}"'
-    return Response(content, media_type=FORMATS[fmt], headers=headers)  # Content-Length: set from the bytes
+    return Response(body.content, media_type=FORMATS[fmt], headers=headers)  # Content-Length: set from the bytes
 
 
 @router.post(
@@ -98,7 +102,7 @@ async def create_adapter(
                 raise APIError(429, "the refinement queue is full; retry shortly", "overloaded", {"Retry-After": "5"})
             state.refinements.submit(RefineJob(spec, body.seed, plan, refined_id))
     if media_type == ZIP:
-        return download(adapter)
+        return await download(state, adapter)
     metadata = adapter_metadata(adapter, tier)
     metadata.refined_adapter_id = refined_id
     return JSONResponse(metadata.model_dump())
@@ -157,6 +161,7 @@ async def delete_adapter(adapter_id: str, state: Annotated[ServiceState, Depends
     from the task's spec. An id with neither a spec nor a cached copy is a 404."""
     had_spec = await state.store.delete_adapter_spec(adapter_id)
     cached = await state.cache.drop(adapter_id)
+    state.downloads.forget(adapter_id)
     if not (had_spec or cached):
         raise APIError(404, f"unknown adapter {adapter_id!r}")
     if state.engine is not None:
@@ -183,4 +188,4 @@ async def get_weights(
 ) -> Response:
     negotiate(request, [FORMATS[format]])
     adapter, _ = await state.adapters.by_id(adapter_id)
-    return download(adapter, format, request)
+    return await download(state, adapter, format, request)

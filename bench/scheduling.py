@@ -1,0 +1,211 @@
+"""Scheduling benchmark on SmolLM2-135M, in process: what a long prompt does to running streams, and what many
+distinct adapters through few slots cost.
+
+    python bench/scheduling.py                                  # a few minutes on a 2-core CPU
+    python bench/scheduling.py --streams 4 --tokens 24 --requests 32 --out /tmp/scheduling.json   # a quick look
+
+1. **Long prompt mid-run.** ``--streams`` requests decode (``--tokens`` each, EOS ignored); once every stream has
+   produced a few tokens a ``--long-tokens`` prompt (2,000 by default) arrives. For every running stream: its
+   median inter-token gap before the arrival and its longest gap among those that overlap the long prompt's
+   prefill (from its arrival to its first token). The *delay* is longest - median: what the long prompt added to a
+   stream's next token. Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's
+   length is the unchunked prefill). Target: <= 100 ms.
+2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
+   with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
+   ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
+   alternating pairs, median ratio. Target: >= 0.7.
+
+Writes JSON with the targets and the machine's load (``os.getloadavg``, ``--load-note``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+from generator.adapter import GeneratedAdapter
+from generator.base_model import load_base_model
+from generator.config import LoraSettings
+from generator.lora_layout import LoraLayout
+from service.engine import Engine, EngineConfig, RequestHandle, SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOPICS = "the sea, a red fox, winter, bread, the moon, trains, a garden, rain, hills, quiet towns at night"
+WORDS = TOPICS.replace(",", "").split(" ")
+
+
+def make_adapters(model: torch.nn.Module, n: int, name: str) -> list[GeneratedAdapter]:
+    settings = LoraSettings()
+    layout = LoraLayout.from_model(model, settings)
+    return [
+        GeneratedAdapter(
+            layout.unflatten(torch.randn(layout.dim, generator=torch.Generator().manual_seed(i)) * 0.05),
+            settings,
+            name,
+            f"sched-{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def text_of(n_words: int, seed: int) -> str:
+    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(n_words))
+
+
+def long_prompt_interference(
+    base: Any, chunk: int, streams: int, tokens: int, long_tokens: int, adapters: list[GeneratedAdapter]
+) -> dict[str, Any]:
+    engine = Engine(base, EngineConfig(num_slots=max(8, streams), max_batch_size=streams + 1, prefill_chunk=chunk))
+    try:
+        tokenizer = base.tokenizer
+        long_ids = (tokenizer(text_of(long_tokens, 99))["input_ids"] * 2)[:long_tokens]
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        handles = [
+            engine.submit(text_of(12, i), adapter=adapters[i % len(adapters)], params=params) for i in range(streams)
+        ]
+        times: list[list[float]] = [[] for _ in handles]
+        started = threading.Barrier(streams + 1)
+
+        def follow(k: int, handle: RequestHandle) -> None:
+            first = True
+            for delta in handle:
+                if delta.token_ids:
+                    times[k].append(time.perf_counter())
+                    if first and len(times[k]) >= 4:
+                        first = False
+                        started.wait()
+
+        threads = [threading.Thread(target=follow, args=(k, h)) for k, h in enumerate(handles)]
+        for t in threads:
+            t.start()
+        started.wait()  # every stream has 4 tokens
+        time.sleep(0.3)
+        arrival = time.perf_counter()
+        long_handle = engine.submit(long_ids, params=SamplingParams(max_tokens=2, ignore_eos=True))
+        long_result = long_handle.result()
+        assert long_result.time_to_first_token is not None
+        first_token_at = arrival + long_result.time_to_first_token
+        for t in threads:
+            t.join()
+    finally:
+        engine.close()
+    delays, medians, worst = [], [], []
+    for series in times:
+        pairs = list(itertools.pairwise(series))
+        before = [b - a for a, b in pairs if b <= arrival]
+        # the gaps that overlap the long prompt's prefill: from the arrival to its first token
+        during = [b - a for a, b in pairs if b > arrival and a < first_token_at]
+        median = statistics.median(before) if before else 0.0
+        longest = max(during) if during else 0.0
+        medians.append(median)
+        worst.append(longest)
+        delays.append(longest - median)
+    return {
+        "prefill_chunk": chunk,
+        "long_prompt_tokens": len(long_ids),
+        "long_request_ttft_ms": round(long_result.time_to_first_token * 1000, 1),
+        "stream_gap_before_p50_ms": round(statistics.median(medians) * 1000, 1),
+        "stream_longest_gap_during_ms": round(max(worst) * 1000, 1),
+        "delay_of_next_token_ms_max": round(max(delays) * 1000, 1),
+        "delay_of_next_token_ms_median": round(statistics.median(delays) * 1000, 1),
+    }
+
+
+def adapter_cycling(base: Any, adapters: list[GeneratedAdapter], slots: int, requests: int, tokens: int) -> float:
+    engine = Engine(base, EngineConfig(num_slots=slots, max_batch_size=slots))
+    try:
+        prepared = [engine.prepare_adapter(a) for a in adapters]  # prepared once per id, as the service does
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        prompts = [text_of(10, i) for i in range(requests)]
+        start = time.perf_counter()
+        handles = [engine.submit(p, adapter=prepared[i % len(prepared)], params=params) for i, p in enumerate(prompts)]
+        generated = sum(len(h.result().token_ids) for h in handles)
+        return generated / (time.perf_counter() - start)
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", default="smollm2-135m")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--long-tokens", type=int, default=2000)
+    parser.add_argument("--chunks", default="32,256,4096", help="prefill_chunk values to compare")
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--adapters", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--cycle-tokens", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--load-note", default="")
+    parser.add_argument("--out", type=Path, default=RESULTS / "scheduling.json")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+
+    base = load_base_model(args.base_model)
+    adapters = make_adapters(base.model, max(args.adapters, args.slots), base.name)
+    results: dict[str, Any] = {"long_prompt": [], "cycling": {}}
+    for chunk in (int(c) for c in args.chunks.split(",")):
+        row = long_prompt_interference(base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16])
+        print(json.dumps(row))
+        results["long_prompt"].append(row)
+
+    pairs = []
+    for k in range(args.pairs):
+        order = ("few", "many") if k % 2 == 0 else ("many", "few")
+        pair = {}
+        for side in order:
+            chosen = adapters[: args.slots] if side == "few" else adapters[: args.adapters]
+            pair[side] = adapter_cycling(base, chosen, args.slots, args.requests, args.cycle_tokens)
+        pair["ratio"] = pair["many"] / pair["few"]
+        print(
+            f"pair {k + 1}: {args.adapters} adapters {pair['many']:.1f} tok/s, {args.slots} adapters {pair['few']:.1f}"
+        )
+        pairs.append(pair)
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    results["cycling"] = {
+        "slots": args.slots,
+        "requests": args.requests,
+        "tokens_per_request": args.cycle_tokens,
+        "pairs": [{k: round(v, 3) for k, v in p.items()} for p in pairs],
+        "many_over_few_median": round(ratio, 3),
+    }
+    best_delay = min(r["delay_of_next_token_ms_max"] for r in results["long_prompt"])
+    results["targets"] = {
+        "long_prompt_delay_ms": {"target": "<= 100", "measured_best_chunk": best_delay},
+        f"{args.adapters}_adapters_over_{args.slots}": {"target": ">= 0.7", "measured": round(ratio, 3)},
+    }
+    results["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    results["load"] = {
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "note": args.load_note,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(results["targets"], indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

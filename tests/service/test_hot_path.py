@@ -1,0 +1,63 @@
+"""The serving hot path over real HTTP: a completion for a registered task whose adapter is resident prepares nothing
+and writes nothing to the task store (counted by the service's own metrics), and a download is built once."""
+
+from __future__ import annotations
+
+from tests.service.conftest import metric_value, serve
+
+TASK = {
+    "task_id": "hot",
+    "description": "Say whether the words are animals or colours.",
+    "examples": [{"input": "cat dog", "output": "animals"}, {"input": "red blue", "output": "colours"}],
+}
+PROMPT = {"model": "hot", "prompt": "Input: lion\nOutput:", "max_tokens": 4, "temperature": 0}
+
+
+def _counts(client) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    text = client.get("/metrics").text
+    return metric_value(text, "icm_lora_adapter_preparations_total"), metric_value(
+        text, "icm_lora_adapter_spec_writes_total"
+    )
+
+
+def test_second_completion_prepares_nothing_and_writes_nothing(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for(self_check="keep")) as service, service.client() as client:
+        assert client.post("/v1/tasks", json=TASK).status_code == 201
+        first = client.post("/v1/completions", json=PROMPT)
+        assert first.status_code == 200, first.text
+        prepared, written = _counts(client)
+        assert prepared >= 1 and written >= 1  # the counters count: registration wrote the spec, serving prepared
+        for _ in range(3):
+            again = client.post("/v1/completions", json=PROMPT)
+            assert again.status_code == 200, again.text
+            assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        messages = [{"role": "user", "content": "hi"}]
+        chat = client.post("/v1/chat/completions", json={"model": "hot", "messages": messages, "max_tokens": 4})
+        assert chat.status_code == 200, chat.text
+        assert _counts(client) == (prepared, written)
+
+
+def test_deleted_adapter_of_a_task_is_served_again_and_its_spec_stored_again(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for(self_check="keep")) as service, service.client() as client:
+        adapter_id = client.post("/v1/tasks", json=TASK).json()["adapter_id"]
+        assert client.post("/v1/completions", json=PROMPT).status_code == 200
+        assert client.delete(f"/v1/adapters/{adapter_id}").status_code == 200
+        assert client.get(f"/v1/adapters/{adapter_id}").status_code == 404
+        assert client.post("/v1/completions", json=PROMPT).status_code == 200  # regenerated from the task's spec
+        assert client.get(f"/v1/adapters/{adapter_id}").status_code == 200  # and its spec stored again
+
+
+def test_a_download_is_built_once(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for()) as service, service.client() as client:
+        meta = client.post("/v1/adapters", json={"description": "An ad-hoc adapter."}).json()
+        url = f"/v1/adapters/{meta['adapter_id']}/weights"
+        for fmt in ("zip", "safetensors"):
+            first = client.get(url, params={"format": fmt})
+            second = client.get(url, params={"format": fmt})
+            assert first.status_code == second.status_code == 200
+            assert first.content == second.content
+            assert first.headers["etag"] == second.headers["etag"] == f'"{meta["sha256"][fmt]}"'
+            builds = metric_value(client.get("/metrics").text, "icm_lora_adapter_download_builds_total", format=fmt)
+            assert builds == 1
+        etag = client.get(url).headers["etag"]  # zip, the default
+        assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
