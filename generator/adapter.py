@@ -130,15 +130,17 @@ class GeneratedAdapter:
         return folder
 
     def to_peft_zip(self) -> bytes:
-        """The PEFT folder's two files as a zip archive (deterministic: fixed timestamps)."""
+        """The PEFT folder's two files as a zip archive (deterministic: fixed timestamps). The weights are stored, not
+        deflated: float weights shrink by about 8% for about 55 ms of CPU per adapter (SmolLM2, r 4), paid by every
+        first download and metadata request."""
         buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
             for name, payload in (
                 (ADAPTER_CONFIG, json.dumps(self.peft_config_dict(), indent=2).encode()),
                 (ADAPTER_WEIGHTS, self.to_safetensors_bytes()),
             ):
                 info = zipfile.ZipInfo(name, date_time=(2025, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
+                info.compress_type = zipfile.ZIP_DEFLATED if name == ADAPTER_CONFIG else zipfile.ZIP_STORED
                 archive.writestr(info, payload)
         return buffer.getvalue()
 

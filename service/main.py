@@ -27,6 +27,7 @@ from service.api.routes import adapters, health, openai, playground, tasks
 from service.api.security import Guard, SlidingWindowLimiter
 from service.cache import AdapterCache, Invalidations, RedisTier
 from service.config import Settings, get_settings
+from service.downloads import DownloadCache
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.inference import start_engine
@@ -185,8 +186,9 @@ async def _build_state(
         cache=cache,
         adapters=adapters,
         refinements=RefinementQueue(adapters, store, metrics, settings.refine_queue_size),
-        redis_tier=redis_tier,
         engine=engine,
+        downloads=DownloadCache(metrics),
+        redis_tier=redis_tier,
         started_at=time.time(),
         invalidations=invalidations,
     )
@@ -220,8 +222,7 @@ async def _close_state(state: ServiceState) -> None:
         await state.invalidations.close()
     state.adapters.close()  # a running refinement stops at its next step
     await state.refinements.close()
-    if state.engine is not None:
-        state.engine.close()
+    state.engine.close()
     await state.store.close()
     if state.redis_tier is not None:
         await state.redis_tier.redis.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
 
@@ -21,6 +21,9 @@ from service.metrics import ServiceMetrics
 from service.refinements import RefinementQueue
 from service.task_store import TaskStore
 
+if TYPE_CHECKING:  # the engine imports torch; this module is imported before the port opens
+    from service.engine import Engine
+
 
 @dataclass
 class ServiceState:
@@ -31,15 +34,11 @@ class ServiceState:
     cache: AdapterCache
     adapters: AdapterService
     refinements: RefinementQueue
+    engine: Engine
+    downloads: DownloadCache  # download bodies, built once per adapter
     redis_tier: RedisTier | None = None
-    engine: Any = None
     started_at: float = 0.0
     invalidations: Invalidations | None = None  # with Redis: deletions reach every replica
-    downloads: DownloadCache = field(init=False)  # download bodies, built once per adapter
-
-    def __post_init__(self) -> None:
-        self.downloads = DownloadCache(self.metrics)
-
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
 

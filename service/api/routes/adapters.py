@@ -3,6 +3,7 @@ GET /v1/adapters/{adapter_id}/weights (one strong ETag per format: the SHA-256 o
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Literal
 
@@ -33,8 +34,11 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 FORMATS = {"zip": ZIP, "safetensors": SAFETENSORS}
 
 
-def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
+async def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
+    """The adapter's metadata. Its per-format SHA-256 (``GeneratedAdapter.file_sha256``: both files serialised once
+    per adapter object) are computed in a worker thread, off the event loop."""
     seed = adapter.metadata.get("seed", "")
+    digests = await asyncio.to_thread(lambda: adapter.file_sha256)
     check = check_of(adapter)
     refine = adapter.metadata.get(REFINE)
     return AdapterMetadata(
@@ -46,7 +50,7 @@ def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
         alpha=adapter.lora.alpha,
         target_modules=list(adapter.lora.target_modules),
         num_parameters=adapter.num_parameters,
-        sha256=FileDigests.model_validate(adapter.file_sha256),
+        sha256=FileDigests.model_validate(digests),
         tensors_sha256=adapter.sha256,
         cached=tier != "generated",
         weights_url=f"/v1/adapters/{adapter.adapter_id}/weights",
@@ -103,7 +107,7 @@ async def create_adapter(
             state.refinements.submit(RefineJob(spec, body.seed, plan, refined_id))
     if media_type == ZIP:
         return await download(state, adapter)
-    metadata = adapter_metadata(adapter, tier)
+    metadata = await adapter_metadata(adapter, tier)
     metadata.refined_adapter_id = refined_id
     return JSONResponse(metadata.model_dump())
 
@@ -147,7 +151,7 @@ async def list_adapters(
 )
 async def get_adapter(adapter_id: str, state: Annotated[ServiceState, Depends(get_state)]) -> AdapterMetadata:
     adapter, tier = await state.adapters.by_id(adapter_id)
-    return adapter_metadata(adapter, tier)
+    return await adapter_metadata(adapter, tier)
 
 
 @router.delete(
@@ -164,8 +168,7 @@ async def delete_adapter(adapter_id: str, state: Annotated[ServiceState, Depends
     state.downloads.forget(adapter_id)
     if not (had_spec or cached):
         raise APIError(404, f"unknown adapter {adapter_id!r}")
-    if state.engine is not None:
-        state.engine.release_adapter(adapter_id)
+    await asyncio.to_thread(state.engine.release_adapter, adapter_id)  # waits for the engine thread: off the loop
     if state.invalidations is not None:  # every other replica drops its memory copy and frees its slot
         await state.invalidations.publish([adapter_id])
     return AdapterDeleted(adapter_id=adapter_id)

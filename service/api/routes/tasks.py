@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Annotated
 
@@ -134,7 +135,7 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     # the specs behind the task's adapters stay while it is registered (a bounded store lets others expire)
     await state.store.pin_adapter_specs([i for i in (adapter.adapter_id, record.refinement.adapter_id) if i], True)
     out = task_out(record, state)
-    out.adapter = adapter_metadata(adapter, tier)
+    out.adapter = await adapter_metadata(adapter, tier)
     return JSONResponse(out.model_dump(), status_code=201 if created else 200)
 
 
@@ -210,8 +211,7 @@ async def _drop_adapters(state: ServiceState, record: TaskRecord) -> None:
     dropped = [i for i in (generated, record.refinement.adapter_id) if i is not None]
     for adapter_id in dropped:
         await state.cache.drop(adapter_id)
-        if state.engine is not None:
-            state.engine.release_adapter(adapter_id)
+        await asyncio.to_thread(state.engine.release_adapter, adapter_id)  # waits for the engine thread
     await state.store.pin_adapter_specs(dropped, False)
     if state.invalidations is not None:  # every other replica drops its memory copies and frees its slots
         await state.invalidations.publish(dropped)
