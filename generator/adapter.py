@@ -7,7 +7,6 @@ match.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -70,15 +69,6 @@ class GeneratedAdapter:
     @property
     def sha256(self) -> str:
         return tensors_sha256(self.tensors)
-
-    @functools.cached_property
-    def file_sha256(self) -> dict[str, str]:
-        """SHA-256 of the exact bytes of each download format: ``safetensors`` (the bare file) and ``zip`` (the PEFT
-        folder). Both serialisations are deterministic, so these are stable across processes and regenerations."""
-        return {
-            "safetensors": hashlib.sha256(self.to_safetensors_bytes()).hexdigest(),
-            "zip": hashlib.sha256(self.to_peft_zip()).hexdigest(),
-        }
 
     @property
     def num_parameters(self) -> int:

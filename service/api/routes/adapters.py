@@ -34,11 +34,11 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 FORMATS = {"zip": ZIP, "safetensors": SAFETENSORS}
 
 
-async def adapter_metadata(adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
-    """The adapter's metadata. Its per-format SHA-256 (``GeneratedAdapter.file_sha256``: both files serialised once
-    per adapter object) are computed in a worker thread, off the event loop."""
+async def adapter_metadata(state: ServiceState, adapter: GeneratedAdapter, tier: Tier) -> AdapterMetadata:
+    """The adapter's metadata. Its per-format SHA-256 are those of the download bodies (``service.downloads``: built
+    once per adapter object, in a worker thread; the digests are remembered after the bodies are evicted)."""
     seed = adapter.metadata.get("seed", "")
-    digests = await asyncio.to_thread(lambda: adapter.file_sha256)
+    digests = await state.downloads.digests(adapter)
     check = check_of(adapter)
     refine = adapter.metadata.get(REFINE)
     return AdapterMetadata(
@@ -107,7 +107,7 @@ async def create_adapter(
             state.refinements.submit(RefineJob(spec, body.seed, plan, refined_id))
     if media_type == ZIP:
         return await download(state, adapter)
-    metadata = await adapter_metadata(adapter, tier)
+    metadata = await adapter_metadata(state, adapter, tier)
     metadata.refined_adapter_id = refined_id
     return JSONResponse(metadata.model_dump())
 
@@ -151,7 +151,7 @@ async def list_adapters(
 )
 async def get_adapter(adapter_id: str, state: Annotated[ServiceState, Depends(get_state)]) -> AdapterMetadata:
     adapter, tier = await state.adapters.by_id(adapter_id)
-    return await adapter_metadata(adapter, tier)
+    return await adapter_metadata(state, adapter, tier)
 
 
 @router.delete(

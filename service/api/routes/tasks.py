@@ -135,7 +135,7 @@ async def create_task(body: TaskCreate, state: Annotated[ServiceState, Depends(g
     # the specs behind the task's adapters stay while it is registered (a bounded store lets others expire)
     await state.store.pin_adapter_specs([i for i in (adapter.adapter_id, record.refinement.adapter_id) if i], True)
     out = task_out(record, state)
-    out.adapter = await adapter_metadata(adapter, tier)
+    out.adapter = await adapter_metadata(state, adapter, tier)
     return JSONResponse(out.model_dump(), status_code=201 if created else 200)
 
 
