@@ -75,7 +75,10 @@ class _StreamDecoder:
     def step(self, token_id: int) -> str:
         try:
             text = self._stream.step(self._backend, token_id)
-        except Exception:  # tokenizers refuses a window whose decoded prefix changed: decode it here, start again
+        except Exception as exc:  # tokenizers raises a plain Exception; only its invalid-prefix case is expected
+            if "Invalid prefix" not in str(exc):
+                raise
+            # the window's decoded prefix changed under the new token: decode it here and start a new stream
             window = [*self._context, *self._held, token_id]
             prefix = self._backend.decode(self._context, skip_special_tokens=True)
             full = self._backend.decode(window, skip_special_tokens=True)
