@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from bench.common import load_record
 from generator.adapter import GeneratedAdapter
 from generator.base_model import load_base_model
 from generator.config import LoraSettings
@@ -195,12 +196,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-    results["load"] = {
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "note": args.load_note,
-    }
+    results["load"] = load_record(load_before, args.load_note)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(results["targets"], indent=2))

@@ -26,6 +26,7 @@ The JSON carries the targets of issue 14 and the load of the machine (``os.getlo
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -44,6 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import load_record, run_threads
 from service.background import BackgroundServer
 from service.config import Settings
 from service.engine import PreparedAdapter, RequestHandle
@@ -186,19 +188,14 @@ def http_run(service: BackgroundServer, prompts: list[str], models: list[str], m
             gaps = [b - a for a, b in itertools.pairwise(times)]
             run.add(tokens, (times[0] - start) if times else float("nan"), gaps)
 
-    threads = [threading.Thread(target=one, args=(p, m)) for p, m in zip(prompts, models, strict=True)]
     start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(functools.partial(one, p, m) for p, m in zip(prompts, models, strict=True))
     run.seconds = time.perf_counter() - start
     return run
 
 
 def engine_run(state: ServiceState, prompts: list[str], adapters: list[PreparedAdapter | None], max_tokens: int) -> Run:
     """The same requests through ``Engine.submit``, each handle iterated in its own thread."""
-    assert state.engine is not None
     ids = [chat_prompt_ids(state, [ChatMessage(role="user", content=p)]) for p in prompts]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     run = Run()
@@ -214,11 +211,7 @@ def engine_run(state: ServiceState, prompts: list[str], adapters: list[PreparedA
 
     start = time.perf_counter()
     handles = [state.engine.submit(i, a, params) for i, a in zip(ids, adapters, strict=True)]
-    threads = [threading.Thread(target=one, args=(h, start)) for h in handles]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(functools.partial(one, h, start) for h in handles)
     run.seconds = time.perf_counter() - start
     return run
 
@@ -369,12 +362,7 @@ def main() -> None:
         "placement": str(settings.placement()),
     }
     results["machine"] = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
-    results["load"] = {
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "note": args.load_note,
-    }
+    results["load"] = load_record(load_before, args.load_note)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for name in ("miss_description_only", "miss_with_8_examples", "memory_hit", "redis_hit"):
