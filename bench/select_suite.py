@@ -60,6 +60,8 @@ def pilot(args: argparse.Namespace) -> None:
     )
     pad = int(base.tokenizer.pad_token_id)
     for name in todo:
+        if (args.out / f"{safe_name(name)}.json").is_file():
+            continue  # another process (one walking the list from the other end) did it meanwhile
         began = time.perf_counter()
         task = load_bigbench_task(args.root / name / "task.json", name=name, max_test=args.test, max_examples=2000)
         with lora.base_only() as plain:
