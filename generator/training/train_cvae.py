@@ -12,7 +12,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from generator.files import safe_name, write_atomic
 from generator.lora_layout import LoraLayout, NormStats
 from generator.task_encoder import ConditionStats, TaskEncoder
 from generator.tasks import Task
+from generator.training.resume import TrainingState, fingerprint
 from generator.training.train_loras import Collection
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,26 @@ def train_and_save(
     show_progress: bool = True,
     init_vector: torch.Tensor | None = None,
 ) -> GeneratorCheckpoint:
-    """Reconstruction and/or end-to-end training (``settings.objective``), then the checkpoint is written."""
+    """Reconstruction and/or end-to-end training (``settings.objective``), then the checkpoint is written.
+
+    End-to-end training saves its state in ``out_dir`` as it goes; run again after an interruption, it resumes (and
+    skips the reconstruction it had finished) when nothing it depends on changed."""
     vectors = compute_task_vectors(encoder, tasks, cache_dir, show_progress=show_progress)
+    state = None
+    if settings.e2e_steps > 0:
+        key = fingerprint(
+            {
+                "settings": settings.to_dict(),
+                "lora_training": lora_training.to_dict(),
+                "encoder": encoder.settings.to_dict(),
+                "tasks": [t.name for t in tasks],
+                "base_model": base.name,
+                "lora_dim": layout.dim,
+                "collection": collection.nbytes() if collection is not None else 0,
+            }
+        )
+        state = TrainingState(out_dir, key)
+    resuming = state is not None and state.exists()
     checkpoint, _ = train_cvae(
         collection,
         tasks,
@@ -218,7 +237,7 @@ def train_and_save(
         layout,
         encoder.settings,
         base.name,
-        settings,
+        replace(settings, steps=0) if resuming else settings,  # the saved state has its result
         show_progress=show_progress,
         init_vector=init_vector,
     )
@@ -236,12 +255,19 @@ def train_and_save(
             lora_training,
             settings,
             show_progress=show_progress,
+            state=state,
+            info=checkpoint.info,
         )
+        checkpoint.info = dict(result.info)
         checkpoint.info["e2e_final_loss"] = sum(result.losses[-20:]) / len(result.losses[-20:])
         checkpoint.info["e2e_first_loss"] = sum(result.losses[:20]) / len(result.losses[:20])
         checkpoint.info["e2e_seconds"] = round(result.seconds, 1)
+        if result.resumed_at:
+            checkpoint.info["e2e_resumed_at"] = result.resumed_at
         if result.gaps:  # how much better each task's own LoRA fits it than its partner's, first and last 20 steps
             checkpoint.info["e2e_first_gap"] = sum(result.gaps[:20]) / len(result.gaps[:20])
             checkpoint.info["e2e_final_gap"] = sum(result.gaps[-20:]) / len(result.gaps[-20:])
     save_checkpoint(checkpoint, out_dir)
+    if state is not None:
+        state.clear()
     return checkpoint

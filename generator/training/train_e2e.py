@@ -11,6 +11,9 @@ probability ``e2e_sibling_rate``, e.g. bbq ``*_ambig`` with ``*_disambig``, whic
 examples also run under its partner's LoRA in the same forward pass, and the loss becomes the mean of the per-task
 losses plus ``weight * mean(max(0, margin - (partner's loss - own loss)))``: the generator is paid for adapters that
 fit their own task better than another's, not for one adapter that helps every task alike.
+
+With a ``TrainingState`` the run is resumable: every ``save_every`` steps the CVAE, the optimiser, the scheduler and
+both RNGs are written beside the generator, and a restarted run continues from there (``generator.training.resume``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from generator.functional_lora import FunctionalLora, answer_loss, answer_losses
 from generator.lora_layout import LoraLayout, NormStats
 from generator.task_encoder import ConditionStats
 from generator.tasks import Task
+from generator.training.resume import Progress, TrainingState
 from generator.training.train_cvae import TaskVectors, training_condition
 from generator.training.train_loras import encode_examples
 
@@ -41,6 +45,8 @@ class EndToEndResult:
     losses: list[float]
     seconds: float
     gaps: list[float]  # contrastive steps only: mean (partner's LoRA loss - own LoRA loss) per step
+    info: dict[str, object]  # the checkpoint info handed in (or, when resumed, the one saved with the state)
+    resumed_at: int  # 0, or the step a saved state resumed from
 
 
 def train_end_to_end(
@@ -54,6 +60,9 @@ def train_end_to_end(
     lora_training: LoraTrainingSettings,
     settings: CVAETrainingSettings,
     show_progress: bool = True,
+    state: TrainingState | None = None,
+    info: dict[str, object] | None = None,
+    save_every: int = 20,
 ) -> EndToEndResult:
     if settings.e2e_steps < 1:
         raise ValueError("e2e_steps must be >= 1")
@@ -80,14 +89,18 @@ def train_end_to_end(
     functional = FunctionalLora(base.model, layout)
     mean, scale = norm.mean.to(device), norm.scale[norm.segment_ids].to(device)
     cvae.to(device).train()
-    losses: list[float] = []
-    start = time.perf_counter()
+    progress = (state.load(cvae, optimizer, scheduler, rng) if state is not None else None) or Progress(
+        info=dict(info or {})
+    )
+    first = progress.step
+    losses, gaps = progress.losses, progress.gaps  # gaps: per contrastive step, mean (partner's - own loss)
+    start = time.perf_counter() - progress.seconds
     n_views = vectors.in_context[0].shape[0]
     contrast = settings.e2e_contrast_weight > 0
     families = _families(tasks)
-    gaps: list[float] = []  # per contrastive step: mean (partner's loss - own loss) over its tasks
     try:
-        with tqdm(range(settings.e2e_steps), desc="generator, end to end", disable=not show_progress) as bar:
+        steps = range(first, settings.e2e_steps)
+        with tqdm(steps, desc="generator, end to end", disable=not show_progress, initial=first) as bar:
             for step in bar:
                 chosen = _choose_tasks(tasks, settings, rng, families)
                 conds, rows, batch_pairs = [], [], []
@@ -120,12 +133,15 @@ def train_end_to_end(
                     if gaps:
                         postfix["gap"] = f"{sum(gaps[-20:]) / len(gaps[-20:]):.3f}"
                     bar.set_postfix(postfix)
+                if state is not None and (step + 1) % save_every == 0 and step + 1 < settings.e2e_steps:
+                    progress.step, progress.seconds = step + 1, time.perf_counter() - start
+                    state.save(cvae, optimizer, scheduler, rng, progress)
     finally:
         functional.remove()
         for p, flag in zip(base.model.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
         cvae.to("cpu").eval()  # the generator decodes on the CPU (one small MLP pass per adapter)
-    return EndToEndResult(losses=losses, seconds=time.perf_counter() - start, gaps=gaps)
+    return EndToEndResult(losses, time.perf_counter() - start, gaps, progress.info, first)
 
 
 def _families(tasks: Sequence[Task]) -> list[list[int]]:
