@@ -236,7 +236,7 @@ def main() -> None:
         step_clock = StepClock()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]
                 **enc,
                 max_new_tokens=args.tokens,
                 min_new_tokens=args.tokens,
@@ -308,7 +308,7 @@ def main() -> None:
     engine.generate_many(prompt_ids[:n_req], None, short)
     for model, extra in ((hf_model, {}), (peft_model, {"adapter_names": names})):
         enc = tokenizer(texts[:n_req], return_tensors="pt", padding=True).to(device)
-        model.generate(**enc, max_new_tokens=2, **extra)
+        model.generate(**enc, max_new_tokens=2, **extra)  # type: ignore[operator]
 
     def mixed() -> Run:
         return engine_run(prompt_ids[:n_req], warm)
