@@ -1,9 +1,9 @@
 """Engine parity with plain peft in fp32 (exact) and in bf16 on the CPU (the tiny model; torch runs bf16 on the CPU).
 
 Fixed prompt set: the 4 engine test prompts x (no adapter, 3 adapters), 32 greedy tokens each (through EOS).
-Measured on the development CPU (AMD EPYC, torch 2.13.0): fp32 100% equal alone and in one mixed batch; bf16 100%
-alone, 92.8% in the mixed batch (left padding changes attention's roundings, and the random tiny model has near-tied
-logits, so two rows flip a token and diverge after it). Answer log-likelihoods (the logits at every answer position,
+Measured on the development CPU (AMD EPYC, AVX2, torch 2.13.0, 1 and 2 threads): fp32 and bf16 100% equal alone and
+in one mixed batch (bf16 mixed was 92.8% before the engine kept its KV rows in place and prefilled in chunks: two rows
+of the random tiny model flipped a near tie; plain peft's own mixed batch equals peft alone on 100% here). Answer log-likelihoods (the logits at every answer position,
 averaged per token): engine == peft in the same dtype (measured difference 0.0; tolerance 1e-3 nats/token), bf16
 within 0.05 of fp32 (measured at most 0.028).
 """
@@ -38,7 +38,7 @@ def test_fp32_is_exact(adapter: MakeAdapter, tmp_path: Path) -> None:
 def test_bf16_on_cpu_matches_peft_in_bf16(adapter: MakeAdapter, tmp_path: Path) -> None:
     parity = _parity(torch.bfloat16, adapter, tmp_path / "bf16")
     assert Parity.agreement(parity.alone, parity.reference) >= 0.95
-    assert Parity.agreement(parity.mixed, parity.reference) >= 0.90
+    assert Parity.agreement(parity.mixed, parity.reference) >= 0.95
     assert all(a[:4] == r[:4] for a, r in zip(parity.mixed, parity.reference, strict=True))  # no early divergence
     assert (parity.engine_scores - parity.reference_scores).abs().max() <= 1e-3
     fp32 = _parity(torch.float32, adapter, tmp_path / "fp32")
