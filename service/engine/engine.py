@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
@@ -385,7 +386,7 @@ class Engine:
 _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use placeholders for message contents
 
 
-def chat_token_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+def chat_token_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
     """The chat template's token ids, with every message's content tokenised as plain text.
 
     Without special-token text in any content this is ``tokenizer(template_text, add_special_tokens=False)``.
@@ -418,7 +419,7 @@ def chat_token_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[i
     return ids
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids: set[int] = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (configured, tokenizer.eos_token_id):
