@@ -205,6 +205,12 @@ def main() -> None:
     parser.add_argument(
         "--only-scored", action="store_true", help="assemble the report from the tasks already in RUN/report/rows"
     )
+    parser.add_argument(
+        "--shared-rows",
+        type=Path,
+        default=None,
+        help="folder for generator-independent results (base, in-context, LoRA from init), reused across runs",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     shard = (0, 1)
@@ -230,6 +236,7 @@ def main() -> None:
         shard=shard,
         splits=splits,
         names=names,
+        shared_dir=args.shared_rows,
     )
     if shard[1] > 1:
         print(f"shard {args.shard} scored; run without --shard to assemble the report")

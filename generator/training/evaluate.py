@@ -25,6 +25,8 @@ intervals (``paired_bootstrap``). Writes ``quality.json``, ``quality.md`` and ``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +64,9 @@ VARIANTS = (
     "lora_from_init",
 )
 SPEC_EXAMPLES = 8
+# variants whose results do not depend on the generator (nor on the run's LoRA collection): kept per task under a key
+# of everything they do depend on, so another generator of the same suite, or a new variant set, reuses them
+GENERATOR_FREE = frozenset({"base", "in_context", "in_context_8", "lora_from_init"})
 REFINE = RefinePlan(steps=32)  # the service's defaults (lr, batch, length) with refine_steps=32
 COMPARISONS = (  # (a, b): paired interval of a - b
     ("generated", "base"),
@@ -87,6 +92,7 @@ class ReportInputs:
     variants: Sequence[str] = VARIANTS
     rows_dir: Path | None = None  # finished tasks' rows are kept here, so an interrupted evaluation resumes
     only: frozenset[str] | None = None  # score just these tasks (a shard of a parallel evaluation)
+    shared_dir: Path | None = None  # generator-independent results, shared by the runs of one suite (see below)
 
 
 def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]:
@@ -108,14 +114,19 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
     for task, split in tqdm(all_tasks, desc="evaluating", disable=not show_progress):
         if inputs.only is not None and task.name not in inputs.only:
             continue
-        cached = _cached_row(inputs, task)
-        if cached is not None:
-            rows.append(cached)
+        key = _task_key(inputs, task)
+        cached = _cached_row(inputs, task, key)
+        asked = set(cached.get("asked", cached.get("variants", []))) if cached else set()
+        if cached is not None and set(inputs.variants) <= asked:  # every variant was tried (some may not apply)
+            rows.append(_trimmed(cached, inputs.variants))
             continue
+        known = {**_shared_results(inputs, task, key), **(cached.get("correct", {}) if cached else {})}
         vector = vector_of(task)
         generated = gen.decode_vector(vector)
         peers = inputs.seen if split == "seen" else inputs.unseen
-        correct, extra = _score_variants(inputs, task, vector, generated, vector_of, _wrong_task(peers, task))
+        wrong = _wrong_task(peers, task)
+        correct, extra = _score_variants(inputs, task, vector, generated, vector_of, wrong, known)
+        old_extra = {k: v for k, v in (cached or {}).items() if k not in _ROW_FIELDS}
         row = {
             "task": task.name,
             "family": task.family,
@@ -123,35 +134,87 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
             "kind": "multiple_choice" if task.is_multiple_choice else "generative",
             "family_seen": task.family in seen_families,
             "test_examples": len(task.test),
-            "variants": sorted(inputs.variants),
+            "variants": sorted(correct),
+            "asked": sorted(asked | set(inputs.variants)),
             "scores": {k: round(sum(v) / max(1, len(v)), 4) for k, v in correct.items()},
             "correct": correct,
+            **old_extra,
             **extra,
             "nearest_checkpoint": _nearest_checkpoint(inputs, generated),
             "generator_id": gen.generator_id,
+            "task_key": key,
         }
         if inputs.rows_dir is not None:
             write_json(inputs.rows_dir / f"{safe_name(task.name)}.json", row)
-        rows.append(row)
+        _share(inputs, task, key, correct, extra)
+        rows.append(_trimmed(row, inputs.variants))
     return _summarise(rows, inputs)
 
 
-def _cached_row(inputs: ReportInputs, task: Task) -> dict[str, Any] | None:
-    """A finished row of this task from an interrupted run, if it was made by the same generator and variants."""
+_ROW_FIELDS = frozenset(
+    {"task", "family", "split", "kind", "family_seen", "test_examples", "variants", "asked", "scores", "correct"}
+    | {"nearest_checkpoint", "generator_id", "task_key"}
+)
+
+
+def _task_key(inputs: ReportInputs, task: Task) -> str:
+    """Everything a generator-independent result depends on: the base model, the LoRA shape and init, the scoring
+    length, the task's description, spec examples and test examples, and the refinement plan."""
+    spec = task.spec(SPEC_EXAMPLES)
+    parts = {
+        "model": str(getattr(inputs.tokenizer, "name_or_path", "")),
+        "lora": inputs.lora.settings.to_dict(),
+        "init": float(inputs.lora.init_vector.double().sum()),
+        "max_length": inputs.max_length,
+        "in_context_examples": inputs.in_context_examples,
+        "refine": REFINE.to_dict(),
+        "description": task.description,
+        "spec": [[e.input, e.output, e.choices] for e in spec.examples],
+        "test": [[e.input, e.output, e.choices] for e in task.test],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _cached_row(inputs: ReportInputs, task: Task, key: str) -> dict[str, Any] | None:
+    """This task's row from an earlier evaluation of the run: all of it when the same generator made it, else only
+    its generator-independent results (a retrained generator keeps the base and in-context scores)."""
     if inputs.rows_dir is None:
         return None
     path = inputs.rows_dir / f"{safe_name(task.name)}.json"
     if not path.is_file():
         return None
     row: dict[str, Any] = read_json(path)
-    if row.get("generator_id") != inputs.generator.generator_id:
-        return None
-    asked = set(row.get("variants", row.get("scores", {})))  # the variants the row was scored for
-    wanted = set(inputs.variants)
-    if wanted <= asked or asked <= wanted:  # the same or a larger variant set, or a part of the report's
-        keep = {name: {k: v for k, v in row.get(name, {}).items() if k in wanted} for name in ("scores", "correct")}
-        return {**row, **keep}
+    if row.get("generator_id") == inputs.generator.generator_id:
+        return row
+    if row.get("task_key") == key:
+        free = {k: v for k, v in row.get("correct", {}).items() if k in GENERATOR_FREE}
+        seconds = {k: row[k] for k in ("lora_from_init_seconds",) if k in row and "lora_from_init" in free}
+        return {"correct": free, "asked": sorted(free), **seconds}
     return None
+
+
+def _trimmed(row: dict[str, Any], variants: Sequence[str]) -> dict[str, Any]:
+    """The row with just the report's variants."""
+    wanted = set(variants)
+    keep = {name: {k: v for k, v in row.get(name, {}).items() if k in wanted} for name in ("scores", "correct")}
+    return {**row, **keep, "variants": sorted(wanted & set(row.get("correct", {})))}
+
+
+def _shared_results(inputs: ReportInputs, task: Task, key: str) -> dict[str, list[float]]:
+    if inputs.shared_dir is None:
+        return {}
+    path = inputs.shared_dir / f"{safe_name(task.name)}-{key}.json"
+    return dict(read_json(path)["correct"]) if path.is_file() else {}
+
+
+def _share(inputs: ReportInputs, task: Task, key: str, correct: dict[str, list[float]], extra: dict[str, Any]) -> None:
+    if inputs.shared_dir is None:
+        return
+    free = {k: v for k, v in correct.items() if k in GENERATOR_FREE}
+    if not free:
+        return
+    free = {**_shared_results(inputs, task, key), **free}
+    write_json(inputs.shared_dir / f"{safe_name(task.name)}-{key}.json", {"task": task.name, "correct": free})
 
 
 def _score_variants(
@@ -161,16 +224,18 @@ def _score_variants(
     generated: torch.Tensor,
     vector_of: Callable[[Task], TaskVector],
     wrong: Task | None,
+    known: dict[str, list[float]] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Per-example results of each wanted variant, and extra facts for the row (self-check, refinement time)."""
+    """Per-example results of each wanted variant (those in ``known`` are not scored again: the report's, plus
+    every known one), and extra facts for the row (self-check, refinement time)."""
     gen = inputs.generator
-    wanted = set(inputs.variants)
+    out: dict[str, list[float]] = dict(known or {})
+    wanted = set(inputs.variants) - set(out)
     index = {name: i for i, name in enumerate(inputs.collection.tasks)}
     spec = task.spec(SPEC_EXAMPLES)
-    out: dict[str, list[float]] = {}
     extra: dict[str, Any] = {}
     with inputs.lora.base_only() as base:
-        if wanted & {"base", "generated_checked"}:
+        if wanted & {"base", "generated_checked"} and "base" not in out:
             out["base"] = score_examples(base, inputs.tokenizer, task, max_length=inputs.max_length)
         for name, n in (("in_context", inputs.in_context_examples), ("in_context_8", SPEC_EXAMPLES)):
             if name in wanted:
@@ -184,7 +249,7 @@ def _score_variants(
             out["checkpoint_avg"] = _score_vector(inputs, task, checkpoints.mean(dim=0))
     if inputs.collection.multitask is not None and "multitask" in wanted:
         out["multitask"] = _score_vector(inputs, task, inputs.collection.multitask)
-    if wanted & {"generated", "generated_checked"}:
+    if wanted & {"generated", "generated_checked"} and "generated" not in out:
         out["generated"] = _score_vector(inputs, task, generated)
     if vector.description is not None and "generated_desc" in wanted:
         out["generated_desc"] = _score_vector(inputs, task, gen.decode_vector(TaskVector(vector.description, None)))
@@ -212,7 +277,7 @@ def _score_variants(
             vector_out = refine(inputs.lora, inputs.tokenizer, spec, REFINE, start, task.name)
             extra[f"{name}_seconds"] = round(time.perf_counter() - began, 2)
             out[name] = _score_vector(inputs, task, vector_out)
-    return {k: v for k, v in out.items() if k in wanted}, extra
+    return out, extra
 
 
 def _wrong_task(peers: Sequence[Task], task: Task) -> Task | None:

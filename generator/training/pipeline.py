@@ -217,12 +217,15 @@ def step_evaluate(
     shard: tuple[int, int] = (0, 1),
     splits: Sequence[str] = ("seen", "unseen"),
     names: Collection[str] | None = None,
+    shared_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score the report's variants on the tasks of ``splits`` (resumable: finished tasks are kept in report/rows/).
 
     With ``shard`` = (i, n), n > 1: score only every n-th task from the i-th and write no report (several processes
     fill report/rows/ in parallel; a last run without a shard assembles the report from them). ``names``: only these
-    tasks."""
+    tasks. A row made by another generator keeps its generator-independent results (base, in-context, LoRA from
+    init); ``shared_dir`` keeps those for every run of the same suite and base model, so each generator compared
+    pays only for its own variants."""
     seen, unseen = run.tasks()
     chosen = [t for t in seen if "seen" in splits] + [t for t in unseen if "unseen" in splits]
     if names is not None:
@@ -244,6 +247,7 @@ def step_evaluate(
             max_length=run.settings.lora_training.max_length,
             variants=variants,
             rows_dir=run.report_dir / "rows",
+            shared_dir=shared_dir,
             only=frozenset(t.name for i, t in enumerate(chosen) if i % shard[1] == shard[0]),
         )
         report = evaluate(inputs, show_progress=progress)

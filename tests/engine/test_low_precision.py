@@ -3,9 +3,9 @@
 Fixed prompt set: the 4 engine test prompts x (no adapter, 3 adapters), 32 greedy tokens each (through EOS).
 Measured on the development CPU (AMD EPYC, AVX2, torch 2.13.0, 1 and 2 threads): fp32 and bf16 100% equal alone and
 in one mixed batch (bf16 mixed was 92.8% before the engine kept its KV rows in place and prefilled in chunks: two rows
-of the random tiny model flipped a near tie; plain peft's own mixed batch equals peft alone on 100% here). Answer log-likelihoods (the logits at every answer position,
-averaged per token): engine == peft in the same dtype (measured difference 0.0; tolerance 1e-3 nats/token), bf16
-within 0.05 of fp32 (measured at most 0.028).
+of the random tiny model flipped a near tie; plain peft's own mixed batch equals peft alone on 100% here). Answer
+log-likelihoods (the logits at every answer position, averaged per token): engine == peft in the same dtype
+(measured difference 0.0; tolerance 1e-3 nats/token), bf16 within 0.05 of fp32 (measured at most 0.028).
 """
 
 from __future__ import annotations
