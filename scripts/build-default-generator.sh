@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 run="${1:-runs/smollm2-bigbench}"
 shards="${SHARDS:-2}"
-suite_file=bench/suites/bigbench.txt
+suite_file=bench/suites/bigbench-v1.txt  # the shipped generator's suite (bigbench.txt: the pilot's new one)
 data="${ICM_LORA_DATA_DIR:-$HOME/.cache/icm-lora}"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 bash scripts/fetch-bigbench.sh "$data/bigbench"
