@@ -146,7 +146,7 @@ def evaluate(inputs: ReportInputs, show_progress: bool = True) -> dict[str, Any]
         }
         if inputs.rows_dir is not None:
             write_json(inputs.rows_dir / f"{safe_name(task.name)}.json", row)
-        _share(inputs, task, key, correct, extra)
+        _share(inputs, task, key, correct)
         rows.append(_trimmed(row, inputs.variants))
     return _summarise(rows, inputs)
 
@@ -207,14 +207,14 @@ def _shared_results(inputs: ReportInputs, task: Task, key: str) -> dict[str, lis
     return dict(read_json(path)["correct"]) if path.is_file() else {}
 
 
-def _share(inputs: ReportInputs, task: Task, key: str, correct: dict[str, list[float]], extra: dict[str, Any]) -> None:
+def _share(inputs: ReportInputs, task: Task, key: str, correct: dict[str, list[float]]) -> None:
     if inputs.shared_dir is None:
         return
-    free = {k: v for k, v in correct.items() if k in GENERATOR_FREE}
-    if not free:
-        return
-    free = {**_shared_results(inputs, task, key), **free}
-    write_json(inputs.shared_dir / f"{safe_name(task.name)}-{key}.json", {"task": task.name, "correct": free})
+    known = _shared_results(inputs, task, key)
+    free = {k: v for k, v in correct.items() if k in GENERATOR_FREE and k not in known}
+    if free:  # nothing new: the file stays as it is
+        path = inputs.shared_dir / f"{safe_name(task.name)}-{key}.json"
+        write_json(path, {"task": task.name, "correct": {**known, **free}})
 
 
 def _score_variants(

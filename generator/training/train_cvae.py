@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from generator.adapter import tensors_sha256
 from generator.base_model import BaseModel
 from generator.checkpoint import GeneratorCheckpoint, save_checkpoint
 from generator.config import CVAEConfig, CVAETrainingSettings, LoraTrainingSettings, TaskEncoderSettings
@@ -225,7 +226,7 @@ def train_and_save(
                 "tasks": [t.name for t in tasks],
                 "base_model": base.name,
                 "lora_dim": layout.dim,
-                "collection": collection.nbytes() if collection is not None else 0,
+                "collection": tensors_sha256({"checkpoints": collection.checkpoints}) if collection is not None else "",
             }
         )
         state = TrainingState(out_dir, key)

@@ -8,6 +8,7 @@ import dataclasses
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,55 +39,49 @@ def _run(folder: Path, seed: int) -> Run:
     return run
 
 
+ALL = ("base", "in_context", "generated")
+
+
+def _evaluate(run: Run, variants: tuple[str, ...], shared: Path | None = None) -> dict[str, Any]:
+    return step_evaluate(
+        run,
+        load_base_model("tiny"),
+        plot=False,
+        progress=False,
+        variants=variants,
+        splits=("unseen",),
+        shared_dir=shared,
+    )
+
+
 def test_each_result_is_scored_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _counting(monkeypatch)
-    base = load_base_model("tiny")
     shared = tmp_path / "shared"
     run = _run(tmp_path / "a", seed=0)
     unseen = len(run.unseen)
 
-    first = step_evaluate(
-        run, base, plot=False, progress=False, variants=("base", "in_context"), splits=("unseen",), shared_dir=shared
-    )
+    first = _evaluate(run, ("base", "in_context"), shared)
     assert calls == {"plain": unseen, "in_context": unseen}
 
     calls.clear()  # one more variant: only it is scored, the others come from the rows
-    second = step_evaluate(
-        run,
-        base,
-        plot=False,
-        progress=False,
-        variants=("base", "in_context", "generated"),
-        splits=("unseen",),
-        shared_dir=shared,
-    )
+    second = _evaluate(run, ALL, shared)
     assert calls == {"plain": unseen}
     for before, after in zip(first["tasks"], second["tasks"], strict=True):
         assert after["correct"]["base"] == before["correct"]["base"]
-        assert set(after["correct"]) == {"base", "in_context", "generated"}
+        assert set(after["correct"]) == set(ALL)
 
     calls.clear()  # the same report again: nothing is scored
-    step_evaluate(run, base, plot=False, progress=False, variants=("base", "generated"), splits=("unseen",))
+    _evaluate(run, ("base", "generated"))
     assert not calls
 
     calls.clear()  # another run of the same suite, with another generator, and the shared folder
     other = _run(tmp_path / "b", seed=1)
-    step_evaluate(
-        other,
-        base,
-        plot=False,
-        progress=False,
-        variants=("base", "in_context", "generated"),
-        splits=("unseen",),
-        shared_dir=shared,
-    )
+    _evaluate(other, ALL, shared)
     assert calls == {"plain": unseen}  # generated only: base and in-context come from the shared folder
 
     calls.clear()  # a generator retrained in a run folder that has rows: the rows keep what does not depend on it
     retrained = _run(tmp_path / "c", seed=2)
     shutil.copytree(run.report_dir / "rows", retrained.report_dir / "rows")
-    report = step_evaluate(
-        retrained, base, plot=False, progress=False, variants=("base", "in_context", "generated"), splits=("unseen",)
-    )
+    report = _evaluate(retrained, ALL)
     assert calls == {"plain": unseen}
     assert {r["generator_id"] for r in report["tasks"]}.isdisjoint(r["generator_id"] for r in first["tasks"])
