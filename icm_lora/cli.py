@@ -89,7 +89,9 @@ def train_loras(
     settings: SettingsOption = None,
     unseen_fraction: UnseenFractionOption = 0.25,
     unseen: UnseenOption = "",
-    multitask_steps: Annotated[int | None, typer.Option(help="Steps of the multi-task LoRA (default 4x steps)")] = None,
+    multitask_steps: Annotated[
+        int | None, typer.Option(help="Steps of the multi-task LoRA (default 4x steps; --no-seen: none unless set)")
+    ] = None,
     oracles: Annotated[bool, typer.Option(help="Also train LoRAs for unseen tasks (report only)")] = True,
     seen: Annotated[bool, typer.Option(help="Train the seen tasks' LoRAs (--no-seen: only the oracles)")] = True,
     shard: Annotated[str, typer.Option(help="I/N: every N-th task from the I-th, for parallel runs")] = "",

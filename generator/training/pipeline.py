@@ -166,7 +166,8 @@ def step_train_loras(
 ) -> None:
     """``oracles``: also train LoRAs for the unseen tasks (the report's upper bound there; the generator never
     sees them). Skipping them saves a quarter of the collection time on the real model. ``seen_tasks=False``: only
-    the oracles (for a generator trained end to end, which needs no collection), and no multi-task LoRA."""
+    the oracles (for a generator trained end to end, which needs no collection), and the multi-task LoRA of the seen
+    tasks only when ``multitask_steps`` is given."""
     seen, unseen = run.tasks()
     collect_loras(
         base,
@@ -174,9 +175,9 @@ def step_train_loras(
         run.folder,
         run.settings.lora,
         run.settings.lora_training,
-        multitask_steps if seen_tasks else 0,
+        multitask_steps if seen_tasks or multitask_steps is not None else 0,
         progress,
-        multitask_tasks=[t.name for t in seen],
+        multitask_tasks=seen,
         shard=shard[0],
         shard_count=shard[1],
     )

@@ -158,13 +158,14 @@ def collect_loras(
     training: LoraTrainingSettings,
     multitask_steps: int | None = None,
     show_progress: bool = True,
-    multitask_tasks: Sequence[str] | None = None,
+    multitask_tasks: Sequence[Task] | None = None,
     shard: int = 0,
     shard_count: int = 1,
 ) -> dict[str, object]:
     """Train (or skip, if already done) every task's LoRA and the multi-task LoRA; return the manifest.
 
-    The multi-task LoRA learns from the train examples of ``multitask_tasks`` (default: all tasks), mixed.
+    The multi-task LoRA learns from the train examples of ``multitask_tasks`` (default: ``tasks``), mixed; they need
+    not be among ``tasks`` (an end-to-end run trains only the oracles, and the multi-task LoRA of the seen tasks).
     ``shard``/``shard_count``: this process trains tasks ``i`` with ``i % shard_count == shard`` (the last shard also
     the multi-task LoRA), so several single-threaded processes can share one collection folder.
     """
@@ -197,11 +198,12 @@ def collect_loras(
     multi_steps = multitask_steps if multitask_steps is not None else training.steps * 4
     multi_path = out_dir / "loras" / f"{MULTITASK_NAME}.safetensors"
     multi_training = _with_steps(training, multi_steps)
-    multi_names = list(multitask_tasks) if multitask_tasks is not None else names
+    multi_tasks = list(multitask_tasks) if multitask_tasks is not None else list(tasks)
+    multi_names = [t.name for t in multi_tasks]
     multi_sid = settings_id(base.name, lora_settings, multi_training) + ":" + _names_id(multi_names)
     multitask_shard = shard == shard_count - 1
     if multitask_shard and multi_steps > 0 and not _is_done(multi_path, multi_sid):
-        jobs.append((MULTITASK_NAME, [e for t in tasks if t.name in multi_names for e in t.train], multi_steps))
+        jobs.append((MULTITASK_NAME, [e for t in multi_tasks for e in t.train], multi_steps))
     skipped = len(mine) - len(todo)
     total_steps = sum(steps for _, _, steps in jobs)
     where = f", shard {shard + 1}/{shard_count}" if shard_count > 1 else ""

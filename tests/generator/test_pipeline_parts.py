@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from generator.base_model import BaseModel, load_base_model
 from generator.checkpoint import CheckpointError, load_checkpoint
 from generator.config import TaskEncoderSettings
+from generator.files import safe_name
 from generator.generate import AdapterGenerator, GeneratorMismatchError
 from generator.task_encoder import ModelHiddenStateReader, TaskEncoder, reader_texts
 from generator.tasks import Example, TaskSpec
@@ -56,6 +57,21 @@ def test_collection_is_resumable(small_run: Path, tmp_path: Path) -> None:
     changed = [name for name in before if before[name] != after[name]]
     assert changed == [victim.name]
     assert load_file(str(victim))["checkpoints"].shape[0] == 3
+
+
+def test_oracles_only_with_the_seen_tasks_multitask_lora(small_run: Path, tmp_path: Path) -> None:
+    """An end-to-end run trains no seen LoRA, but its report still needs the oracles and the multi-task baseline."""
+    folder = tmp_path / "e2e"
+    folder.mkdir()
+    shutil.copy(small_run / "run.json", folder / "run.json")
+    run = Run.open(folder)
+    step_train_loras(run, load_base_model("tiny"), progress=False, seen_tasks=False)  # no steps given: no multi-task
+    assert sorted(p.stem for p in (folder / "loras").glob("*.safetensors")) == sorted(map(safe_name, run.unseen))
+    step_train_loras(run, load_base_model("tiny"), multitask_steps=8, progress=False, seen_tasks=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(manifest["tasks"]) == sorted(run.unseen)
+    assert manifest["multitask"]["tasks"] == run.seen and manifest["multitask"]["steps"] == 8
+    assert load_collection(folder, run.unseen).multitask is not None
 
 
 def test_generation_is_deterministic(small_run: Path) -> None:
