@@ -167,6 +167,11 @@ class CVAETrainingSettings(_DictMixin):
     chosen task's LoRA (a sibling from the same family when one exists, with probability ``e2e_sibling_rate``), and
     ``max(0, margin - (loss under the other LoRA - loss under its own))`` per task is added with that weight, so an
     adapter that helps every task alike (a format adapter) is not enough.
+
+    ``e2e_init``: a generator folder (training or packed form) whose decoder, normalisation and condition statistics
+    the end-to-end training starts from instead of a fresh decoder: a trained generator continued for more steps
+    (with a new ``seed``, new batches), with a fresh optimiser and learning-rate schedule. Needs ``steps = 0``; the
+    generator must match the run's base model, LoRA layout and task encoder. Its id is recorded in the new one.
     """
 
     steps: int = 2000
@@ -186,6 +191,7 @@ class CVAETrainingSettings(_DictMixin):
     e2e_contrast_weight: float = 0.0
     e2e_contrast_margin: float = 0.25
     e2e_sibling_rate: float = 0.5
+    e2e_init: str = ""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0 and self.e2e_steps >= 0, "steps and e2e_steps must be >= 0")
@@ -206,6 +212,10 @@ class CVAETrainingSettings(_DictMixin):
         _require(self.e2e_contrast_weight >= 0 and self.e2e_contrast_margin >= 0, "e2e contrast must be >= 0")
         _require(0 <= self.e2e_sibling_rate <= 1, "e2e_sibling_rate must be in [0, 1]")
         _require(
+            not self.e2e_init or (self.e2e_steps >= 1 and self.steps == 0),
+            "e2e_init continues a generator end to end: it needs e2e_steps >= 1 and steps = 0",
+        )
+        _require(
             self.e2e_contrast_weight == 0 or self.e2e_tasks_per_step >= 2,
             "e2e_contrast_weight needs e2e_tasks_per_step >= 2 (another task's LoRA to compare with)",
         )
@@ -220,6 +230,8 @@ class CVAETrainingSettings(_DictMixin):
         """``reconstruction``, ``e2e`` (end to end from scratch) or ``reconstruction+e2e``."""
         if self.e2e_steps == 0:
             return "reconstruction"
+        if self.e2e_init:
+            return "e2e-continued"
         return "e2e" if self.steps == 0 else "reconstruction+e2e"
 
 

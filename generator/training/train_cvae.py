@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 
 from generator.adapter import tensors_sha256
 from generator.base_model import BaseModel
-from generator.checkpoint import GeneratorCheckpoint, save_checkpoint
+from generator.checkpoint import (
+    ENCODER_PREFIXES,
+    CheckpointError,
+    GeneratorCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from generator.config import CVAEConfig, CVAETrainingSettings, LoraTrainingSettings, TaskEncoderSettings
 from generator.cvae import CVAE, cvae_loss
 from generator.files import safe_name, write_atomic
@@ -198,6 +204,30 @@ def training_condition(
     return cond
 
 
+def continued_from(
+    settings: CVAETrainingSettings, layout: LoraLayout, encoder: TaskEncoderSettings, base_model: str
+) -> GeneratorCheckpoint | None:
+    """The generator ``settings.e2e_init`` names, as a trainable checkpoint (fp32, with a fresh CVAE encoder where
+    it was packed: end-to-end training uses the decoder only), or None; one that does not fit the run is refused."""
+    if not settings.e2e_init:
+        return None
+    try:
+        start = load_checkpoint(Path(settings.e2e_init))
+    except (CheckpointError, FileNotFoundError, OSError) as exc:
+        raise ValueError(f"e2e_init: {exc}") from None
+    if start.base_model != base_model or start.layout != layout or start.encoder != encoder:
+        raise ValueError(
+            f"e2e_init: {settings.e2e_init} was trained for another base model, LoRA layout or task encoder "
+            f"({start.base_model}, {start.layout.dim} LoRA values, {start.encoder.to_dict()})"
+        )
+    cvae = CVAE(start.cvae.config)
+    missing, unexpected = cvae.load_state_dict(start.cvae.state_dict(), strict=False)
+    if unexpected or any(not key.startswith(ENCODER_PREFIXES) for key in missing):
+        raise ValueError(f"e2e_init: {settings.e2e_init} has an unexpected decoder")
+    start.cvae = cvae.eval()
+    return start
+
+
 def train_and_save(
     collection: Collection | None,
     tasks: Sequence[Task],
@@ -216,10 +246,12 @@ def train_and_save(
     End-to-end training saves its state in ``out_dir`` as it goes; run again after an interruption, it resumes (and
     skips the reconstruction it had finished) when nothing it depends on changed."""
     vectors = compute_task_vectors(encoder, tasks, cache_dir, show_progress=show_progress)
+    start = continued_from(settings, layout, encoder.settings, base.name)
     state = None
     if settings.e2e_steps > 0:
         key = fingerprint(
             {
+                "init": start.generator_id if start is not None else "",
                 "settings": settings.to_dict(),
                 "lora_training": lora_training.to_dict(),
                 "encoder": encoder.settings.to_dict(),
@@ -242,6 +274,9 @@ def train_and_save(
         show_progress=show_progress,
         init_vector=init_vector,
     )
+    if start is not None:
+        checkpoint.cvae, checkpoint.norm, checkpoint.cond = start.cvae, start.norm, start.cond
+        checkpoint.info["e2e_init"] = start.generator_id
     if settings.e2e_steps > 0:
         from generator.training.train_e2e import train_end_to_end
 

@@ -36,3 +36,6 @@ def test_demo_meets_its_quality_bar(tmp_path: Path) -> None:
     # every generated adapter is compared with its nearest training checkpoint
     assert all(r["nearest_checkpoint"]["cosine"] <= 1.0 + 1e-6 for r in report["tasks"])
     assert report["summary"]["median_generated_over_trained_seen"] == round(statistics.median(ratios), 4)
+    # the store the generator replaces: one fp32 adapter per training task (not the checkpoints it trained on)
+    layout_dim = json.loads((out / "manifest.json").read_text())["layout_dim"]
+    assert report["summary"]["collection_bytes"] == len(seen) * layout_dim * 4

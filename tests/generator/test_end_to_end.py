@@ -21,6 +21,7 @@ from generator.batching import (
     packed_answer_logprobs,
     pad_pairs,
 )
+from generator.checkpoint import load_checkpoint, save_checkpoint
 from generator.config import ConfigError, CVAETrainingSettings, LoraSettings, LoraTrainingSettings
 from generator.functional_lora import FunctionalLora, answer_loss, answer_losses
 from generator.lora_layout import NormStats
@@ -31,6 +32,7 @@ from generator.tasks import Example, TaskSpec, format_prompt, format_target, syn
 from generator.training.evaluate import paired_bootstrap
 from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
 from generator.training.scoring import exact_match_correct, multiple_choice_correct
+from generator.training.train_cvae import continued_from
 from generator.training.train_e2e import partners
 from generator.training.train_loras import encode_examples, train_lora
 
@@ -121,11 +123,27 @@ def test_e2e_from_scratch_needs_no_collection_and_lowers_the_loss(tmp_path: Path
     assert unseen and all(len(r["correct"]["generated"]) == r["test_examples"] for r in unseen)
     assert all("wrong_task" in r and r["wrong_task"] != r["task"] for r in unseen)
 
+    # continued end to end from its packed form (e2e_init): a fresh schedule and new batches, its id recorded
+    packed = tmp_path / "packed"
+    start_id = save_checkpoint(generator.checkpoint, packed, packed=True)
+    more = dataclasses.replace(run.settings.cvae_training, e2e_steps=10, seed=1, e2e_init=str(packed))
+    with pytest.raises(ValueError, match="another base model, LoRA layout or task encoder"):
+        continued_from(more, generator.checkpoint.layout, dataclasses.replace(run.settings.encoder, queries=1), "tiny")
+    again = Run.create(tmp_path / "again", dataclasses.replace(run.settings, cvae_training=more), "synthetic:6", 0.34)
+    continued = step_train_generator(again, base, progress=False).checkpoint
+    assert continued.info["objective"] == "e2e-continued" and continued.info["e2e_init"] == start_id
+    start = load_checkpoint(packed)
+    torch.testing.assert_close(continued.norm.mean, start.norm.mean)
+    assert not torch.equal(continued.cvae.dec_shared.weight, start.cvae.dec_shared.weight)  # it trained on
+
 
 def test_settings_name_the_objective() -> None:
     assert CVAETrainingSettings().objective == "reconstruction"
     assert CVAETrainingSettings(steps=0, e2e_steps=5).objective == "e2e"
     assert CVAETrainingSettings(steps=5, e2e_steps=5).objective == "reconstruction+e2e"
+    assert CVAETrainingSettings(steps=0, e2e_steps=5, e2e_init="g").objective == "e2e-continued"
+    with pytest.raises(ConfigError, match="e2e_init"):
+        CVAETrainingSettings(steps=5, e2e_steps=5, e2e_init="g")
     assert CVAETrainingSettings(description_dropout=0.6).hide_description == 0.6
     with pytest.raises(ConfigError):
         CVAETrainingSettings(steps=0, e2e_steps=0)
