@@ -27,6 +27,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -134,14 +135,14 @@ def main() -> None:
     vllm_start_s = time.monotonic() - start
     servers = {"icm-lora": icm.url, "vllm": vllm_url}
     try:
-        tasks = []
+        tasks: list[str] = []
         with httpx.Client(base_url=icm.url, timeout=600) as http:
             for n in range(args.adapters + 3):
-                topic = TOPICS[n % 16]
+                topic, task_id = TOPICS[n % 16], f"bench-{n}"
                 example = {"input": f"Topic {n}", "output": f"A short text about {topic}."}
-                body = {"task_id": f"bench-{n}", "description": f"Write about {topic}.", "examples": [example]}
+                body = {"task_id": task_id, "description": f"Write about {topic}.", "examples": [example]}
                 assert http.post("/v1/tasks", json=body).status_code == 201
-                tasks.append(body["task_id"])
+                tasks.append(task_id)
         adapter_tasks, new_tasks = tasks[: args.adapters], tasks[args.adapters :]
         prompts = [f"Input: Tell me about {TOPICS[i % 16]}.\nOutput:" for i in range(args.requests)]
 
@@ -157,7 +158,8 @@ def main() -> None:
         for task in adapter_tasks:  # resolved once, so the adapter phase measures serving
             complete(vllm_url, task, prompts[0], 1)
 
-        rounds, mismatches, compared = [], 0, 0
+        rounds: list[dict[str, Any]] = []  # {"order": [...], server: {figure: tok/s}}
+        mismatches, compared = 0, 0
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             row: dict[str, dict[str, float]] = {}
