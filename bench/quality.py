@@ -211,6 +211,9 @@ def main() -> None:
         default=None,
         help="folder for generator-independent results (base, in-context, LoRA from init), reused across runs",
     )
+    parser.add_argument(
+        "--seen-sample", type=int, default=None, help="score only the K seen tasks `train-loras --seen-sample K` trains"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     shard = (0, 1)
@@ -224,6 +227,9 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     names: set[str] | None = {n.strip() for n in args.tasks.split(",") if n.strip()} or None
+    if args.seen_sample is not None:
+        sample = set(run.seen_sample(args.seen_sample)) | set(run.unseen)
+        names = sample if names is None else names & sample
     if args.only_scored:
         scored = {json.loads(p.read_text())["task"] for p in (run.report_dir / "rows").glob("*.json")}
         names = scored if names is None else names & scored

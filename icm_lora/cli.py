@@ -94,6 +94,9 @@ def train_loras(
     ] = None,
     oracles: Annotated[bool, typer.Option(help="Also train LoRAs for unseen tasks (report only)")] = True,
     seen: Annotated[bool, typer.Option(help="Train the seen tasks' LoRAs (--no-seen: only the oracles)")] = True,
+    seen_sample: Annotated[
+        int | None, typer.Option(help="Only this many seen tasks (seeded choice), for the seen-task report")
+    ] = None,
     shard: Annotated[str, typer.Option(help="I/N: every N-th task from the I-th, for parallel runs")] = "",
     progress: ProgressOption = True,
     device: DeviceOption = "auto",
@@ -107,7 +110,7 @@ def train_loras(
     try:
         pipeline_run = _open_or_create_run(run, suite, settings, base_model, unseen, unseen_fraction, "synthetic:32")
         base = load_base_model(pipeline_run.settings.base_model, placement=placement)
-        step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard), seen)
+        step_train_loras(pipeline_run, base, multitask_steps, progress, oracles, _parse_shard(shard), seen, seen_sample)
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"LoRA collection ready in {run}")

@@ -146,6 +146,15 @@ class Run:
         by_name = {t.name: t for t in load_suite(self.suite)}
         return [by_name[n] for n in self.seen], [by_name[n] for n in self.unseen]
 
+    def seen_sample(self, count: int) -> list[str]:
+        """``count`` seen tasks chosen by a fixed seed, in suite order: the seen tasks whose LoRAs an end-to-end run
+        trains (``train-loras --seen-sample``) to measure generated vs trained where a full collection would cost
+        too much; ``bench/quality.py --seen-sample`` scores the same ones."""
+        if not 1 <= count <= len(self.seen):
+            raise ValueError(f"seen sample must be in 1..{len(self.seen)}, got {count}")
+        chosen = set(random.Random(f"seen-sample:{count}").sample(self.seen, count))
+        return [n for n in self.seen if n in chosen]
+
     @property
     def generator_dir(self) -> Path:
         return self.folder / "generator"
@@ -163,15 +172,18 @@ def step_train_loras(
     oracles: bool = True,
     shard: tuple[int, int] = (0, 1),
     seen_tasks: bool = True,
+    seen_sample: int | None = None,
 ) -> None:
     """``oracles``: also train LoRAs for the unseen tasks (the report's upper bound there; the generator never
     sees them). Skipping them saves a quarter of the collection time on the real model. ``seen_tasks=False``: only
     the oracles (for a generator trained end to end, which needs no collection), and the multi-task LoRA of the seen
-    tasks only when ``multitask_steps`` is given."""
+    tasks only when ``multitask_steps`` is given. ``seen_sample``: only that many seen tasks' LoRAs
+    (``Run.seen_sample``); the multi-task LoRA still learns from every seen task."""
     seen, unseen = run.tasks()
+    collected = [t for t in seen if seen_sample is None or t.name in run.seen_sample(seen_sample)]
     collect_loras(
         base,
-        (seen if seen_tasks else []) + (unseen if oracles else []),
+        (collected if seen_tasks else []) + (unseen if oracles else []),
         run.folder,
         run.settings.lora,
         run.settings.lora_training,

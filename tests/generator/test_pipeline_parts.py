@@ -74,6 +74,24 @@ def test_oracles_only_with_the_seen_tasks_multitask_lora(small_run: Path, tmp_pa
     assert load_collection(folder, run.unseen).multitask is not None
 
 
+def test_seen_sample_trains_a_seeded_subset_of_the_seen_tasks(small_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "sampled"
+    folder.mkdir()
+    shutil.copy(small_run / "run.json", folder / "run.json")
+    run = Run.open(folder)
+    sample = run.seen_sample(2)
+    assert len(sample) == 2 and set(sample) < set(run.seen) and sample == Run.open(folder).seen_sample(2)
+    result = CliRunner().invoke(
+        app, ["train-loras", "--run", str(folder), "--seen-sample", "2", "--no-oracles", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(manifest["tasks"]) == sorted(sample)
+    assert manifest["multitask"]["tasks"] == run.seen  # the baseline still learns from every seen task
+    bad = CliRunner().invoke(app, ["train-loras", "--run", str(folder), "--seen-sample", "99", "--no-progress"])
+    assert bad.exit_code != 0 and "seen sample must be in 1..4" in bad.output
+
+
 def test_generation_is_deterministic(small_run: Path) -> None:
     generator = _generator(small_run)
     spec = TaskSpec("Decide whether the words are fruits or tools.", (Example("kiwi pear lime", "yes"),))
