@@ -369,7 +369,8 @@ def delta_weights(generator: AdapterGenerator, vector: torch.Tensor) -> torch.Te
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return round(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), 4)
+    """In float64: over a whole adapter's weight change fp32 rounding alone gives cosines above 1."""
+    return round(float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0)), 4)
 
 
 def counterpart(task: Task, others: Sequence[Task]) -> Task | None:
