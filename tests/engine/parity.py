@@ -35,6 +35,7 @@ class Parity:
     reference: list[list[int]]  # plain peft, one request at a time
     engine_scores: torch.Tensor  # [adapters, examples] mean answer log-probability per token
     reference_scores: torch.Tensor
+    reference_logits: list[torch.Tensor]  # per reference row, [steps, vocab] in fp32: how close each choice was
 
     @staticmethod
     def agreement(got: Sequence[Sequence[int]], want: Sequence[Sequence[int]]) -> float:
@@ -44,6 +45,17 @@ class Parity:
             total += max(len(a), len(b))
             same += sum(x == y for x, y in zip(a, b, strict=False))
         return same / total
+
+    def first_divergences(self, got: Sequence[Sequence[int]]) -> list[float]:
+        """For each row of ``got`` that leaves the reference: how far the engine's token at the first differing
+        position is below the reference's choice there, in the reference's own logits (0 = an exact tie)."""
+        gaps = []
+        for row, (a, b) in enumerate(zip(got, self.reference, strict=True)):
+            differ = [i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y]
+            if differ:
+                logits = self.reference_logits[row][differ[0]]
+                gaps.append(float(logits[b[differ[0]]] - logits[a[differ[0]]]))
+        return gaps
 
 
 def run_parity(
@@ -69,6 +81,7 @@ def run_parity(
 
     batch = pad_pairs(pairs, pad)
     reference: list[list[int]] = []
+    reference_logits: list[torch.Tensor] = []
     reference_scores = []
     for i, a in enumerate(adapters):
         model = load().model
@@ -81,22 +94,29 @@ def run_parity(
             for ids, row_adapter in rows:
                 if row_adapter is not a:
                     continue
-                reference.append(_greedy(model, ids, max_tokens, device))
+                tokens, logits_per_step = _greedy(model, ids, max_tokens, device)
+                reference.append(tokens)
+                reference_logits.append(logits_per_step)
             logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits
             total, count = answer_logprobs(logits, batch.labels.to(device))
             reference_scores.append((total / count.clamp_min(1)).float().cpu())
-    return Parity(alone, mixed, reference, engine_scores, torch.stack(reference_scores))
+    return Parity(alone, mixed, reference, engine_scores, torch.stack(reference_scores), reference_logits)
 
 
-def _greedy(model: torch.nn.Module, ids: Sequence[int], max_tokens: int, device: torch.device) -> list[int]:
+def _greedy(
+    model: torch.nn.Module, ids: Sequence[int], max_tokens: int, device: torch.device
+) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding with the model's own KV cache, through EOS (the engine's ``ignore_eos``; ``generate`` would
-    stop there, or with ``min_new_tokens`` mask EOS out)."""
+    stop there, or with ``min_new_tokens`` mask EOS out); the tokens and each step's logits (fp32, CPU)."""
     input_ids = torch.tensor([list(ids)], device=device)
     out = model(input_ids=input_ids, use_cache=True)
     tokens: list[int] = []
+    steps: list[torch.Tensor] = []
     while True:
-        token = out.logits[0, -1].argmax()
+        last = out.logits[0, -1]
+        steps.append(last.float().cpu())
+        token = last.argmax()
         tokens.append(int(token))
         if len(tokens) == max_tokens:
-            return tokens
+            return tokens, torch.stack(steps)
         out = model(input_ids=token.view(1, 1), cache=out.past_key_values, use_cache=True)
