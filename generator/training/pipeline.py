@@ -180,7 +180,8 @@ def step_train_loras(
     tasks only when ``multitask_steps`` is given. ``seen_sample``: only that many seen tasks' LoRAs
     (``Run.seen_sample``); the multi-task LoRA still learns from every seen task."""
     seen, unseen = run.tasks()
-    collected = [t for t in seen if seen_sample is None or t.name in run.seen_sample(seen_sample)]
+    sample = set(run.seen_sample(seen_sample)) if seen_sample is not None else {t.name for t in seen}
+    collected = [t for t in seen if t.name in sample]
     collect_loras(
         base,
         (collected if seen_tasks else []) + (unseen if oracles else []),

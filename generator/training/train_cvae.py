@@ -245,8 +245,8 @@ def train_and_save(
 
     End-to-end training saves its state in ``out_dir`` as it goes; run again after an interruption, it resumes (and
     skips the reconstruction it had finished) when nothing it depends on changed."""
+    start = continued_from(settings, layout, encoder.settings, base.name)  # refused before the slow task vectors
     vectors = compute_task_vectors(encoder, tasks, cache_dir, show_progress=show_progress)
-    start = continued_from(settings, layout, encoder.settings, base.name)
     state = None
     if settings.e2e_steps > 0:
         key = fingerprint(
