@@ -413,10 +413,8 @@ def examples_sensitivity(
 
 def _seen_collection_bytes(inputs: ReportInputs) -> int:
     """Bytes of one fp32 LoRA per training task: the adapter store the generator replaces (one adapter per task, not
-    the C checkpoints a reconstruction run trains on). An end-to-end run never collects them, so the size of one LoRA
-    comes from any collected one (an oracle will do); none collected: 0 (unknown)."""
-    per_task = inputs.collection.checkpoints.shape[-1] * 4 if inputs.collection.tasks else 0  # one adapter, not C
-    return per_task * len(inputs.seen)
+    the C checkpoints a reconstruction run trains on; an end-to-end run collects none, and replaces the same store)."""
+    return inputs.lora.layout.dim * 4 * len(inputs.seen)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -500,15 +498,11 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"- median generated / trained on seen tasks: {fmt(summary['median_generated_over_trained_seen'])}")
     lines.append(f"- right vector minus wrong vector on seen tasks: {fmt(summary['wrong_vector_gap_seen'])}")
-    if summary["collection_bytes"]:
-        ratio = summary["generator_bytes"] / summary["collection_bytes"]
-        lines.append(
-            f"- generator {summary['generator_bytes'] / 1e6:.2f} MB packed vs one LoRA per training task "
-            f"{summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
-        )
-    else:
-        packed_mb = summary["generator_bytes"] / 1e6
-        lines.append(f"- generator {packed_mb:.2f} MB packed (trained end to end: no collection)")
+    ratio = summary["generator_bytes"] / summary["collection_bytes"]
+    lines.append(
+        f"- generator {summary['generator_bytes'] / 1e6:.2f} MB packed vs one LoRA per training task "
+        f"{summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
+    )
     return "\n".join(lines) + "\n"
 
 
