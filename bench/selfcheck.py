@@ -38,7 +38,7 @@ from generator.batching import answer_logprobs, encode_pair, pad_pairs
 from generator.checkpoint import load_checkpoint
 from generator.generate import AdapterGenerator
 from generator.lora_model import LoraModel
-from generator.selfcheck import LoraModelScorer, _choice_loglik, check_examples, self_check
+from generator.selfcheck import LoraModelScorer, _choice_scores, check_examples, self_check
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from generator.tasks import TaskSpec, format_prompt, format_target, load_bigbench_task
 from service.config import PACKAGED_GENERATORS
@@ -78,7 +78,7 @@ def unpacked_check(
             else:
                 lora.load_tensors(use.tensors)
                 scores = _score_pairs(lora.model, pairs, int(tokenizer.pad_token_id))
-        out.append(_choice_loglik(examples, scores) if choices else float(scores.mean()))
+        out.append(_choice_scores(examples, scores)[0] if choices else float(scores.mean()))
     return out[0], out[1]
 
 

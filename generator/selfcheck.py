@@ -1,12 +1,21 @@
-"""The self-check of a generated adapter: does it explain the task's own examples better than the base model?
+"""The self-check of a generated adapter: does it answer the task's own examples better than the base model?
 
 Both models score the expected output of each example given its prompt (``format_prompt``), as the mean
 log-likelihood per answer token (the end-of-sequence token is left out, so an adapter is not credited for knowing
-where to stop); for multiple-choice examples that likelihood is normalised over the example's choices, so that
-learning the answer format alone does not pass. Examples the task vector did not read are used when there are at
-least ``MIN_HELD_OUT`` of them (``held_out: true``); otherwise all examples are scored in-sample and the result says
-so. The check is a guard, not a benchmark: its job is to catch an adapter that makes the task's answers less likely
-than no adapter does.
+where to stop). For multiple-choice examples the check is decided first by **accuracy on the examples** (the choice
+with the highest mean log-likelihood, as the quality report ranks them): an adapter that answers fewer examples right
+than the base model fails, one that answers more passes, and a tie is decided by the expected output's likelihood
+normalised over the example's choices (so that learning the answer format alone does not pass). Likelihood alone
+decides examples without choices. Accuracy first, because a likelihood gain can come from a few examples the base
+model gets very wrong while the adapter loses others (BIG-bench ``swahili_english_proverbs``: +0.27 nats with 3 of 8
+right for the base model and 1 of 8 for the adapter, and 12.5 points below base on the test set).
+
+Examples the task vector did not read are used when there are at least ``MIN_HELD_OUT`` of them (``held_out: true``);
+otherwise all examples are scored in-sample and the result says so. (Scoring each example with an adapter generated
+without it, cross-fitted from the same hidden states, made the same decision on all 16 held-out tasks of the report,
+within 0.05 nats on 15: the generated adapter moves little with any one example, so cross-fitting is not done.)
+The check is a guard, not a benchmark: its job is to catch an adapter that makes the task's answers worse than no
+adapter does, from a handful of examples.
 
 Each example is one ``AnswerGroup`` (its prompt and its choices, or its expected output), packed into one row so the
 prompt is read once for all its choices, and a scorer may score the base model and the adapter in the same forward
@@ -15,7 +24,7 @@ pass (the engine does: its rows carry their own adapter slots).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,11 +51,17 @@ answers numbered across the groups in order (fp32, CPU)."""
 
 @dataclass(frozen=True)
 class SelfCheck:
+    """``base`` / ``adapter``: mean log-likelihood per answer token (normalised over the choices for multiple-choice
+    examples); ``base_correct`` / ``adapter_correct``: examples whose top choice is the expected output (None when the
+    examples have no choices)."""
+
     base: float
     adapter: float
     examples: int
     held_out: bool
     margin: float = DEFAULT_MARGIN
+    base_correct: int | None = None
+    adapter_correct: int | None = None
 
     @property
     def delta(self) -> float:
@@ -54,17 +69,37 @@ class SelfCheck:
 
     @property
     def passed(self) -> bool:
+        """Fewer examples right than the base model fails, more passes; a tie (or no choices) is decided by the
+        likelihood, within ``margin``."""
+        right, base_right = self.adapter_correct, self.base_correct
+        if right is not None and base_right is not None and right != base_right:
+            return right > base_right
         return self.delta >= -self.margin
 
-    def to_dict(self) -> dict[str, float | int | bool]:
+    def to_dict(self) -> dict[str, float | int | bool | None]:
         return {
             "base_loglik": round(self.base, 6),
             "adapter_loglik": round(self.adapter, 6),
             "delta": round(self.delta, 6),
+            "base_correct": self.base_correct,
+            "adapter_correct": self.adapter_correct,
             "examples": self.examples,
             "held_out": self.held_out,
             "passed": self.passed,
         }
+
+
+def describe(check: Mapping[str, object]) -> str:
+    """A stored check (``SelfCheck.to_dict``) in words: the examples each model answers right (with choices), then
+    the likelihood difference."""
+    parts = []
+    base, tuned, examples = check.get("base_correct"), check.get("adapter_correct"), check.get("examples")
+    if isinstance(base, int) and isinstance(tuned, int):
+        parts.append(f"{tuned} of {examples} examples right vs {base} without the adapter")
+    delta = check.get("delta")
+    if isinstance(delta, int | float):
+        parts.append(f"answer log-likelihood {float(delta):+.3f} nats/token vs the base model")
+    return "; ".join(parts)
 
 
 def check_examples(spec: TaskSpec, read: int) -> tuple[tuple[Example, ...], bool]:
@@ -110,23 +145,28 @@ def self_check(
     examples, held_out = check_examples(spec, read)
     choices = all(e.choices for e in examples)
     scores = scorer(encode_groups(tokenizer, examples, max_length, choices), [None, adapter])
-    if choices:
-        base, tuned = _choice_loglik(examples, scores[0]), _choice_loglik(examples, scores[1])
-    else:
-        base, tuned = float(scores[0].mean()), float(scores[1].mean())
-    return SelfCheck(base=base, adapter=tuned, examples=len(examples), held_out=held_out, margin=margin)
+    if not choices:
+        return SelfCheck(float(scores[0].mean()), float(scores[1].mean()), len(examples), held_out, margin)
+    (base, base_correct), (tuned, tuned_correct) = (
+        _choice_scores(examples, scores[0]),
+        _choice_scores(examples, scores[1]),
+    )
+    return SelfCheck(base, tuned, len(examples), held_out, margin, base_correct, tuned_correct)
 
 
-def _choice_loglik(examples: Sequence[Example], scores: torch.Tensor) -> float:
-    """Mean over examples of the expected output's score normalised over the example's choices."""
-    total, offset = 0.0, 0
+def _choice_scores(examples: Sequence[Example], scores: torch.Tensor) -> tuple[float, int]:
+    """The mean over examples of the expected output's score normalised over the example's choices, and how many
+    examples have the expected output as their top choice."""
+    total, correct, offset = 0.0, 0, 0
     for example in examples:
         assert example.choices is not None
         n = len(example.choices)
         row = scores[offset : offset + n]
-        total += float(row[example.choices.index(example.output)] - torch.logsumexp(row, dim=0))
+        expected = example.choices.index(example.output)
+        total += float(row[expected] - torch.logsumexp(row, dim=0))
+        correct += int(int(torch.argmax(row)) == expected)
         offset += n
-    return total / len(examples)
+    return total / len(examples), correct
 
 
 class LoraModelScorer:

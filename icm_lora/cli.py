@@ -225,9 +225,9 @@ def generate(
 ) -> None:
     """Generate one adapter for a task file and write it as a PEFT folder.
 
-    With examples in the task, the adapter is self-checked first (as the service does): the mean log-likelihood per
-    answer token of the examples with the adapter vs the base model. The result is printed and stored in the
-    adapter's metadata (``self_check``)."""
+    With examples in the task, the adapter is self-checked first (as the service does): the examples answered right
+    (multiple choice) and the mean log-likelihood per answer token, with the adapter vs the base model. The result is
+    printed and stored in the adapter's metadata (``self_check``)."""
     from generator.base_model import load_base_model
     from generator.checkpoint import load_checkpoint
     from generator.defaults import DEFAULT_BASE_MODEL, packaged_generator
@@ -269,14 +269,19 @@ def generate(
         return
     where = "held-out" if result.held_out else "in-sample"
     stored = result.to_dict()  # the figures as the adapter's metadata keeps them
+    right = (
+        f"{result.adapter_correct} right with the adapter vs {result.base_correct} without; "
+        if result.adapter_correct is not None
+        else ""
+    )
     typer.echo(
-        f"self-check: {'passed' if result.passed else 'FAILED'}: answer log-likelihood {stored['adapter_loglik']:.4f} "
-        f"with the adapter vs {stored['base_loglik']:.4f} without ({stored['delta']:+.4f} nats/token) on "
-        f"{result.examples} {where} examples"
+        f"self-check: {'passed' if result.passed else 'FAILED'}: {right}answer log-likelihood "
+        f"{stored['adapter_loglik']:.4f} with the adapter vs {stored['base_loglik']:.4f} without "
+        f"({stored['delta']:+.4f} nats/token) on {result.examples} {where} examples"
     )
     if not result.passed:
         typer.secho(
-            "warning: the adapter explains the task's examples worse than the base model; the service would serve "
+            "warning: the adapter answers the task's examples worse than the base model; the service would serve "
             "the base model instead (ICM_LORA_SELF_CHECK=fallback)",
             err=True,
             fg=typer.colors.YELLOW,

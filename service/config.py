@@ -75,7 +75,8 @@ class Settings(BaseSettings):
         ge=-100.0,
         le=100.0,
         description="An adapter passes when its mean answer log-likelihood per token is at least base - margin "
-        "(a negative margin demands an improvement)",
+        "(a negative margin demands an improvement); for multiple-choice examples only when it answers as many "
+        "right as the base model (more right passes, fewer fails, whatever the margin)",
     )
     refine_default_steps: int = Field(16, ge=1, le=64, description="Refinement steps the refine policy starts")
     refine_learning_rate: float = Field(2e-3, gt=0.0, le=1.0, description="Learning rate of refinements")

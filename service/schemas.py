@@ -67,11 +67,17 @@ class AdapterRequest(TaskSpecIn):
 
 
 class SelfCheckOut(BaseModel):
-    """Mean log-likelihood per answer token of the task's examples, with the adapter and with the base model."""
+    """Mean log-likelihood per answer token of the task's examples, with the adapter and with the base model, and for
+    multiple-choice examples how many each answers right: fewer right than the base model fails, more passes, a tie
+    is decided by the likelihood."""
 
     base_loglik: float
     adapter_loglik: float
     delta: float = Field(description="adapter_loglik - base_loglik")
+    base_correct: int | None = Field(
+        None, description="Examples whose top choice is the expected output, base model (null without choices)"
+    )
+    adapter_correct: int | None = Field(None, description="The same with the adapter")
     examples: int = Field(description="Examples scored")
     held_out: bool = Field(description="True when they were not read by the task encoder")
     passed: bool

@@ -18,7 +18,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from generator.adapter import GeneratedAdapter
-from generator.selfcheck import AnswerScorer, SelfCheck, SelfCheckPolicy, self_check
+from generator.selfcheck import AnswerScorer, SelfCheck, SelfCheckPolicy, describe, self_check
 from generator.tasks import TaskSpec
 from service.task_store import CheckResult, Refinement
 
@@ -78,9 +78,8 @@ class ServingChoice:
 
 
 def _describe(kind: str, adapter_id: str, check: CheckResult | None) -> str:
-    delta = check.get("delta") if check else None
-    how = f" (answer log-likelihood {float(delta):+.3f} nats/token vs the base model)" if delta is not None else ""
-    return f"the {kind} adapter {adapter_id} failed its self-check{how}"
+    how = describe(check) if check else ""
+    return f"the {kind} adapter {adapter_id} failed its self-check" + (f" ({how})" if how else "")
 
 
 def choose_adapter(

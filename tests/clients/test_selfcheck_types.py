@@ -17,6 +17,8 @@ CHECK = {
     "base_loglik": -2.0,
     "adapter_loglik": -2.5,
     "delta": -0.5,
+    "base_correct": 2,
+    "adapter_correct": 1,
     "examples": 2,
     "held_out": False,
     "passed": False,
@@ -60,6 +62,7 @@ def _check_answers(task: object, adapter: object, completion: object) -> None:
     assert task.self_check == SelfCheck(**CHECK) and task.self_check.passed is False
     assert task.refinement == Refinement(status="queued", steps=8, adapter_id="r1")
     assert adapter.self_check is not None and adapter.self_check.delta == -0.5 and adapter.refined_adapter_id == "r1"
+    assert (adapter.self_check.base_correct, adapter.self_check.adapter_correct) == (2, 1)
     assert completion.icm_lora == ServingInfo(**INFO)  # type: ignore[arg-type]
 
 

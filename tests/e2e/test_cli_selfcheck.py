@@ -31,6 +31,17 @@ def test_generate_prints_and_stores_the_self_check(small_run: Path, tmp_path: Pa
     assert f"self-check: {verdict}: answer log-likelihood {check['adapter_loglik']:.4f}" in result.output
     assert f"({check['delta']:+.4f} nats/token) on 2 in-sample examples" in result.output
 
+    choices = {**spec, "examples": [{**e, "choices": ["fruits", "animals"]} for e in spec["examples"]]}
+    task_file.write_text(json.dumps(choices))
+    result = runner.invoke(app, ["generate", "--generator", generator, "--task", str(task_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    check = json.loads(
+        GeneratedAdapter.from_safetensors_bytes((out / ADAPTER_WEIGHTS).read_bytes()).metadata["self_check"]
+    )
+    right = f"{check['adapter_correct']} right with the adapter vs {check['base_correct']} without; answer"
+    assert 0 <= check["adapter_correct"] <= 2 and 0 <= check["base_correct"] <= 2 and right in result.output
+
+    task_file.write_text(json.dumps(spec))
     unchecked = tmp_path / "unchecked"
     args = ["generate", "--generator", generator, "--task", str(task_file), "--out", str(unchecked), "--no-self-check"]
     result = runner.invoke(app, args)

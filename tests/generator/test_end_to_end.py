@@ -27,7 +27,15 @@ from generator.functional_lora import FunctionalLora, answer_loss, answer_losses
 from generator.lora_layout import NormStats
 from generator.lora_model import LoraModel
 from generator.refine import RefinePlan, refine, refined_adapter_id
-from generator.selfcheck import LoraModelScorer, check_examples, encode_groups, self_check
+from generator.selfcheck import (
+    AnswerScorer,
+    LoraModelScorer,
+    SelfCheck,
+    check_examples,
+    describe,
+    encode_groups,
+    self_check,
+)
 from generator.tasks import Example, TaskSpec, format_prompt, format_target, synthetic_task
 from generator.training.evaluate import paired_bootstrap
 from generator.training.pipeline import SMALL_SETTINGS, Run, step_evaluate, step_train_generator
@@ -248,6 +256,56 @@ def test_self_check_normalises_over_choices_so_format_alone_does_not_pass() -> N
 
     check = self_check(free, adapter, plain, tokenizer, read=8)
     assert check is not None and check.passed and check.delta == 4.0
+
+
+def test_self_check_decides_by_examples_right_before_likelihood() -> None:
+    """The pattern of BIG-bench swahili_english_proverbs: the adapter is far more confident on two examples the base
+    model gets badly wrong, so its mean normalised likelihood is higher, but it answers fewer examples right: it
+    fails. With as many right, the likelihood decides; without choices, only the likelihood."""
+    examples = tuple(Example(f"q{i}", "yes", ("yes", "no")) for i in range(4))
+    spec = TaskSpec("d", examples)
+
+    def scorer_of(base: list[float], tuned: list[float]) -> AnswerScorer:
+        return lambda groups, adapters: torch.tensor([base, tuned])
+
+    tokenizer = load_base_model("tiny").tokenizer
+    adapter = GeneratedAdapter({}, LoraSettings(), "tiny:0", "x")
+    # base: right on examples 0 and 1 (narrowly), very wrong on 2 and 3
+    base = [-1.0, -1.1, -1.0, -1.1, -9.0, -1.0, -9.0, -1.0]
+    tuned = [-1.2, -1.0, -1.2, -1.0, -1.0, -1.1, -1.1, -1.2]  # right on 2 and 3 only: 2 right, like the base model
+    check = self_check(spec, adapter, scorer_of(base, tuned), tokenizer, read=8)
+    assert check is not None and (check.base_correct, check.adapter_correct) == (2, 2)
+    assert check.delta > 0 and check.passed  # a tie: the likelihood decides
+    tuned[4] = -1.2  # now wrong on example 2 as well: 1 right, still far likelier on average
+    check = self_check(spec, adapter, scorer_of(base, tuned), tokenizer, read=8)
+    assert check is not None and check.adapter_correct == 1 and check.delta > 1.0 and not check.passed
+    stored = check.to_dict()
+    assert (stored["base_correct"], stored["adapter_correct"]) == (2, 1)
+    assert describe(stored).startswith("1 of 4 examples right vs 2 without the adapter; answer log-likelihood +")
+    better = [-1.0, -1.2, -1.0, -1.2, -1.0, -1.1, -1.1, -1.2]  # all 4 right, though less likely than base on 0, 1
+    check = self_check(spec, adapter, scorer_of(base, better), tokenizer, read=8)
+    assert check is not None and check.adapter_correct == 4 and check.passed
+    assert SelfCheck(-1.0, -2.0, 4, False, base_correct=1, adapter_correct=2).passed  # more right passes outright
+    assert not SelfCheck(-1.0, -0.5, 4, False, margin=0.0, base_correct=3, adapter_correct=2).passed
+    assert (
+        describe({"delta": -0.5, "base_correct": None}) == "answer log-likelihood -0.500 nats/token vs the base model"
+    )
+
+
+def test_self_check_counts_right_answers_as_the_report_scores_them(tiny_base: BaseModel) -> None:
+    """``base_correct`` / ``adapter_correct`` equal the quality report's multiple-choice scorer on the same examples."""
+    lora = LoraModel(tiny_base.model, LoraSettings())
+    lora.load_vector(_random_lora(lora, 4))
+    words = ("yes", "no", "maybe so")
+    examples = tuple(Example(e.input, words[i % 3], choices=words) for i, e in enumerate(TASK.test[:8]))
+    adapter = GeneratedAdapter(lora.layout.unflatten(_random_lora(lora, 4)), lora.settings, "tiny:0", "x")
+    scorer = LoraModelScorer(lora, tiny_base.tokenizer.pad_token_id)
+    check = self_check(TaskSpec("d", examples), adapter, scorer, tiny_base.tokenizer, read=8, max_length=48)
+    assert check is not None
+    tuned = multiple_choice_correct(lora.model, tiny_base.tokenizer, examples, max_length=48)
+    with lora.base_only() as base:
+        plain = multiple_choice_correct(base, tiny_base.tokenizer, examples, max_length=48)
+    assert (check.base_correct, check.adapter_correct) == (int(sum(plain)), int(sum(tuned)))
 
 
 def test_packed_groups_score_as_one_pair_per_row(tiny_base: BaseModel) -> None:

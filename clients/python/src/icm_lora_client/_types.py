@@ -23,11 +23,15 @@ class Example(_Model):
 
 class SelfCheck(_Model):
     """An adapter's self-check: mean log-likelihood per answer token of the task's examples, with the adapter and
-    with the base model; ``passed`` when the adapter is not worse (by the service's margin)."""
+    with the base model, and for multiple-choice examples how many each answers right (None without choices);
+    ``passed`` when the adapter answers no fewer right and, on a tie, is not less likely (by the service's
+    margin)."""
 
     base_loglik: float
     adapter_loglik: float
     delta: float
+    base_correct: int | None = None
+    adapter_correct: int | None = None
     examples: int
     held_out: bool
     passed: bool
