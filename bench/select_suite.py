@@ -3,6 +3,7 @@
     python bench/select_suite.py candidates                 # -> bench/suites/bigbench-candidates.txt
     python bench/select_suite.py pilot --shard 1/2          # -> bench/results/pilot/<task>.json (resumable)
     python bench/select_suite.py write                      # -> bench/suites/bigbench.txt from the pilot rows
+    python bench/select_suite.py validation                 # -> bench/suites/bigbench-check-validation.txt
 
 The pilot trains a short LoRA per candidate (``--steps`` of batch 8 on its train examples, answers ending with EOS)
 and scores it and the base model on the first ``--test`` test examples (multiple choice by log-likelihood,
@@ -25,6 +26,7 @@ from generator.config import LoraSettings, LoraTrainingSettings
 from generator.files import safe_name, write_json
 from generator.lora_model import LoraModel
 from generator.tasks import load_bigbench_task
+from generator.training.pipeline import read_names_file
 from generator.training.scoring import score_examples
 from generator.training.suite_selection import (
     PilotRow,
@@ -32,8 +34,10 @@ from generator.training.suite_selection import (
     find_candidates,
     read_candidates,
     read_pilot,
+    validation_tasks,
     write_candidates,
     write_suite,
+    write_validation_suite,
 )
 from generator.training.train_loras import encode_examples, train_lora
 
@@ -43,6 +47,7 @@ ROOT = DATA / "bigbench" / "bigbench-1.0.0" / "bigbench" / "benchmark_tasks"
 CANDIDATES = HERE / "suites" / "bigbench-candidates.txt"
 PILOT = HERE / "results" / "pilot"
 SUITE = HERE / "suites" / "bigbench.txt"
+VALIDATION = HERE / "suites" / "bigbench-check-validation.txt"
 
 
 def pilot(args: argparse.Namespace) -> None:
@@ -105,6 +110,10 @@ def main() -> None:
     wri.add_argument("--out", type=Path, default=SUITE)
     wri.add_argument("--min-lift", type=float, default=0.05)
     wri.add_argument("--seed", type=int, default=0)
+    val = sub.add_parser("validation", help="write the self-check's validation suite: pilot tasks of new families")
+    val.add_argument("--pilot", type=Path, default=PILOT)
+    val.add_argument("--suite", type=Path, default=SUITE)
+    val.add_argument("--out", type=Path, default=VALIDATION)
     args = parser.parse_args()
     if args.command == "candidates":
         candidates = find_candidates(args.root, args.per_family)
@@ -114,6 +123,15 @@ def main() -> None:
         print(f"{len(candidates)} candidates ({kinds} generative) from {families} families -> {args.out}")
     elif args.command == "pilot":
         pilot(args)
+    elif args.command == "validation":
+        names, unseen = read_names_file(args.suite)
+        chosen = validation_tasks(read_pilot(args.pilot), names)
+        header = (
+            "The self-check's validation suite, written by bench/select_suite.py validation: every pilot task\n"
+            f"(bench/results/pilot/) of a family that {args.suite.name} neither trains on nor holds out."
+        )
+        write_validation_suite([n for n in names if n not in unseen], chosen, args.out, header)
+        print(f"{len(chosen)} validation tasks from {len({r.family for r in chosen})} families -> {args.out}")
     else:
         rows = read_pilot(args.pilot)
         selection = choose(rows, args.min_lift, seed=args.seed)

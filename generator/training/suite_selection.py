@@ -239,3 +239,23 @@ def write_suite(selection: Selection, path: Path, header: str) -> None:
 
 def read_pilot(folder: Path) -> list[PilotRow]:
     return [PilotRow.from_dict(json.loads(p.read_text(encoding="utf-8"))) for p in sorted(folder.glob("*.json"))]
+
+
+def validation_tasks(rows: Sequence[PilotRow], suite: Sequence[str]) -> list[PilotRow]:
+    """Pilot tasks of families the suite does not contain at all (neither trained on nor held out), in pilot order:
+    a validation set for decisions about generated adapters (the self-check) that is disjoint from the report's
+    held-out tasks, so a rule can be checked on tasks that played no part in choosing it. Most were left out of the
+    suite because a short LoRA did not lift them: the tasks where an adapter is most likely to hurt."""
+    families = {name.split("/", 1)[0] for name in suite}
+    return [r for r in rows if r.family not in families]
+
+
+def write_validation_suite(train: Sequence[str], validation: Sequence[PilotRow], path: Path, header: str) -> None:
+    """A suite file: the generator's training tasks, then the validation tasks marked ``unseen``."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines.append(f"# training: the {len(train)} training tasks of the generator")
+    lines += list(train)
+    kinds, families = sum(r.kind == "generative" for r in validation), len({r.family for r in validation})
+    lines.append(f"# validation: {len(validation)} tasks ({kinds} generative) from {families} families")
+    lines += [f"{r.task} unseen" for r in validation]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 
 from generator.training.pipeline import read_names_file
-from generator.training.suite_selection import PilotRow, choose, find_candidates, read_pilot, write_suite
+from generator.training.suite_selection import (
+    PilotRow,
+    choose,
+    find_candidates,
+    read_pilot,
+    validation_tasks,
+    write_suite,
+    write_validation_suite,
+)
 
 
 def _task(root: Path, name: str, examples: list[dict[str, object]], keywords: list[str] | None = None) -> None:
@@ -96,3 +104,16 @@ def test_pilot_rows_round_trip(tmp_path: Path) -> None:
     (tmp_path / "fam__t.json").write_text(json.dumps(row.to_dict()))
     assert read_pilot(tmp_path) == [row]
     assert row.to_dict()["lift"] == 0.25
+
+
+def test_validation_suite_takes_only_families_the_suite_lacks(tmp_path: Path) -> None:
+    """The self-check's validation tasks come from families neither trained on nor held out, so a rule about
+    generated adapters can be checked on tasks that played no part in choosing it; the file is a valid suite."""
+    rows = [_row("fam_a/x", 0.2), _row("fam_b/y", -0.1), _row("fam_c", 0.0, "generative"), _row("fam_d/z", 0.0)]
+    chosen = validation_tasks(rows, ["fam_a/x", "fam_b/other"])
+    assert [r.task for r in chosen] == ["fam_c", "fam_d/z"]
+    path = tmp_path / "validation.txt"
+    write_validation_suite(["fam_a/x"], chosen, path, "header")
+    names, unseen = read_names_file(path)
+    assert names == ["fam_a/x", "fam_c", "fam_d/z"] and unseen == ["fam_c", "fam_d/z"]
+    assert "# validation: 2 tasks (1 generative) from 2 families" in path.read_text()
