@@ -4,6 +4,7 @@
     python bench/select_suite.py pilot --shard 1/2          # -> bench/results/pilot/<task>.json (resumable)
     python bench/select_suite.py write                      # -> bench/suites/bigbench.txt from the pilot rows
     python bench/select_suite.py validation                 # -> bench/suites/bigbench-check-validation.txt
+    python bench/select_suite.py augmented                  # -> bench/suites/bigbench-augmented.txt (+ -harm-test)
 
 The pilot trains a short LoRA per candidate (``--steps`` of batch 8 on its train examples, answers ending with EOS)
 and scores it and the base model on the first ``--test`` test examples (multiple choice by log-likelihood,
@@ -34,7 +35,9 @@ from generator.training.suite_selection import (
     find_candidates,
     read_candidates,
     read_pilot,
+    split_families,
     validation_tasks,
+    write_augmented_suite,
     write_candidates,
     write_suite,
     write_validation_suite,
@@ -48,6 +51,8 @@ CANDIDATES = HERE / "suites" / "bigbench-candidates.txt"
 PILOT = HERE / "results" / "pilot"
 SUITE = HERE / "suites" / "bigbench.txt"
 VALIDATION = HERE / "suites" / "bigbench-check-validation.txt"
+AUGMENTED = HERE / "suites" / "bigbench-augmented.txt"
+HARM_TEST = HERE / "suites" / "bigbench-harm-test.txt"
 
 
 def pilot(args: argparse.Namespace) -> None:
@@ -114,6 +119,13 @@ def main() -> None:
     val.add_argument("--pilot", type=Path, default=PILOT)
     val.add_argument("--suite", type=Path, default=SUITE)
     val.add_argument("--out", type=Path, default=VALIDATION)
+    aug = sub.add_parser("augmented", help="the suite plus a seeded half of the validation families as training")
+    aug.add_argument("--pilot", type=Path, default=PILOT)
+    aug.add_argument("--suite", type=Path, default=SUITE)
+    aug.add_argument("--out", type=Path, default=AUGMENTED)
+    aug.add_argument("--test-out", type=Path, default=HARM_TEST)
+    aug.add_argument("--fraction", type=float, default=0.5)
+    aug.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.command == "candidates":
         candidates = find_candidates(args.root, args.per_family)
@@ -123,6 +135,22 @@ def main() -> None:
         print(f"{len(candidates)} candidates ({kinds} generative) from {families} families -> {args.out}")
     elif args.command == "pilot":
         pilot(args)
+    elif args.command == "augmented":
+        names, unseen = read_names_file(args.suite)
+        train = [n for n in names if n not in unseen]
+        extra, rest = split_families(validation_tasks(read_pilot(args.pilot), names), args.fraction, args.seed)
+        header = (
+            f"{args.suite.name} plus the validation tasks of a seeded ({args.seed}) {args.fraction:.0%} of the\n"
+            "validation families as training tasks; written by bench/select_suite.py augmented. The other families'\n"
+            f"tasks are the harm test ({args.test_out.name})."
+        )
+        write_augmented_suite(train, extra, unseen, args.out, header)
+        test_header = (
+            f"The harm test: validation tasks of the families that {args.out.name} does not train on; written by\n"
+            "bench/select_suite.py augmented."
+        )
+        write_validation_suite(train + [r.task for r in extra], rest, args.test_out, test_header)
+        print(f"{len(extra)} extra training tasks, {len(rest)} harm-test tasks -> {args.out}, {args.test_out}")
     elif args.command == "validation":
         names, unseen = read_names_file(args.suite)
         chosen = validation_tasks(read_pilot(args.pilot), names)

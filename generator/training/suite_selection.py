@@ -259,3 +259,28 @@ def write_validation_suite(train: Sequence[str], validation: Sequence[PilotRow],
     lines.append(f"# validation: {len(validation)} tasks ({kinds} generative) from {families} families")
     lines += [f"{r.task} unseen" for r in validation]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def split_families(rows: Sequence[PilotRow], fraction: float, seed: int) -> tuple[list[PilotRow], list[PilotRow]]:
+    """Whole families, in a seeded order: the first ``fraction`` of them (rounded) and the rest, each in pilot order.
+    Used to train on part of the validation families (tasks a LoRA could not lift, so the generator learns to leave
+    them alone) while the other part stays a test of harm."""
+    families = sorted({r.family for r in rows})
+    random.Random(seed).shuffle(families)
+    first = set(families[: round(len(families) * fraction)])
+    return [r for r in rows if r.family in first], [r for r in rows if r.family not in first]
+
+
+def write_augmented_suite(
+    train: Sequence[str], extra: Sequence[PilotRow], unseen: Sequence[str], path: Path, header: str
+) -> None:
+    """A suite file: the training tasks, the extra training tasks, then the held-out tasks marked ``unseen``."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines.append(f"# training: {len(train)} tasks of the suite")
+    lines += list(train)
+    families = len({r.family for r in extra})
+    lines.append(f"# training: {len(extra)} validation tasks from {families} families (pilot lift mostly below 0.05)")
+    lines += [r.task for r in extra]
+    lines.append(f"# held out: the suite's {len(unseen)} held-out tasks")
+    lines += [f"{name} unseen" for name in unseen]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -11,7 +11,9 @@ from generator.training.suite_selection import (
     choose,
     find_candidates,
     read_pilot,
+    split_families,
     validation_tasks,
+    write_augmented_suite,
     write_suite,
     write_validation_suite,
 )
@@ -117,3 +119,15 @@ def test_validation_suite_takes_only_families_the_suite_lacks(tmp_path: Path) ->
     names, unseen = read_names_file(path)
     assert names == ["fam_a/x", "fam_c", "fam_d/z"] and unseen == ["fam_c", "fam_d/z"]
     assert "# validation: 2 tasks (1 generative) from 2 families" in path.read_text()
+
+
+def test_augmented_suite_trains_on_whole_families_and_keeps_the_held_out_tasks(tmp_path: Path) -> None:
+    rows = [_row(f"fam_{f}/t{i}", 0.0) for f in "abcdef" for i in range(2)]
+    extra, rest = split_families(rows, 0.5, seed=0)
+    assert len(extra) == len(rest) == 6
+    assert not {r.family for r in extra} & {r.family for r in rest}  # whole families on one side
+    assert split_families(rows, 0.5, seed=0) == (extra, rest)  # reproducible
+    path = tmp_path / "augmented.txt"
+    write_augmented_suite(["x/1", "x/2"], extra, ["y/1"], path, "header")
+    names, unseen = read_names_file(path)
+    assert names == ["x/1", "x/2", *(r.task for r in extra), "y/1"] and unseen == ["y/1"]
