@@ -1,6 +1,7 @@
 """Paired comparison of two generators' quality reports on the tasks both scored (same test examples).
 
     python bench/compare_reports.py A/quality.json B/quality.json [--variant generated] [--out compare.json]
+    python bench/compare_reports.py RUN_A/report/rows RUN_B/report/rows      # rows folders work too (no assembly)
 
 For each variant, the mean difference A - B over every shared test example with a 95% stratified bootstrap interval
 (``generator.training.evaluate.paired_bootstrap``), overall and per group (unseen, unseen_new_family, ...). Rows are
@@ -40,6 +41,14 @@ def compare(a: dict[str, Any], b: dict[str, Any], variants: list[str]) -> dict[s
     return out
 
 
+def load(path: Path) -> dict[str, Any]:
+    """A report (``quality.json``), or a folder of report rows (``RUN/report/rows``) read as one."""
+    if path.is_dir():
+        return {"tasks": [json.loads(p.read_text(encoding="utf-8")) for p in sorted(path.glob("*.json"))]}
+    result: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path)
@@ -47,7 +56,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    a, b = (json.loads(p.read_text(encoding="utf-8")) for p in (args.a, args.b))
+    a, b = load(args.a), load(args.b)
     result = compare(a, b, args.variant or ["generated", "generated_checked", "wrong_vector"])
     result["a"], result["b"] = str(args.a), str(args.b)
     for group, figures in result["groups"].items():
