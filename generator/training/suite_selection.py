@@ -225,16 +225,39 @@ def choose(
     return Selection(train, held_rows, sorted(held), sorted(shared))
 
 
-def write_suite(selection: Selection, path: Path, header: str) -> None:
+Section = tuple[str, Sequence[str], bool]
+"""One part of a suite file: its comment line, its task names, and whether they are held out (``NAME unseen``)."""
+
+
+def write_suite_file(path: Path, header: str, sections: Sequence[Section]) -> None:
+    """The header as comment lines, then each section: its comment and its names (read by ``read_names_file``)."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines.append(f"# training: {len(selection.train)} tasks from {len({r.family for r in selection.train})} families")
-    lines += [r.task for r in selection.train]
-    lines.append(f"# held out: whole families {', '.join(selection.held_out_families)}")
-    lines += [f"{r.task} unseen" for r in selection.held_out if r.task not in selection.shared_description_held_out]
-    if selection.shared_description_held_out:
-        lines.append("# held out: members of trained families that share their description with trained members")
-        lines += [f"{name} unseen" for name in selection.shared_description_held_out]
+    for comment, names, unseen in sections:
+        lines.append(f"# {comment}")
+        lines += [f"{name} unseen" if unseen else name for name in names]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_suite(selection: Selection, path: Path, header: str) -> None:
+    train = selection.train
+    shared = selection.shared_description_held_out
+    sections: list[Section] = [
+        (
+            f"training: {len(train)} tasks from {len({r.family for r in train})} families",
+            [r.task for r in train],
+            False,
+        ),
+        (
+            f"held out: whole families {', '.join(selection.held_out_families)}",
+            [r.task for r in selection.held_out if r.task not in shared],
+            True,
+        ),
+    ]
+    if shared:
+        sections.append(
+            ("held out: members of trained families that share their description with trained members", shared, True)
+        )
+    write_suite_file(path, header, sections)
 
 
 def read_pilot(folder: Path) -> list[PilotRow]:
@@ -252,13 +275,19 @@ def validation_tasks(rows: Sequence[PilotRow], suite: Sequence[str]) -> list[Pil
 
 def write_validation_suite(train: Sequence[str], validation: Sequence[PilotRow], path: Path, header: str) -> None:
     """A suite file: the generator's training tasks, then the validation tasks marked ``unseen``."""
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines.append(f"# training: the {len(train)} training tasks of the generator")
-    lines += list(train)
     kinds, families = sum(r.kind == "generative" for r in validation), len({r.family for r in validation})
-    lines.append(f"# validation: {len(validation)} tasks ({kinds} generative) from {families} families")
-    lines += [f"{r.task} unseen" for r in validation]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_suite_file(
+        path,
+        header,
+        [
+            (f"training: the {len(train)} training tasks of the generator", train, False),
+            (
+                f"validation: {len(validation)} tasks ({kinds} generative) from {families} families",
+                [r.task for r in validation],
+                True,
+            ),
+        ],
+    )
 
 
 def split_families(rows: Sequence[PilotRow], fraction: float, seed: int) -> tuple[list[PilotRow], list[PilotRow]]:
@@ -275,12 +304,17 @@ def write_augmented_suite(
     train: Sequence[str], extra: Sequence[PilotRow], unseen: Sequence[str], path: Path, header: str
 ) -> None:
     """A suite file: the training tasks, the extra training tasks, then the held-out tasks marked ``unseen``."""
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines.append(f"# training: {len(train)} tasks of the suite")
-    lines += list(train)
     families = len({r.family for r in extra})
-    lines.append(f"# training: {len(extra)} validation tasks from {families} families (pilot lift mostly below 0.05)")
-    lines += [r.task for r in extra]
-    lines.append(f"# held out: the suite's {len(unseen)} held-out tasks")
-    lines += [f"{name} unseen" for name in unseen]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_suite_file(
+        path,
+        header,
+        [
+            (f"training: {len(train)} tasks of the suite", train, False),
+            (
+                f"training: {len(extra)} validation tasks from {families} families (pilot lift mostly below 0.05)",
+                [r.task for r in extra],
+                False,
+            ),
+            (f"held out: the suite's {len(unseen)} held-out tasks", unseen, True),
+        ],
+    )
