@@ -7,7 +7,8 @@ each rule from those stored figures, with no model run:
 - ``likelihood``: the rule before accuracy came first: pass when the mean answer log-likelihood (normalised over the
   choices) is no lower than the base model's;
 - ``accuracy_first``: the shipped rule (``generator.selfcheck.SelfCheck.passed``): fewer examples right than the
-  base model fails, more passes, a tie goes to the likelihood.
+  base model fails, more passes, a tie goes to the likelihood;
+- ``strict``: as ``accuracy_first``, but a tie fails.
 For each rule: the mean test score when a failed adapter is replaced by the base model, the worst task's score minus
 base, the harmful adapters (more than 3 points below base on the test examples) caught and let through, and the
 helpful ones (more than 3 points above) lost. Writes ``rules.json`` and ``rules.md``.
@@ -45,7 +46,19 @@ def accuracy_first(check: dict[str, Any]) -> bool:
     ).passed
 
 
-RULES: dict[str, Callable[[dict[str, Any]], bool]] = {"likelihood": likelihood, "accuracy_first": accuracy_first}
+def strict(check: dict[str, Any]) -> bool:
+    """Multiple choice passes only with more examples right than the base model (a tie fails); otherwise the
+    likelihood decides."""
+    if check.get("base_correct") is None or check.get("adapter_correct") is None:
+        return likelihood(check)
+    return int(check["adapter_correct"]) > int(check["base_correct"])
+
+
+RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "likelihood": likelihood,
+    "accuracy_first": accuracy_first,
+    "strict": strict,
+}
 
 
 def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -109,14 +122,15 @@ def markdown(result: dict[str, Any], title: str) -> str:
         )
     lines += [
         "",
-        "| task | base | generated | right base / adapter (of 8) | Δ log-lik | likelihood | accuracy first |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| task | base | generated | right base / adapter (of 8) | Δ log-lik | likelihood | accuracy first | strict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for t in result["per_task"]:
         right = f"{t['base_correct']} / {t['adapter_correct']}" if t["base_correct"] is not None else "–"
         lines.append(
             f"| {t['task']} | {t['base']:.3f} | {t['generated']:.3f} | {right} | {t['delta']:+.3f} | "
-            f"{'pass' if t['likelihood'] else 'fail'} | {'pass' if t['accuracy_first'] else 'fail'} |"
+            + " | ".join("pass" if t[name] else "fail" for name in RULES)
+            + " |"
         )
     return "\n".join(lines) + "\n"
 

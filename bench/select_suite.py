@@ -5,6 +5,7 @@
     python bench/select_suite.py write                      # -> bench/suites/bigbench.txt from the pilot rows
     python bench/select_suite.py validation                 # -> bench/suites/bigbench-check-validation.txt
     python bench/select_suite.py augmented                  # -> bench/suites/bigbench-augmented.txt (+ -harm-test)
+    python bench/select_suite.py remaining                  # -> bench/suites/bigbench-remaining.txt
 
 The pilot trains a short LoRA per candidate (``--steps`` of batch 8 on its train examples, answers ending with EOS)
 and scores it and the base model on the first ``--test`` test examples (multiple choice by log-likelihood,
@@ -35,6 +36,7 @@ from generator.training.suite_selection import (
     find_candidates,
     read_candidates,
     read_pilot,
+    remaining_tasks,
     split_families,
     validation_tasks,
     write_augmented_suite,
@@ -53,6 +55,7 @@ SUITE = HERE / "suites" / "bigbench.txt"
 VALIDATION = HERE / "suites" / "bigbench-check-validation.txt"
 AUGMENTED = HERE / "suites" / "bigbench-augmented.txt"
 HARM_TEST = HERE / "suites" / "bigbench-harm-test.txt"
+REMAINING = HERE / "suites" / "bigbench-remaining.txt"
 
 
 def pilot(args: argparse.Namespace) -> None:
@@ -119,6 +122,10 @@ def main() -> None:
     val.add_argument("--pilot", type=Path, default=PILOT)
     val.add_argument("--suite", type=Path, default=SUITE)
     val.add_argument("--out", type=Path, default=VALIDATION)
+    rem = sub.add_parser("remaining", help="pilot tasks of the suite's families that the suite does not list")
+    rem.add_argument("--pilot", type=Path, default=PILOT)
+    rem.add_argument("--suite", type=Path, default=SUITE)
+    rem.add_argument("--out", type=Path, default=REMAINING)
     aug = sub.add_parser("augmented", help="the suite plus a seeded half of the validation families as training")
     aug.add_argument("--pilot", type=Path, default=PILOT)
     aug.add_argument("--suite", type=Path, default=SUITE)
@@ -151,6 +158,15 @@ def main() -> None:
         )
         write_validation_suite(train + [r.task for r in extra], rest, args.test_out, test_header)
         print(f"{len(extra)} extra training tasks, {len(rest)} harm-test tasks -> {args.out}, {args.test_out}")
+    elif args.command == "remaining":
+        names, unseen = read_names_file(args.suite)
+        chosen = remaining_tasks(read_pilot(args.pilot), names)
+        header = (
+            "Tasks no report or decision has used, written by bench/select_suite.py remaining: every pilot task\n"
+            f"(bench/results/pilot/) of a family in {args.suite.name} that {args.suite.name} does not list."
+        )
+        write_validation_suite([n for n in names if n not in unseen], chosen, args.out, header, label="remaining")
+        print(f"{len(chosen)} remaining tasks from {len({r.family for r in chosen})} families -> {args.out}")
     elif args.command == "validation":
         names, unseen = read_names_file(args.suite)
         chosen = validation_tasks(read_pilot(args.pilot), names)

@@ -273,7 +273,19 @@ def validation_tasks(rows: Sequence[PilotRow], suite: Sequence[str]) -> list[Pil
     return [r for r in rows if r.family not in families]
 
 
-def write_validation_suite(train: Sequence[str], validation: Sequence[PilotRow], path: Path, header: str) -> None:
+def remaining_tasks(rows: Sequence[PilotRow], suite: Sequence[str]) -> list[PilotRow]:
+    """Pilot tasks of families the suite does contain that the suite does not list (neither trained on nor held
+    out), in pilot order: the complement of ``validation_tasks``. Mostly members of trained families that a short
+    LoRA did not lift (bbq ``*_disambig`` among them, which share their description with trained ``*_ambig``
+    tasks), plus the rest of held-out families. No report or decision has used them: a fresh test of tasks the
+    generator's family knows but whose behaviour it never trained on."""
+    families, listed = {name.split("/", 1)[0] for name in suite}, set(suite)
+    return [r for r in rows if r.family in families and r.task not in listed]
+
+
+def write_validation_suite(
+    train: Sequence[str], validation: Sequence[PilotRow], path: Path, header: str, label: str = "validation"
+) -> None:
     """A suite file: the generator's training tasks, then the validation tasks marked ``unseen``."""
     kinds, families = sum(r.kind == "generative" for r in validation), len({r.family for r in validation})
     write_suite_file(
@@ -282,7 +294,7 @@ def write_validation_suite(train: Sequence[str], validation: Sequence[PilotRow],
         [
             (f"training: the {len(train)} training tasks of the generator", train, False),
             (
-                f"validation: {len(validation)} tasks ({kinds} generative) from {families} families",
+                f"{label}: {len(validation)} tasks ({kinds} generative) from {families} families",
                 [r.task for r in validation],
                 True,
             ),
