@@ -11,6 +11,7 @@ from generator.training.suite_selection import (
     choose,
     find_candidates,
     read_pilot,
+    remaining_tasks,
     split_families,
     validation_tasks,
     write_augmented_suite,
@@ -119,6 +120,19 @@ def test_validation_suite_takes_only_families_the_suite_lacks(tmp_path: Path) ->
     names, unseen = read_names_file(path)
     assert names == ["fam_a/x", "fam_c", "fam_d/z"] and unseen == ["fam_c", "fam_d/z"]
     assert "# validation: 2 tasks (1 generative) from 2 families" in path.read_text()
+
+
+def test_remaining_tasks_are_the_unlisted_members_of_the_suites_families(tmp_path: Path) -> None:
+    """The complement of the validation tasks: families the suite has, tasks it does not list."""
+    rows = [_row("fam_a/x", 0.2), _row("fam_a/y", 0.0), _row("fam_b/other", 0.1), _row("fam_c", 0.0, "generative")]
+    suite = ["fam_a/x", "fam_b/other"]
+    chosen = remaining_tasks(rows, suite)
+    assert [r.task for r in chosen] == ["fam_a/y"]
+    assert not {r.task for r in chosen} & {r.task for r in validation_tasks(rows, suite)}
+    path = tmp_path / "remaining.txt"
+    write_validation_suite(suite, chosen, path, "header", label="remaining")
+    assert read_names_file(path) == (["fam_a/x", "fam_b/other", "fam_a/y"], ["fam_a/y"])
+    assert "# remaining: 1 tasks (0 generative) from 1 families" in path.read_text()
 
 
 def test_augmented_suite_trains_on_whole_families_and_keeps_the_held_out_tasks(tmp_path: Path) -> None:
