@@ -6,7 +6,10 @@ is a hash of both files' contents: adapter ids are derived from it, so a new gen
 
 A training run saves everything in fp32. ``save_checkpoint(..., packed=True)`` writes the form that ships in the
 package (``icm-lora export-generator``): the CVAE's decoder alone (the encoder only serves reconstruction training)
-with its weights in fp16, upcast to fp32 when loaded; the statistics stay fp32. The JSON says so (``"packed"``).
+with its weights in fp16, upcast to fp32 when loaded; the statistics stay fp32. ``weights="int8"`` or ``"int4"``
+stores each decoder matrix of at least ``QUANTIZE_MIN`` values group-wise quantised (``generator.quantize``) and the
+normalisation mean in int8 (it is added to every generated value, so it keeps 8 bits); small tensors stay fp16 and
+the per-matrix scales fp32. Loading dequantises to fp32 once. The JSON says what was done (``"packed"``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ from generator.config import CVAEConfig, LoraSettings, TaskEncoderSettings
 from generator.cvae import CVAE
 from generator.files import write_atomic, write_json
 from generator.lora_layout import LoraLayout, NormStats, Segment
+from generator.quantize import GROUP, WEIGHT_FORMATS, Quantized, dequantize, quantize
 from generator.task_encoder import ConditionStats
 
 FORMAT = "icm-lora-generator/1"
 PACKED_DTYPE = torch.float16
 ENCODER_PREFIXES = ("enc_chunk.", "enc_out.")
+SHIPPED_WEIGHTS = "int4"  # what ``icm-lora export-generator`` writes unless told otherwise
+QUANTIZE_MIN = 16384  # values: smaller tensors (biases, embeddings) stay fp16 when the rest is quantised
+QDATA, QSCALE = "qdata:", "qscale:"  # prefixes of a quantised tensor's integers and scales
 WEIGHTS_FILE = "generator.safetensors"
 CONFIG_FILE = "generator.json"
 
@@ -50,16 +57,35 @@ class GeneratorCheckpoint:
     info: dict[str, Any] = field(default_factory=dict)
     generator_id: str = ""
 
-    def tensors(self, packed: bool = False) -> dict[str, torch.Tensor]:
-        """Every tensor to save; ``packed``: the decoder's weights only, in fp16."""
+    def tensors(self, packed: bool = False, weights: str = "float16") -> dict[str, torch.Tensor]:
+        """Every tensor to save; ``packed``: the decoder's weights only, in fp16, or with ``weights`` int8/int4 the
+        large ones quantised (``quantized_names``)."""
+        bits = _bits(weights) if packed else 0
         state = self.cvae.state_dict()
         if packed:
-            state = {k: v.to(PACKED_DTYPE) for k, v in state.items() if not k.startswith(ENCODER_PREFIXES)}
-        tensors = {f"cvae.{k}": v.detach().contiguous() for k, v in state.items()}
-        tensors["norm.mean"] = self.norm.mean.contiguous()
-        tensors["norm.scale"] = self.norm.scale.contiguous()
-        tensors.update({k: v.contiguous() for k, v in self.cond.tensors().items()})
-        return tensors
+            state = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIXES)}
+        tensors: dict[str, torch.Tensor] = {}
+        plain = {f"cvae.{k}": v.detach() for k, v in state.items()} | {"norm.mean": self.norm.mean}
+        for name, value in plain.items():
+            if bits and (name == "norm.mean" or value.numel() >= QUANTIZE_MIN):
+                q = quantize(value, 8 if name == "norm.mean" else bits)
+                tensors[QDATA + name], tensors[QSCALE + name] = q.data, q.scale
+            else:
+                tensors[name] = value.to(PACKED_DTYPE) if packed and name.startswith("cvae.") else value
+        tensors["norm.scale"] = self.norm.scale
+        tensors.update(self.cond.tensors())
+        return {k: v.contiguous() for k, v in tensors.items()}
+
+    def quantized_names(self, weights: str) -> dict[str, dict[str, Any]]:
+        """For the JSON: each quantised tensor's name, shape and bits."""
+        bits = _bits(weights)
+        names = {f"cvae.{k}": v for k, v in self.cvae.state_dict().items() if not k.startswith(ENCODER_PREFIXES)}
+        names["norm.mean"] = self.norm.mean
+        return {
+            name: {"shape": list(v.shape), "bits": 8 if name == "norm.mean" else bits}
+            for name, v in names.items()
+            if bits and (name == "norm.mean" or v.numel() >= QUANTIZE_MIN)
+        }
 
     def config(self) -> dict[str, Any]:
         return {
@@ -73,20 +99,31 @@ class GeneratorCheckpoint:
             "info": self.info,
         }
 
-    def nbytes(self, packed: bool = False) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors(packed).values())
+    def nbytes(self, packed: bool = False, weights: str = "float16") -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors(packed, weights).values())
 
 
-def save_checkpoint(checkpoint: GeneratorCheckpoint, folder: Path, packed: bool = False) -> str:
-    """Write both files (atomically each); return and set the generator id. ``packed``: the shipping form."""
-    weights = save(checkpoint.tensors(packed), metadata={"format": FORMAT})
+def _bits(weights: str) -> int:
+    if weights not in WEIGHT_FORMATS:
+        raise CheckpointError(f"unknown weight format {weights!r} (one of {', '.join(WEIGHT_FORMATS)})")
+    return {"float16": 0, "int8": 8, "int4": 4}[weights]
+
+
+def save_checkpoint(
+    checkpoint: GeneratorCheckpoint, folder: Path, packed: bool = False, weights: str = "float16"
+) -> str:
+    """Write both files (atomically each); return and set the generator id. ``packed``: the shipping form, its large
+    decoder matrices in ``weights`` (float16, int8 or int4)."""
+    weights_bytes = save(checkpoint.tensors(packed, weights), metadata={"format": FORMAT})
     config = checkpoint.config()
     if packed:
         config["packed"] = {"cvae_dtype": str(PACKED_DTYPE).removeprefix("torch."), "decoder_only": True}
-    config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+        if weights != "float16":
+            config["packed"]["quantized"] = {"group": GROUP, "tensors": checkpoint.quantized_names(weights)}
+    config["weights_sha256"] = hashlib.sha256(weights_bytes).hexdigest()
     checkpoint.generator_id = _generator_id(config)
     config["generator_id"] = checkpoint.generator_id
-    write_atomic(folder / WEIGHTS_FILE, weights)
+    write_atomic(folder / WEIGHTS_FILE, weights_bytes)
     write_json(folder / CONFIG_FILE, config)
     return checkpoint.generator_id
 
@@ -94,6 +131,21 @@ def save_checkpoint(checkpoint: GeneratorCheckpoint, folder: Path, packed: bool 
 def _generator_id(config: dict[str, Any]) -> str:
     body = {k: v for k, v in config.items() if k != "generator_id"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dequantized(tensors: dict[str, torch.Tensor], packed: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The stored tensors with each quantised one (listed in the JSON) decoded to fp32 under its own name; an entry
+    whose integers or scales are missing or do not fit its shape raises ``ValueError``."""
+    quantized = packed.get("quantized")
+    if not quantized:
+        return tensors
+    group, out = int(quantized["group"]), dict(tensors)
+    for name, entry in dict(quantized["tensors"]).items():
+        data, scale = out.pop(QDATA + name, None), out.pop(QSCALE + name, None)
+        if data is None or scale is None:
+            raise ValueError(f"quantised tensor {name} is missing")
+        out[name] = dequantize(Quantized(data, scale), tuple(int(n) for n in entry["shape"]), int(entry["bits"]), group)
+    return out
 
 
 def load_checkpoint(folder: Path) -> GeneratorCheckpoint:
@@ -114,7 +166,7 @@ def load_checkpoint(folder: Path) -> GeneratorCheckpoint:
     if config.get("generator_id") != _generator_id(config):
         raise CheckpointError(f"{config_path}: generator_id does not match the checkpoint's contents")
     try:
-        tensors = load(weights)
+        tensors = _dequantized(load(weights), config.get("packed") or {})
         settings = LoraSettings.from_dict(config["lora"])
         segments, offset = [], 0
         for item in config["segments"]:

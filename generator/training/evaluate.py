@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from generator.checkpoint import SHIPPED_WEIGHTS
 from generator.files import read_json, safe_name, write_atomic, write_json
 from generator.generate import AdapterGenerator
 from generator.lora_model import LoraModel
@@ -449,7 +450,7 @@ def _summarise(rows: list[dict[str, Any]], inputs: ReportInputs) -> dict[str, An
             if seen["generated"] is not None and seen["wrong_vector"] is not None
             else None
         ),
-        "generator_bytes": checkpoint.nbytes(packed=True),  # what ships (icm-lora export-generator)
+        "generator_bytes": checkpoint.nbytes(True, SHIPPED_WEIGHTS),  # what ships (icm-lora export-generator)
         "trained_generator_bytes": checkpoint.nbytes(),  # the training checkpoint, encoder and fp32 included
         "collection_bytes": _seen_collection_bytes(inputs),
         "objective": checkpoint.info.get("objective", "reconstruction"),
@@ -500,8 +501,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines.append(f"- right vector minus wrong vector on seen tasks: {fmt(summary['wrong_vector_gap_seen'])}")
     ratio = summary["generator_bytes"] / summary["collection_bytes"]
     lines.append(
-        f"- generator {summary['generator_bytes'] / 1e6:.2f} MB packed vs one LoRA per training task "
-        f"{summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
+        f"- generator {summary['generator_bytes'] / 1e6:.2f} MB packed ({SHIPPED_WEIGHTS}) vs one LoRA per training "
+        f"task {summary['collection_bytes'] / 1e6:.2f} MB ({ratio:.1%})"
     )
     return "\n".join(lines) + "\n"
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from generator.base_model import BaseModel, load_base_model
-from generator.checkpoint import CheckpointError, load_checkpoint
+from generator.checkpoint import CheckpointError, _generator_id, load_checkpoint
 from generator.config import TaskEncoderSettings
 from generator.files import safe_name
 from generator.generate import AdapterGenerator, GeneratorMismatchError
@@ -204,7 +205,8 @@ def test_packed_export_decodes_the_same_adapters_at_under_half_the_size(small_ru
     rounding; its own generator id; tampering still refused; it cannot encode (no encoder shipped)."""
     out = tmp_path / "packed"
     result = CliRunner().invoke(
-        app, ["export-generator", "--generator", str(small_run / "generator"), "--out", str(out)]
+        app,
+        ["export-generator", "--generator", str(small_run / "generator"), "--out", str(out), "--weights", "float16"],
     )
     assert result.exit_code == 0, result.output
     full, packed = load_checkpoint(small_run / "generator"), load_checkpoint(out)
@@ -227,6 +229,47 @@ def test_packed_export_decodes_the_same_adapters_at_under_half_the_size(small_ru
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="checksum"):
         load_checkpoint(out)
+
+
+@pytest.mark.parametrize(("weights", "min_cosine"), [("int8", 0.999), ("int4", 0.99)])
+def test_quantized_export_decodes_nearly_the_same_adapters(
+    small_run: Path, tmp_path: Path, weights: str, min_cosine: float
+) -> None:
+    """The default shipping form (int4) and int8: large matrices as integers + group scales, the normalisation
+    mean in int8; the learned part of each adapter (its offset from the mean) keeps its direction; a quantised
+    tensor that goes missing, or a weight format nobody knows, is refused with a clear message."""
+    fp16, out = tmp_path / "fp16", tmp_path / weights
+    args = ["export-generator", "--generator", str(small_run / "generator")]
+    assert CliRunner().invoke(app, [*args, "--out", str(fp16), "--weights", "float16"]).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--out", str(out), *(["--weights", weights] if weights == "int8" else [])])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "generator.json").read_text())
+    quantized = config["packed"]["quantized"]["tensors"]
+    assert quantized["norm.mean"]["bits"] == 8
+    assert any(name.startswith("cvae.") and entry["bits"] == int(weights[3:]) for name, entry in quantized.items())
+    assert (out / "generator.safetensors").stat().st_size < 0.75 * (fp16 / "generator.safetensors").stat().st_size
+    full, packed = load_checkpoint(small_run / "generator"), load_checkpoint(out)
+    assert packed.generator_id not in (full.generator_id, load_checkpoint(fp16).generator_id)
+    z = torch.zeros(8, full.cvae.config.latent_dim)
+    c = torch.randn(8, full.cvae.config.cond_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = full.norm.denormalise(full.cvae.decode(z, c)) - full.norm.mean
+        got = packed.norm.denormalise(packed.cvae.decode(z, c)) - full.norm.mean
+    assert float(torch.nn.functional.cosine_similarity(want, got, dim=1).min()) > min_cosine
+
+    name = next(n for n in quantized if n.startswith("cvae."))
+    tensors = load_file(out / "generator.safetensors")
+    del tensors[f"qscale:{name}"]
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    save_file(tensors, tampered / "generator.safetensors", metadata={"format": config["format"]})
+    config["weights_sha256"] = hashlib.sha256((tampered / "generator.safetensors").read_bytes()).hexdigest()
+    config["generator_id"] = _generator_id(config)  # a consistent checkpoint that lacks one scale tensor
+    (tampered / "generator.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"quantised tensor .* is missing"):
+        load_checkpoint(tampered)
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--weights", "int3"])
+    assert bad.exit_code != 0 and "unknown weight format 'int3'" in bad.output
 
 
 def test_generator_refuses_a_mismatched_encoder(small_run: Path, tiny_base: BaseModel) -> None:
