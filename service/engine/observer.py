@@ -89,3 +89,4 @@ class EngineStats:
     decode_steps_total: int
     kv_cache_bytes: int
     adapters_prepared_total: int = 0  # preparations (checks + slot-row layout); a resident id is prepared once
+    decode_groups: int = 0  # running rows' groups, one forward pass each per decode step

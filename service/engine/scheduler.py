@@ -9,6 +9,13 @@ Each iteration of the loop, between two forward passes:
    in one left-padded forward pass, then merged into the running batch;
 4. runs one decode step for every running row, each row with its own slot, and retires the rows that finished.
 
+The running rows form one or more *decode groups* (``_Group``), each with its own left-padded KV cache and one
+forward pass per step. Joining rows go into the group where they add the least padding; when the least padding
+(positions x rows the others or they would attend to in vain) costs more memory traffic per step than a second pass
+over the model's weights, they start a group of their own (at most ``MAX_GROUPS``). So a 2,000-token prompt that
+finishes its prefill beside short streams decodes in its own group: the short streams do not attend over 2,000
+padded positions, and no group's cache is rebuilt. Groups whose padding together would cost less than a pass merge.
+
 Requests are admitted in arrival order. A request whose adapter needs a slot while every slot is pinned waits; later
 requests that need no new slot (no adapter, or an adapter already resident) may go ahead of it, later ones that need a
 swap may not, so a waiting adapter gets the next slot that frees up.
@@ -84,6 +91,28 @@ class Job:
         return len(self.prompt_ids) + self.params.max_tokens
 
 
+MAX_GROUPS = 4
+
+
+@dataclass(eq=False)
+class _Group:
+    """Running rows that decode in one forward pass: their cache and, on the device, the token each feeds next
+    [B, 1] and its position [B, 1] (advanced in place by the decode step; rebuilt only when rows join or leave)."""
+
+    rows: list[Job]
+    cache: BatchKVCache
+    next_ids: torch.Tensor
+    positions: torch.Tensor
+
+
+def _padding_added(group_rows: int, group_length: int, rows: int, length: int) -> int:
+    """Positions x rows attended in vain if ``rows`` of ``length`` join a group of ``group_rows`` of
+    ``group_length`` (left padding: the shorter side attends over the longer one's extra positions)."""
+    if length <= group_length:
+        return rows * (group_length - length)
+    return group_rows * (length - group_length)
+
+
 def kv_bytes_per_token(model: PreTrainedModel) -> int:
     """KV cache bytes of one position of one row: keys and values of every layer."""
     config = model.config
@@ -116,6 +145,10 @@ class Scheduler:
         self.device = bank.device
         self.num_layers = int(model.config.num_hidden_layers)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
+        # a second decode group costs one more pass over the weights per step: as much memory traffic as this many
+        # padded KV positions (one row each)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.group_cost_positions = max(1, weight_bytes // self.kv_bytes_per_token)
         # a 4D mask goes to the attention as it is: SDPA takes a bool mask, eager attention (Gemma 2's soft-capping)
         # adds it to the scores, so it needs 0 / -inf
         self._additive_mask = getattr(model.config, "_attn_implementation", None) == "eager"
@@ -124,19 +157,19 @@ class Scheduler:
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._rows: list[Job] = []
+        self._groups: list[_Group] = []
         self._prefilling: deque[Job] = deque()  # long prompts, prefilled one chunk per loop iteration
-        self._cache: BatchKVCache | None = None
-        # per running row, on the device: the token to feed next [B, 1] and its position [B, 1]; the decode step
-        # advances them in place, and they are rebuilt only when rows join or leave
-        self._next_ids: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
         self._pending_swaps: list[tuple[str, int, str | None, SwapEvents]] = []  # CUDA copies not timed yet
         self.swaps_total = 0
         self.swap_seconds_total = 0.0
         self.tokens_total = 0
         self.finished_total = 0
         self.steps_total = 0
+
+    @property
+    def _rows(self) -> list[Job]:
+        """Every running row, group by group."""
+        return [job for group in self._groups for job in group.rows]
 
     # --- any thread -------------------------------------------------------------------------------------------
 
@@ -199,7 +232,7 @@ class Scheduler:
         return future
 
     def stats(self) -> EngineStats:
-        cache = self._cache
+        groups = list(self._groups)
         return EngineStats(
             swaps_total=self.swaps_total,
             swap_seconds_total=self.swap_seconds_total,
@@ -211,7 +244,8 @@ class Scheduler:
             tokens_generated_total=self.tokens_total,
             requests_finished_total=self.finished_total,
             decode_steps_total=self.steps_total,
-            kv_cache_bytes=0 if cache is None else cache.nbytes(),
+            kv_cache_bytes=sum(group.cache.nbytes() for group in groups),
+            decode_groups=len(groups),
         )
 
     # --- engine thread ----------------------------------------------------------------------------------------
@@ -231,7 +265,7 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._closing or self._calls or self._waiting or self._rows or self._prefilling):
+                    while not (self._closing or self._calls or self._waiting or self._groups or self._prefilling):
                         self._cond.wait()
                     if self._closing:
                         break
@@ -260,7 +294,7 @@ class Scheduler:
                 self._prefill(short)
         if self._prefilling:
             self._prefill_chunk()
-        if self._rows:
+        if self._groups:
             self._decode_step()
 
     def _fail_all_running(self, jobs: list[Job], exc: BaseException) -> None:
@@ -468,22 +502,32 @@ class Scheduler:
             index = torch.tensor(keep, dtype=torch.long).to(self.device, non_blocking=True)
             cache.select(keep, index)
             next_ids, positions = next_ids.index_select(0, index), positions.index_select(0, index)
-        self._rows.extend(ready[i] for i in keep)
-        if self._cache is None or self._next_ids is None or self._positions is None:
-            self._cache = BatchKVCache.concat([cache], row_capacity=self.config.max_batch_size)
-            self._next_ids, self._positions = next_ids, positions
-        else:
-            if not self._cache.join(cache):  # longer than the running cache, or beyond its rows: rebuilt once
-                self._cache = BatchKVCache.concat([self._cache, cache], row_capacity=self.config.max_batch_size)
-            self._next_ids = torch.cat([self._next_ids, next_ids])
-            self._positions = torch.cat([self._positions, positions])
+        rows = [ready[i] for i in keep]
+        costs = [_padding_added(len(g.rows), g.cache.length, len(rows), cache.length) for g in self._groups]
+        best = min(range(len(costs)), key=costs.__getitem__, default=None)
+        if best is None or (costs[best] > self.group_cost_positions and len(self._groups) < MAX_GROUPS):
+            grouped = BatchKVCache.concat([cache], row_capacity=self.config.max_batch_size if best is None else 0)
+            self._groups.append(_Group(rows, grouped, next_ids, positions))
+            return
+        group = self._groups[best]
+        if not group.cache.join(cache):  # longer than the group's cache, or beyond its rows: rebuilt once
+            group.cache = BatchKVCache.concat([group.cache, cache], row_capacity=self.config.max_batch_size)
+        group.rows.extend(rows)
+        group.next_ids = torch.cat([group.next_ids, next_ids])
+        group.positions = torch.cat([group.positions, positions])
 
     def _decode_step(self) -> None:
-        """One token for every running row. Its inputs stay on the device (the tokens sampled by the previous step,
-        positions advanced in place, the padding mask's new column written in place); the only device-to-host
-        transfer is this step's sampled tokens."""
-        rows, cache, ids, positions = self._rows, self._cache, self._next_ids, self._positions
-        assert cache is not None and ids is not None and positions is not None
+        """One token for every running row: one forward pass per decode group; then groups that would now cost less
+        together than apart merge."""
+        for group in list(self._groups):
+            self._decode_group(group)
+        self._merge_groups()
+
+    def _decode_group(self, group: _Group) -> None:
+        """One token for every row of ``group``. Its inputs stay on the device (the tokens sampled by the previous
+        step, positions advanced in place, the padding mask's new column written in place); the only
+        device-to-host transfer is this step's sampled tokens."""
+        rows, cache, ids, positions = group.rows, group.cache, group.next_ids, group.positions
         mask = cache.append_position()
         attention = self._padding_mask(mask) if cache.has_padding() else None
         try:
@@ -498,11 +542,11 @@ class Scheduler:
             logprobs = token_logprobs(logits, params, tokens)  # per-token log-probabilities hook (rows that ask)
         except Exception as exc:
             log.exception("decode step failed")
-            self._clear_rows()
+            self._groups.remove(group)
             for job in rows:
                 self._finish(job, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
             return
-        self._next_ids = sampled.view(-1, 1)
+        group.next_ids = sampled.view(-1, 1)
         positions += 1
         self.steps_total += 1
         self.observer.on_batch(len(rows))
@@ -512,7 +556,28 @@ class Scheduler:
             job.position += 1
             if not self._accept(job, tokens[i], logprobs[i]):
                 keep.append(i)
-        self._retain(keep)
+        self._retain(group, keep)
+
+    def _merge_groups(self) -> None:
+        """Merge the two groups that add the least padding together, when that costs less than their extra pass and
+        their rows fit in one batch (one rebuild of the merged cache, then one pass per step instead of two)."""
+        if len(self._groups) < 2:
+            return
+        pairs = [
+            (_padding_added(len(a.rows), a.cache.length, len(b.rows), b.cache.length), i, j)
+            for i, a in enumerate(self._groups)
+            for j, b in enumerate(self._groups)
+            if i < j
+        ]
+        cost, i, j = min(pairs)
+        if cost > self.group_cost_positions:
+            return
+        a, b = self._groups[i], self._groups[j]
+        a.cache = BatchKVCache.concat([a.cache, b.cache], row_capacity=self.config.max_batch_size)
+        a.rows.extend(b.rows)
+        a.next_ids = torch.cat([a.next_ids, b.next_ids])
+        a.positions = torch.cat([a.positions, b.positions])
+        del self._groups[j]
 
     def _padding_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """[B, T] bool -> the [B, 1, 1, T] mask of a decode step, in the form the model's attention takes."""
@@ -546,32 +611,32 @@ class Scheduler:
         return False
 
     def _drop_cancelled_rows(self) -> None:
-        if not any(job.handle.cancel_requested for job in self._rows):
-            return
-        keep = []
-        for i, job in enumerate(self._rows):
-            if job.handle.cancel_requested:
-                self._finish(job, FINISH_CANCELLED)
-            else:
-                keep.append(i)
-        self._retain(keep)
+        for group in list(self._groups):
+            if not any(job.handle.cancel_requested for job in group.rows):
+                continue
+            keep = []
+            for i, job in enumerate(group.rows):
+                if job.handle.cancel_requested:
+                    self._finish(job, FINISH_CANCELLED)
+                else:
+                    keep.append(i)
+            self._retain(group, keep)
 
-    def _retain(self, keep: Sequence[int]) -> None:
-        """Keep only these rows of the running batch (the others were finished already)."""
-        if len(keep) == len(self._rows):
+    def _retain(self, group: _Group, keep: Sequence[int]) -> None:
+        """Keep only these rows of ``group`` (the others were finished already); an empty group goes."""
+        if len(keep) == len(group.rows):
             return
         if not keep:
-            self._clear_rows()
+            self._groups.remove(group)
             return
-        assert self._cache is not None and self._next_ids is not None and self._positions is not None
-        order = self._cache.retain(keep)  # in place; the rows after the new end moved into the holes
-        self._rows = [self._rows[i] for i in order]
+        order = group.cache.retain(keep)  # in place; the rows after the new end moved into the holes
+        group.rows = [group.rows[i] for i in order]
         index = torch.tensor(order, dtype=torch.long).to(self.device, non_blocking=True)
-        self._next_ids = self._next_ids.index_select(0, index)
-        self._positions = self._positions.index_select(0, index)
+        group.next_ids = group.next_ids.index_select(0, index)
+        group.positions = group.positions.index_select(0, index)
 
     def _clear_rows(self) -> None:
-        self._rows, self._cache, self._next_ids, self._positions = [], None, None, None
+        self._groups = []
 
     def _finish(self, job: Job, reason: str, error: BaseException | None = None, push: bool = True) -> None:
         if job.slot != NO_SLOT:
