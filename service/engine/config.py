@@ -22,6 +22,8 @@ class EngineConfig:
     rows x the longest (prompt + max_tokens) among them (the cache is left-padded to its longest row); a request that
     would exceed it waits until rows leave, and one that could never fit alone is refused (``RequestTooLarge``).
     The cache's buffers grow with spare room (up to half again), so memory may reach about 1.5x the budget.
+    ``max_decode_groups``: running rows may decode in up to this many groups, one forward pass each, so that a long
+    row does not pad every short one (the scheduler's module docstring); 1 keeps every row in one pass.
     """
 
     num_slots: int = 16
@@ -34,6 +36,7 @@ class EngineConfig:
     max_prepared: int = 256
     prefill_chunk: int = 256
     kv_cache_bytes: int = 4 * 2**30
+    max_decode_groups: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, tuple):
@@ -46,6 +49,7 @@ class EngineConfig:
             "max_prefill_tokens",
             "max_prepared",
             "prefill_chunk",
+            "max_decode_groups",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -10,18 +10,12 @@ Each iteration of the loop, between two forward passes:
 4. runs one decode step for every running row, each row with its own slot, and retires the rows that finished.
 
 The running rows form one or more *decode groups* (``_Group``), each with its own left-padded KV cache and one
-forward pass per step. Joining rows go into the group where they add the least padding; when the least padding
-(positions x rows the others or they would attend to in vain) costs more memory traffic per step than a second pass
-over the model's weights, they start a group of their own (at most ``MAX_GROUPS``). So a 2,000-token prompt that
-finishes its prefill beside short streams decodes in its own group: the short streams do not attend over 2,000
-padded positions, and no group's cache is rebuilt. Groups whose padding together would cost less than a pass merge.
-
-Requests are admitted in arrival order. A request whose adapter needs a slot while every slot is pinned waits; later
-requests that need no new slot (no adapter, or an adapter already resident) may go ahead of it, later ones that need a
-swap may not, so a waiting adapter gets the next slot that frees up.
-
-Everything that touches the model, the slots or the slot table runs on this thread, so none of it needs a lock;
-the waiting queue and the call queue are shared with submitters under one condition variable.
+forward pass per step. Joining rows go into the group where they add the least padding (positions x rows the others
+or they would attend to in vain); when even that costs more memory traffic per step than a second pass over the
+model's weights, they start a group of their own (at most ``EngineConfig.max_decode_groups``). So a 2,000-token
+prompt that finishes its prefill beside short streams decodes in its own group: the short streams do not attend over
+2,000 padded positions, and no group's cache is rebuilt. Groups whose padding together would cost less than a pass
+merge.
 """
 
 from __future__ import annotations
@@ -89,9 +83,6 @@ class Job:
     def reach(self) -> int:
         """The most positions this request can hold in the KV cache."""
         return len(self.prompt_ids) + self.params.max_tokens
-
-
-MAX_GROUPS = 4
 
 
 @dataclass(eq=False)
@@ -505,7 +496,8 @@ class Scheduler:
         rows = [ready[i] for i in keep]
         costs = [_padding_added(len(g.rows), g.cache.length, len(rows), cache.length) for g in self._groups]
         best = min(range(len(costs)), key=costs.__getitem__, default=None)
-        if best is None or (costs[best] > self.group_cost_positions and len(self._groups) < MAX_GROUPS):
+        room = len(self._groups) < self.config.max_decode_groups
+        if best is None or (costs[best] > self.group_cost_positions and room):
             grouped = BatchKVCache.concat([cache], row_capacity=self.config.max_batch_size if best is None else 0)
             self._groups.append(_Group(rows, grouped, next_ids, positions))
             return
