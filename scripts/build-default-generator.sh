@@ -41,6 +41,6 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 OMP_NUM_THREADS=$shards "$bin/python" bench/quality.py --run "$run" --seen-sample "$seen_sample"
 
-# 4. ship it where `icm-lora serve` finds it: the packed form (decoder only, fp16; `icm-lora export-generator`)
+# 4. ship it where `icm-lora serve` finds it: the packed form (decoder only, int4; `icm-lora export-generator`)
 "$bin/icm-lora" export-generator --generator "$run/generator" --out generator/assets/generators/smollm2-135m
 echo "default generator installed in generator/assets/generators/smollm2-135m"
