@@ -9,7 +9,8 @@ package (``icm-lora export-generator``): the CVAE's decoder alone (the encoder o
 with its weights in fp16, upcast to fp32 when loaded; the statistics stay fp32. ``weights="int8"`` or ``"int4"``
 stores each decoder matrix of at least ``QUANTIZE_MIN`` values group-wise quantised (``generator.quantize``) and the
 normalisation mean in int8 (it is added to every generated value, so it keeps 8 bits); small tensors stay fp16 and
-the normalisation scale (one per LoRA matrix) fp32. Loading dequantises to fp32 once. The JSON says what was done (``"packed"``).
+the normalisation scale (one per LoRA matrix) fp32. Loading dequantises to fp32 once. The JSON says what was done
+(``"packed"``).
 """
 
 from __future__ import annotations
