@@ -81,6 +81,7 @@ def start_engine(
         max_queue=settings.max_queue,
         kv_cache_bytes=settings.kv_cache_mb * 2**20,
         prefill_chunk=settings.prefill_chunk,
+        max_decode_groups=settings.max_decode_groups,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))
     metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
