@@ -11,8 +11,9 @@ Adapter requests (``POST /v1/adapters``, JSON metadata), each spec distinct unle
 * Redis hit: the same specs after a restart of the service (an empty memory tier, the same Redis prefix).
 
 Throughput: ``--concurrency`` streamed chat completions at once (an instruction each, so the model writes until
-``--max-tokens``), greedy; over HTTP (one thread per request, httpx, ``stream: true``) and in-process
-(``Engine.submit`` with the same token ids, adapters and sampling, each handle iterated in its own thread), ``--pairs``
+``--max-tokens``; EOS is biased away on both sides, since task adapters stop after their answer), greedy; over HTTP
+(one thread per request, httpx, ``stream: true``) and in-process (``Engine.submit`` with the same token ids,
+adapters and sampling, each handle iterated in its own thread), ``--pairs``
 times alternating, the median of the per-pair ratios (this machine's speed drifts; pairing cancels most of it). Two
 workloads: the base model, and ``--tasks`` distinct registered tasks (16: one adapter per request, what a user of
 task adapters gets). Each reports tok/s, time to first token and inter-token latency (p50, p95, p99 over every
@@ -157,7 +158,15 @@ class Run:
         }
 
 
-def http_run(service: BackgroundServer, prompts: list[str], models: list[str], max_tokens: int) -> Run:
+def no_eos(state: ServiceState) -> dict[int, float]:
+    """A logit bias that keeps every request writing until ``max_tokens``: task adapters are trained to stop after
+    their answer, which would turn a throughput run into a time-to-first-token run. Both sides get it."""
+    return {token: -100.0 for token in sorted(state.engine.eos_token_ids)}
+
+
+def http_run(
+    service: BackgroundServer, prompts: list[str], models: list[str], max_tokens: int, bias: dict[int, float]
+) -> Run:
     """Streamed chat completions, all at once; a token's time is when its SSE chunk arrives."""
     run = Run()
 
@@ -171,6 +180,7 @@ def http_run(service: BackgroundServer, prompts: list[str], models: list[str], m
                 "temperature": 0,
                 "stream": True,
                 "stream_options": {"include_usage": True},
+                "logit_bias": {str(token): value for token, value in bias.items()},
             }
             start = time.perf_counter()
             times: list[float] = []
@@ -197,7 +207,7 @@ def http_run(service: BackgroundServer, prompts: list[str], models: list[str], m
 def engine_run(state: ServiceState, prompts: list[str], adapters: list[PreparedAdapter | None], max_tokens: int) -> Run:
     """The same requests through ``Engine.submit``, each handle iterated in its own thread."""
     ids = [chat_prompt_ids(state, [ChatMessage(role="user", content=p)]) for p in prompts]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=tuple(no_eos(state).items()))
     run = Run()
 
     def one(handle: RequestHandle, start: float) -> None:
@@ -299,8 +309,9 @@ def main() -> None:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.concurrency)]
         task_ids = list(tasks)
         task_models = [task_ids[i % len(task_ids)] for i in range(args.concurrency)]
-        http_run(service, prompts[:2], [base_model] * 2, 4)  # warm-up
-        http_run(service, task_ids, task_ids, 2)  # every task adapter prepared and copied into a slot
+        bias = no_eos(state)
+        http_run(service, prompts[:2], [base_model] * 2, 4, bias)  # warm-up
+        http_run(service, task_ids, task_ids, 2, bias)  # every task adapter prepared and copied into a slot
         workloads: dict[str, tuple[list[str], list[PreparedAdapter | None]]] = {
             "base": ([base_model] * len(prompts), [None] * len(prompts)),
             "adapters": (task_models, [prepared(state, tasks[t]) for t in task_models]),
@@ -312,7 +323,7 @@ def main() -> None:
                 pair: dict[str, Any] = {}
                 for side in order:
                     if side == "http":
-                        pair["http"] = http_run(service, prompts, models, args.max_tokens).report()
+                        pair["http"] = http_run(service, prompts, models, args.max_tokens, bias).report()
                     else:
                         pair["engine"] = engine_run(state, prompts, adapters, args.max_tokens).report()
                 pair["ratio"] = round(pair["http"]["tok_s"] / pair["engine"]["tok_s"], 3)

@@ -67,6 +67,7 @@ class Engine:
         model_config = self.model.config
         self.vocab_size = int(model_config.vocab_size)
         self.max_positions = int(getattr(model_config, "max_position_embeddings", 2048))
+        self.eos_token_ids = frozenset(_eos_ids(self.model, self.tokenizer))  # a request ends at any of these
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -76,7 +77,7 @@ class Engine:
             self.bank,
             self.config,
             observer or EngineObserver(),
-            eos_ids=_eos_ids(self.model, self.tokenizer),
+            eos_ids=set(self.eos_token_ids),
             max_positions=self.max_positions,
             pad_id=int(pad),
         )
