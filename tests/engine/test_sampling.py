@@ -80,3 +80,16 @@ def test_decode_step_logprobs_equal_a_scoring_pass(
             assert got.top[0][1] == pytest.approx(got.logprob, abs=1e-6)  # greedy: the most likely token
     base = engine.prompt_logprobs([*prompt_ids[0], *results[0].token_ids], None)[len(prompt_ids[0]) - 1 :]
     assert [e.logprob for e in base] != pytest.approx([e.logprob for e in results[0].logprobs], abs=1e-3)
+
+
+def test_a_bias_against_the_eos_ids_keeps_a_request_writing(engine: Engine, prompt_ids: list[list[int]]) -> None:
+    """``Engine.eos_token_ids`` names the tokens that end a request; biased away, greedy decoding writes to the limit
+    (what ``bench/service.py`` relies on, since task adapters stop after their answer)."""
+    assert engine.tokenizer.eos_token_id in engine.eos_token_ids
+    eos = next(iter(engine.eos_token_ids))
+    forced = SamplingParams(max_tokens=6, temperature=0.0, logit_bias=((eos, 100.0),))
+    assert engine.generate(prompt_ids[0], params=forced).finish_reason == "stop"  # EOS is an end
+    away = SamplingParams(max_tokens=6, temperature=0.0, logit_bias=tuple((t, -100.0) for t in engine.eos_token_ids))
+    result = engine.generate(prompt_ids[0], params=away)
+    assert result.finish_reason == "length" and len(result.token_ids) == 6
+    assert not set(result.token_ids) & engine.eos_token_ids
