@@ -56,6 +56,19 @@ VALIDATION = HERE / "suites" / "bigbench-check-validation.txt"
 AUGMENTED = HERE / "suites" / "bigbench-augmented.txt"
 HARM_TEST = HERE / "suites" / "bigbench-harm-test.txt"
 REMAINING = HERE / "suites" / "bigbench-remaining.txt"
+# suites of pilot tasks beside the generator's: which tasks, and the file's header ({suite}: the suite file's name)
+SIDE_SUITES = {
+    "validation": (
+        validation_tasks,
+        "The self-check's validation suite, written by bench/select_suite.py validation: every pilot task\n"
+        "(bench/results/pilot/) of a family that {suite} neither trains on nor holds out.",
+    ),
+    "remaining": (
+        remaining_tasks,
+        "Tasks no report or decision has used, written by bench/select_suite.py remaining: every pilot task\n"
+        "(bench/results/pilot/) of a family in {suite} that {suite} does not list.",
+    ),
+}
 
 
 def pilot(args: argparse.Namespace) -> None:
@@ -158,24 +171,14 @@ def main() -> None:
         )
         write_validation_suite(train + [r.task for r in extra], rest, args.test_out, test_header)
         print(f"{len(extra)} extra training tasks, {len(rest)} harm-test tasks -> {args.out}, {args.test_out}")
-    elif args.command == "remaining":
+    elif args.command in SIDE_SUITES:
         names, unseen = read_names_file(args.suite)
-        chosen = remaining_tasks(read_pilot(args.pilot), names)
-        header = (
-            "Tasks no report or decision has used, written by bench/select_suite.py remaining: every pilot task\n"
-            f"(bench/results/pilot/) of a family in {args.suite.name} that {args.suite.name} does not list."
+        select, header = SIDE_SUITES[args.command]
+        chosen = select(read_pilot(args.pilot), names)
+        write_validation_suite(
+            [n for n in names if n not in unseen], chosen, args.out, header.format(suite=args.suite.name), args.command
         )
-        write_validation_suite([n for n in names if n not in unseen], chosen, args.out, header, label="remaining")
-        print(f"{len(chosen)} remaining tasks from {len({r.family for r in chosen})} families -> {args.out}")
-    elif args.command == "validation":
-        names, unseen = read_names_file(args.suite)
-        chosen = validation_tasks(read_pilot(args.pilot), names)
-        header = (
-            "The self-check's validation suite, written by bench/select_suite.py validation: every pilot task\n"
-            f"(bench/results/pilot/) of a family that {args.suite.name} neither trains on nor holds out."
-        )
-        write_validation_suite([n for n in names if n not in unseen], chosen, args.out, header)
-        print(f"{len(chosen)} validation tasks from {len({r.family for r in chosen})} families -> {args.out}")
+        print(f"{len(chosen)} {args.command} tasks from {len({r.family for r in chosen})} families -> {args.out}")
     else:
         rows = read_pilot(args.pilot)
         selection = choose(rows, args.min_lift, seed=args.seed)
