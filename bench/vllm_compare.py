@@ -6,8 +6,9 @@
 Both servers serve the same model folder (SmolLM2-135M, the one icm-lora writes under ICM_LORA_DATA_DIR) and the same
 generated adapters (icm-lora generates them; vLLM fetches them through the plugin). Per round, alternating which
 server goes first (this machine's speed drifts): ``--requests`` concurrent greedy completions of ``--max-tokens``
-with no adapter, and with ``--adapters`` different adapters (each task resolved by vLLM once beforehand, so this
-measures serving, not fetching). Also: single-request time to first token (streamed, median of 5), the first request
+(end tokens biased away on both servers, ``logit_bias`` -100, so every completion has that length) with no
+adapter, and with ``--adapters`` different adapters (each task resolved by vLLM once beforehand, so this measures
+serving, not fetching). Also: single-request time to first token (streamed, median of 5), the first request
 for a new task through vLLM over a repeated one (the plugin's fetch + load; target <= 2 s), start-up time and resident
 memory (the process tree's RSS) of each server, and whether the greedy texts agree. Writes
 ``bench/results/vllm_compare.json`` (``--smoke``: ``bench/results/vllm_compare.smoke.json``, marked as a smoke run).
@@ -58,8 +59,26 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
+NO_EOS: dict[str, float] = {}  # set in main: the model's end tokens biased away on both servers
+
+
+def eos_bias(model_dir: Path) -> dict[str, float]:
+    """``logit_bias`` that keeps a completion writing to ``max_tokens`` on both servers (generated task adapters stop
+    after their answer, which would turn a throughput round into a time-to-first-token round): every end token of the
+    model's generation config and tokenizer."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids: set[int] = set()
+    configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    ids.update([configured] if isinstance(configured, int) else list(configured or []))
+    tokenizer_eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    if tokenizer_eos is not None:
+        ids.add(int(tokenizer_eos))
+    return {str(token): -100.0 for token in sorted(ids)}
+
+
 def complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logit_bias": NO_EOS}
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
     response.raise_for_status()
     answer = response.json()
@@ -113,6 +132,7 @@ def main() -> None:
     icm.env.pop("ICM_LORA_REDIS_URL", None)
     icm_start_s = icm.start(timeout_s=600)
     model = ensure_smollm2_folder(data_dir)
+    NO_EOS.update(eos_bias(model))
     port = free_port()
     vllm_url = f"http://127.0.0.1:{port}"
     with (tmp / "vllm.log").open("wb") as log:
