@@ -20,6 +20,7 @@ The wrapper is an ``nn.Linear`` subclass with the same parameters, so module nam
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,17 @@ PEFT_PREFIX = "base_model.model."
 SwapEvents = tuple[torch.cuda.Event, torch.cuda.Event]  # (start, done) of a slot copy on the copy stream
 NO_SLOT = -1
 _UNSET: object = object()  # "no activation yet", distinct from every slot tuple and from None
+
+
+RECENT_ACTIVATIONS = 4  # as many as the decode groups a scheduler runs by default
+
+
+@dataclass(frozen=True)
+class _Activation:
+    index: torch.Tensor
+    scale: torch.Tensor
+    uniform: int | None
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 class _ActiveRows:
@@ -136,6 +148,9 @@ class LoraBank:
         self.zero_slot = num_slots
         self._rows = _ActiveRows()
         self._last_activation: object = _UNSET
+        # the last few activations with their gathered A/B rows: decode groups take turns every step, and each would
+        # otherwise gather its rows again (dropped whenever a slot's contents change)
+        self._recent: OrderedDict[tuple[int, ...], _Activation] = OrderedDict()
         targets: list[tuple[str, nn.Linear]] = []
         for name, module in model.named_modules():
             if isinstance(module, SlottedLoraLinear):
@@ -240,7 +255,7 @@ class LoraBank:
         (start, done) CUDA events are returned for timing; on the CPU the copy is done on return (None)."""
         self._check_slot(slot)
         self.check(adapter)
-        self._last_activation = _UNSET
+        self._forget_activations()
         stream = self._copy_stream
         with torch.no_grad():
             if stream is None:
@@ -263,7 +278,11 @@ class LoraBank:
         with torch.no_grad():
             self.slots[slot].zero_()
             self.scales[slot] = 0.0
+        self._forget_activations()
+
+    def _forget_activations(self) -> None:
         self._last_activation = _UNSET
+        self._recent.clear()
 
     def activate(self, slots: Sequence[int] | None) -> None:
         """Set the slot of each row for the next forward passes (``NO_SLOT``: no adapter; None: no row has one)."""
@@ -272,19 +291,26 @@ class LoraBank:
             return
         self._last_activation = key
         rows = self._rows
-        rows.gathered = {}
         if key is None:
+            rows.gathered = {}
             rows.index = rows.scale = None
             rows.uniform = None
             return
-        for s in key:
-            if s != NO_SLOT:
-                self._check_slot(s)
-        values = [self.zero_slot if s == NO_SLOT else s for s in key]
-        index = torch.tensor(values).to(self.device, non_blocking=True)  # no host wait on CUDA
-        rows.index = index
-        rows.scale = self.scales.index_select(0, index).view(-1, 1, 1)
-        rows.uniform = key[0] if len(set(key)) == 1 else None
+        active = self._recent.get(key)
+        if active is None:
+            for s in key:
+                if s != NO_SLOT:
+                    self._check_slot(s)
+            values = [self.zero_slot if s == NO_SLOT else s for s in key]
+            index = torch.tensor(values).to(self.device, non_blocking=True)  # no host wait on CUDA
+            scale = self.scales.index_select(0, index).view(-1, 1, 1)
+            active = _Activation(index, scale, key[0] if len(set(key)) == 1 else None, {})
+            self._recent[key] = active
+            while len(self._recent) > RECENT_ACTIVATIONS:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(key)
+        rows.index, rows.scale, rows.uniform = active.index, active.scale, active.uniform
+        rows.gathered = active.gathered
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

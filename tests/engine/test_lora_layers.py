@@ -123,3 +123,28 @@ def test_bad_adapters_are_refused_with_the_reason(adapter: MakeAdapter) -> None:
         assert engine.generate([5, 6, 7], adapter=good, max_tokens=2).completion_tokens == 2
     finally:
         engine.close()
+
+
+def test_activations_taking_turns_keep_their_gathered_rows_until_a_slot_changes(
+    adapter: MakeAdapter, tmp_path: Path
+) -> None:
+    """Decode groups activate their rows in turn every step: each activation keeps the A/B rows its layers gathered
+    (no gather again), and loading a slot drops them all, so a swapped adapter is never served from stale rows."""
+    a, b, c = adapter(1), adapter(2), adapter(3)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250], [7, 7, 8, 300, 12, 1]])
+    base = load_base_model("tiny")
+    bank = LoraBank(base.model, num_slots=2, max_rank=4, target_modules=("q_proj", "v_proj"))
+    bank.load(0, bank.prepare(a))
+    bank.load(1, bank.prepare(b))
+    first = _bank_logits(base.model, bank, [0, 1], ids)
+    gathered = bank._rows.gathered
+    assert len(gathered) == len(bank.layers)  # every layer gathered its rows once
+    other = _bank_logits(base.model, bank, [1, 0], ids)
+    assert bank._rows.gathered is not gathered
+    again = _bank_logits(base.model, bank, [0, 1], ids)
+    assert bank._rows.gathered is gathered and torch.equal(again, first)  # the same rows, not gathered again
+    torch.testing.assert_close(other[0], _peft_logits(b, ids, tmp_path)[0], rtol=1e-5, atol=1e-5)
+    bank.load(0, bank.prepare(c))  # slot 0 now holds another adapter
+    swapped = _bank_logits(base.model, bank, [0, 1], ids)
+    assert bank._rows.gathered is not gathered
+    torch.testing.assert_close(swapped[0], _peft_logits(c, ids, tmp_path)[0], rtol=1e-5, atol=1e-5)
