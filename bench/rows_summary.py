@@ -2,10 +2,12 @@
 
     python bench/rows_summary.py --run runs/remaining --out bench/results/remaining/summary.json
 
-For the rows' variants among base, in_context_8, generated, wrong_vector and generated_checked: the mean of task
-scores over all tasks, multiple choice, generative and bbq ``*_disambig`` tasks; the paired differences generated -
-base / - wrong vector / - in-context 8 and after the self-check - base over every test example (95% stratified
-bootstrap, ``generator.training.evaluate.paired_bootstrap``); the worst task after the check - base.
+For the rows' variants among base, in_context_8, generated, generated_examples (the examples without the
+description), wrong_vector and generated_checked: the mean of task scores over all tasks, multiple choice, generative
+and bbq ``*_disambig`` tasks; the paired differences generated - base / - wrong vector / - in-context 8, after the
+self-check - base and examples only - generated over every test example (95% stratified bootstrap,
+``generator.training.evaluate.paired_bootstrap``; None where a variant is missing); the worst task after the check -
+base.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from generator.training.evaluate import paired_bootstrap
 
-VARIANTS = ("base", "in_context_8", "generated", "wrong_vector", "generated_checked")
+VARIANTS = ("base", "in_context_8", "generated", "generated_examples", "wrong_vector", "generated_checked")
 PAIRS = (
     ("generated", "base"),
     ("generated", "wrong_vector"),
     ("generated", "in_context_8"),
     ("generated_checked", "base"),
+    ("generated_examples", "generated"),
 )
 
 
