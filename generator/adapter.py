@@ -33,17 +33,23 @@ class AdapterIntegrityError(ValueError):
     """Adapter bytes are not valid safetensors, or their checksum does not match their contents."""
 
 
-def adapter_id(generator_id: str, spec: TaskSpec, seed: int | None, precision: str = "float32") -> str:
+def adapter_id(
+    generator_id: str, spec: TaskSpec, seed: int | None, precision: str = "float32", condition: str | None = None
+) -> str:
     """Content address of a generated adapter: the same (generator, spec, seed, precision) always gives the same id.
 
     ``precision`` is the dtype the task vector was read in. Reads in bf16 and fp32 give different hidden states and
     so different adapter bytes: replicas of different precisions on one Redis must not share an id. fp32 leaves the
     id as it always was (the key is added only for other precisions). The device is not part of the id: fp32 on a
     CPU and on a GPU agree to float rounding, not bit for bit, and a fleet that mixes them shares adapters, whichever
-    replica made one first (``tensors_sha256`` names its bytes)."""
+    replica made one first (``tensors_sha256`` names its bytes). ``condition``: set when the generator was conditioned
+    on part of the spec only (``AdapterGenerator``'s ``condition="examples"`` on a spec with examples), so the two
+    conditionings of one spec never share an id."""
     fields: dict[str, object] = {"generator": generator_id, "spec": spec.canonical_json(), "seed": seed}
     if precision != "float32":
         fields["precision"] = precision
+    if condition is not None:
+        fields["condition"] = condition
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 

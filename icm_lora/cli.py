@@ -219,6 +219,9 @@ def generate(
         typer.Option("--generator", help="Generator checkpoint folder (default: the packaged one for the base model)"),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sample z from this seed (default: deterministic z = 0)")] = None,
+    condition: Annotated[
+        str, typer.Option(help="With examples: condition on them alone (examples) or with the description (both)")
+    ] = "examples",
     base_model: Annotated[str, typer.Option(help="Override the base model the checkpoint names")] = "",
     check: Annotated[
         bool, typer.Option("--self-check/--no-self-check", help="Score the task's examples with the adapter vs base")
@@ -252,7 +255,7 @@ def generate(
         checkpoint = load_checkpoint(generator_dir)
         base = load_base_model(base_model or checkpoint.base_model, placement=placement)
         encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)
-        adapter = AdapterGenerator(checkpoint, encoder).generate(spec, seed)
+        adapter = AdapterGenerator(checkpoint, encoder, condition).generate(spec, seed)
         if check and spec.examples:
             tokenizer = base.tokenizer
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

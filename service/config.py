@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
 
     # adapter quality
+    condition: Literal["examples", "both"] = Field(
+        "examples",
+        description="What a task with examples conditions the generator on: its examples alone (examples), or its "
+        "description and examples (both); a task without examples always uses its description",
+    )
     self_check: Literal["fallback", "refine", "keep"] = Field(
         "fallback",
         description="An adapter that explains its task's examples worse than the base model: serve the base model "

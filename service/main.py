@@ -139,7 +139,7 @@ def _load_models(settings: Settings, placement: Placement, metrics: ServiceMetri
         reader = engine.hidden_state_reader(checkpoint.encoder.hidden_layer, checkpoint.encoder.max_length)
         precision = dtype_name(placement.dtype)
         encoder = TaskEncoder(MiniLMEmbedder(), reader, base.hidden_size, checkpoint.encoder, precision)
-        generator = AdapterGenerator(checkpoint, encoder)
+        generator = AdapterGenerator(checkpoint, encoder, settings.condition)
         read, length = checkpoint.encoder.max_examples, checkpoint.encoder.max_length
         checker = AdapterChecker(engine.answer_logprobs, base.tokenizer, read, length, settings.self_check_margin)
     return _Models(base, checkpoint, engine, generator, checker)

@@ -35,9 +35,12 @@ def test_generate_writes_a_peft_folder_equal_to_in_process_generation(small_run:
 
     base = load_base_model("tiny")
     checkpoint = load_checkpoint(small_run / "generator")
-    in_process = AdapterGenerator(checkpoint, TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder))
+    encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)
+    in_process = AdapterGenerator(checkpoint, encoder, condition="examples")  # the CLI's default
     expected = in_process.generate(TaskSpec.from_dict(spec))
     assert written.sha256 == expected.sha256 and written.adapter_id == expected.adapter_id
+    both = AdapterGenerator(checkpoint, encoder, condition="both").generate(TaskSpec.from_dict(spec))
+    assert both.adapter_id != expected.adapter_id  # the two conditionings never share an id
 
     # plain peft gives the same logits as icm-lora's own LoRA model
     ids = torch.tensor([[1, 30, 31, 32, 33]])

@@ -272,6 +272,27 @@ def test_quantized_export_decodes_nearly_the_same_adapters(
     assert bad.exit_code != 0 and "unknown weight format 'int3'" in bad.output
 
 
+def test_condition_on_examples_leaves_the_description_out_only_when_there_are_examples(small_run: Path) -> None:
+    """``condition="examples"``: a spec with examples gets the adapter of its examples alone (the same weights as the
+    spec without a description), under an id of its own; a spec without examples is unchanged, id included."""
+    base = load_base_model("tiny")
+    checkpoint = load_checkpoint(small_run / "generator")
+    encoder = TaskEncoder.for_model(base.model, base.tokenizer, checkpoint.encoder)
+    both, examples = AdapterGenerator(checkpoint, encoder), AdapterGenerator(checkpoint, encoder, "examples")
+    shots = (Example("kiwi pear lime", "yes"), Example("stone wood iron", "no"))
+    spec = TaskSpec("Answer yes when every word is a fruit.", shots)
+    alone = examples.generate(spec)
+    same_weights = both.generate(TaskSpec("", shots))
+    assert all(torch.equal(alone.tensors[k], same_weights.tensors[k]) for k in alone.tensors)
+    assert alone.adapter_id not in (both.adapter_id(spec), same_weights.adapter_id)
+    assert alone.sha256 != both.generate(spec).sha256  # the description did count under "both"
+    described = TaskSpec("Answer yes when every word is a fruit.")
+    assert examples.adapter_id(described) == both.adapter_id(described)
+    assert examples.generate(described).sha256 == both.generate(described).sha256
+    with pytest.raises(ValueError, match="condition must be one of"):
+        AdapterGenerator(checkpoint, encoder, "description")
+
+
 def test_generator_refuses_a_mismatched_encoder(small_run: Path, tiny_base: BaseModel) -> None:
     checkpoint = load_checkpoint(small_run / "generator")
     other_settings = TaskEncoderSettings(max_examples=3, max_length=32)
