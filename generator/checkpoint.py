@@ -60,16 +60,16 @@ class GeneratorCheckpoint:
 
     def tensors(self, packed: bool = False, weights: str = "float16") -> dict[str, torch.Tensor]:
         """Every tensor to save; ``packed``: the decoder's weights only, in fp16, or with ``weights`` int8/int4 the
-        large ones quantised (``quantized_names``)."""
-        bits = _bits(weights) if packed else 0
-        state = self.cvae.state_dict()
+        large ones quantised (``quantization_bits``)."""
         if packed:
-            state = {k: v for k, v in state.items() if not k.startswith(ENCODER_PREFIXES)}
+            plain, plan = self._packed_tensors(), self.quantization_bits(weights)
+        else:
+            plain = {f"cvae.{k}": v for k, v in self.cvae.state_dict().items()} | {"norm.mean": self.norm.mean}
+            plan = {}
         tensors: dict[str, torch.Tensor] = {}
-        plain = {f"cvae.{k}": v.detach() for k, v in state.items()} | {"norm.mean": self.norm.mean}
         for name, value in plain.items():
-            if bits and (name == "norm.mean" or value.numel() >= QUANTIZE_MIN):
-                q = quantize(value, 8 if name == "norm.mean" else bits)
+            if name in plan:
+                q = quantize(value, plan[name])
                 tensors[QDATA + name], tensors[QSCALE + name] = q.data, q.scale
             else:
                 tensors[name] = value.to(PACKED_DTYPE) if packed and name.startswith("cvae.") else value
@@ -77,15 +77,31 @@ class GeneratorCheckpoint:
         tensors.update(self.cond.tensors())
         return {k: v.contiguous() for k, v in tensors.items()}
 
+    def _packed_tensors(self) -> dict[str, torch.Tensor]:
+        """The decoder's tensors and the normalisation mean, by their names in the file."""
+        state = self.cvae.state_dict()
+        return {f"cvae.{k}": v for k, v in state.items() if not k.startswith(ENCODER_PREFIXES)} | {
+            "norm.mean": self.norm.mean
+        }
+
+    def quantization_bits(self, weights: str) -> dict[str, int]:
+        """Which tensors the packed form stores quantised, with their bits: with int8/int4 ``weights``, every decoder
+        matrix of at least ``QUANTIZE_MIN`` values, and the normalisation mean in 8 bits; none for float16."""
+        bits = _bits(weights)
+        if not bits:
+            return {}
+        return {
+            name: 8 if name == "norm.mean" else bits
+            for name, value in self._packed_tensors().items()
+            if name == "norm.mean" or value.numel() >= QUANTIZE_MIN
+        }
+
     def quantized_names(self, weights: str) -> dict[str, dict[str, Any]]:
         """For the JSON: each quantised tensor's name, shape and bits."""
-        bits = _bits(weights)
-        names = {f"cvae.{k}": v for k, v in self.cvae.state_dict().items() if not k.startswith(ENCODER_PREFIXES)}
-        names["norm.mean"] = self.norm.mean
+        tensors = self._packed_tensors()
         return {
-            name: {"shape": list(v.shape), "bits": 8 if name == "norm.mean" else bits}
-            for name, v in names.items()
-            if bits and (name == "norm.mean" or v.numel() >= QUANTIZE_MIN)
+            name: {"shape": list(tensors[name].shape), "bits": bits}
+            for name, bits in self.quantization_bits(weights).items()
         }
 
     def config(self) -> dict[str, Any]:

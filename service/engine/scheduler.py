@@ -16,6 +16,13 @@ model's weights, they start a group of their own (at most ``EngineConfig.max_dec
 prompt that finishes its prefill beside short streams decodes in its own group: the short streams do not attend over
 2,000 padded positions, and no group's cache is rebuilt. Groups whose padding together would cost less than a pass
 merge.
+
+Requests are admitted in arrival order. A request whose adapter needs a slot while every slot is pinned waits; later
+requests that need no new slot (no adapter, or an adapter already resident) may go ahead of it, later ones that need a
+swap may not, so a waiting adapter gets the next slot that frees up.
+
+Everything that touches the model, the slots or the slot table runs on this thread, so none of it needs a lock;
+the waiting queue and the call queue are shared with submitters under one condition variable.
 """
 
 from __future__ import annotations
@@ -94,6 +101,17 @@ class _Group:
     cache: BatchKVCache
     next_ids: torch.Tensor
     positions: torch.Tensor
+
+    def add(
+        self, rows: list[Job], cache: BatchKVCache, next_ids: torch.Tensor, positions: torch.Tensor, capacity: int
+    ) -> None:
+        """Append rows with their cache: in place when they fit (``BatchKVCache.join``), else the cache is rebuilt
+        once with room for ``capacity`` rows."""
+        if not self.cache.join(cache):
+            self.cache = BatchKVCache.concat([self.cache, cache], row_capacity=capacity)
+        self.rows.extend(rows)
+        self.next_ids = torch.cat([self.next_ids, next_ids])
+        self.positions = torch.cat([self.positions, positions])
 
 
 def _padding_added(group_rows: int, group_length: int, rows: int, length: int) -> int:
@@ -501,12 +519,7 @@ class Scheduler:
             grouped = BatchKVCache.concat([cache], row_capacity=self.config.max_batch_size if best is None else 0)
             self._groups.append(_Group(rows, grouped, next_ids, positions))
             return
-        group = self._groups[best]
-        if not group.cache.join(cache):  # longer than the group's cache, or beyond its rows: rebuilt once
-            group.cache = BatchKVCache.concat([group.cache, cache], row_capacity=self.config.max_batch_size)
-        group.rows.extend(rows)
-        group.next_ids = torch.cat([group.next_ids, next_ids])
-        group.positions = torch.cat([group.positions, positions])
+        self._groups[best].add(rows, cache, next_ids, positions, self.config.max_batch_size)
 
     def _decode_step(self) -> None:
         """One token for every running row: one forward pass per decode group; then groups that would now cost less
@@ -551,8 +564,8 @@ class Scheduler:
         self._retain(group, keep)
 
     def _merge_groups(self) -> None:
-        """Merge the two groups that add the least padding together, when that costs less than their extra pass and
-        their rows fit in one batch (one rebuild of the merged cache, then one pass per step instead of two)."""
+        """Merge the two groups that add the least padding together, when that costs less than their extra pass
+        (their rows always fit: admission keeps every running row within ``max_batch_size``)."""
         if len(self._groups) < 2:
             return
         pairs = [
@@ -564,12 +577,8 @@ class Scheduler:
         cost, i, j = min(pairs)
         if cost > self.group_cost_positions:
             return
-        a, b = self._groups[i], self._groups[j]
-        a.cache = BatchKVCache.concat([a.cache, b.cache], row_capacity=self.config.max_batch_size)
-        a.rows.extend(b.rows)
-        a.next_ids = torch.cat([a.next_ids, b.next_ids])
-        a.positions = torch.cat([a.positions, b.positions])
-        del self._groups[j]
+        b = self._groups.pop(j)
+        self._groups[i].add(b.rows, b.cache, b.next_ids, b.positions, self.config.max_batch_size)
 
     def _padding_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """[B, T] bool -> the [B, 1, 1, T] mask of a decode step, in the form the model's attention takes."""
