@@ -85,7 +85,8 @@ def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 @dataclass(frozen=True)
 class AnswerGroup:
     """A prompt and the answers scored after it: the expected output of a generative example, or every choice of a
-    multiple-choice one. ``pack_groups`` lays a group out as one row, so the prompt is read once for all its answers."""
+    multiple-choice one. ``pack_groups`` lays a group out as one segment of a row, so the prompt is read once for all
+    its answers."""
 
     prompt: tuple[int, ...]
     answers: tuple[tuple[int, ...], ...]
@@ -108,10 +109,12 @@ def encode_group(
 
 @dataclass
 class PackedBatch:
-    """Groups packed one per row: the prompt, then each answer with the positions it would have right after the
-    prompt, attending to the prompt and to its own earlier tokens only (``mask``, additive, [rows, 1, T, T]).
+    """Groups packed into rows: each group is a segment (its prompt, then each answer with the positions it would
+    have right after the prompt, attending to the prompt and to its own earlier tokens only; ``mask``, boolean,
+    [rows, 1, T, T]); a row holds as many groups as fit in the width of the longest one (``layout_rows``).
     Answer token ``i`` (of ``targets``) is predicted by the logits at flat position ``sources[i]`` (row * T + column)
-    and belongs to answer ``owners[i]`` (answers numbered across the batch in order)."""
+    and belongs to answer ``owners[i]`` (answers numbered across the groups in order, copy after copy).
+    ``rows_per_copy``: the rows of one copy of the groups (``pack_groups``' ``copies``)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -120,41 +123,78 @@ class PackedBatch:
     targets: torch.Tensor
     owners: torch.Tensor
     answers: int
+    rows_per_copy: int = 1
 
 
-def pack_groups(groups: Sequence[AnswerGroup], pad_id: int) -> PackedBatch:
+def group_length(group: AnswerGroup) -> int:
+    return len(group.prompt) + sum(len(a) for a in group.answers)
+
+
+def layout_rows(lengths: Sequence[int]) -> list[list[int]]:
+    """Group indices per row: first fit, longest first, into rows as wide as the longest group, so that short
+    groups share a row instead of each padding one to that width (a batch's forward pass costs its rows x width)."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for k in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for r, free in enumerate(room):
+            if lengths[k] <= free:
+                rows[r].append(k)
+                room[r] -= lengths[k]
+                break
+        else:
+            rows.append([k])
+            room.append(width - lengths[k])
+    return rows
+
+
+def pack_groups(groups: Sequence[AnswerGroup], pad_id: int, copies: int = 1) -> PackedBatch:
+    """``groups`` laid out by ``layout_rows``, ``copies`` times (the engine scores the base model and each adapter
+    on a copy of its own: every row holds groups of one copy only)."""
     if not groups:
         raise ValueError("no groups to pack")
-    width = max(len(g.prompt) + sum(len(a) for a in g.answers) for g in groups)
-    input_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(groups), width), dtype=torch.long)
-    allowed = torch.zeros((len(groups), width, width), dtype=torch.bool)
+    if any(not g.prompt for g in groups):
+        raise ValueError("a group needs a prompt (at least a BOS token) to predict its first answer token")
+    lengths = [group_length(g) for g in groups]
+    layout = layout_rows(lengths)
+    width = max(lengths)
+    first_answer = [0]
+    for group in groups:
+        first_answer.append(first_answer[-1] + len(group.answers))
+    per_copy = first_answer[-1]
+    rows = len(layout) * copies
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((rows, width), dtype=torch.long)
+    allowed = torch.zeros((rows, width, width), dtype=torch.bool)
     allowed[:, torch.arange(width), torch.arange(width)] = True  # padding attends to itself: no empty softmax row
     sources: list[int] = []
     targets: list[int] = []
     owners: list[int] = []
-    answer = 0
-    for row, group in enumerate(groups):
-        plen = len(group.prompt)
-        if plen == 0:
-            raise ValueError("a group needs a prompt (at least a BOS token) to predict its first answer token")
-        input_ids[row, :plen] = torch.tensor(group.prompt, dtype=torch.long)
-        positions[row, :plen] = torch.arange(plen)
-        allowed[row, :plen, :plen] = torch.ones((plen, plen), dtype=torch.bool).tril()
-        start = plen
-        for tokens in group.answers:
-            n = len(tokens)
-            end = start + n
-            input_ids[row, start:end] = torch.tensor(tokens, dtype=torch.long)
-            positions[row, start:end] = torch.arange(plen, plen + n)
-            allowed[row, start:end, :plen] = True
-            allowed[row, start:end, start:end] = torch.ones((n, n), dtype=torch.bool).tril()
-            previous = [plen - 1, *range(start, end - 1)]
-            sources.extend(row * width + p for p in previous)
-            targets.extend(tokens)
-            owners.extend([answer] * n)
-            answer += 1
-            start = end
+    for copy in range(copies):
+        for r, members in enumerate(layout):
+            row = copy * len(layout) + r
+            offset = 0
+            for k in members:
+                group = groups[k]
+                plen = len(group.prompt)
+                prompt_end = offset + plen
+                input_ids[row, offset:prompt_end] = torch.tensor(group.prompt, dtype=torch.long)
+                positions[row, offset:prompt_end] = torch.arange(plen)
+                allowed[row, offset:prompt_end, offset:prompt_end] = torch.ones((plen, plen), dtype=torch.bool).tril()
+                start = prompt_end
+                for j, tokens in enumerate(group.answers):
+                    n = len(tokens)
+                    end = start + n
+                    input_ids[row, start:end] = torch.tensor(tokens, dtype=torch.long)
+                    positions[row, start:end] = torch.arange(plen, plen + n)
+                    allowed[row, start:end, offset:prompt_end] = True
+                    allowed[row, start:end, start:end] = torch.ones((n, n), dtype=torch.bool).tril()
+                    previous = [prompt_end - 1, *range(start, end - 1)]
+                    sources.extend(row * width + p for p in previous)
+                    targets.extend(tokens)
+                    owners.extend([copy * per_copy + first_answer[k] + j] * n)
+                    start = end
+                offset = start
     return PackedBatch(
         input_ids=input_ids,
         position_ids=positions,
@@ -162,7 +202,8 @@ def pack_groups(groups: Sequence[AnswerGroup], pad_id: int) -> PackedBatch:
         sources=torch.tensor(sources, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         owners=torch.tensor(owners, dtype=torch.long),
-        answers=answer,
+        answers=per_copy * copies,
+        rows_per_copy=len(layout),
     )
 
 

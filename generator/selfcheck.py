@@ -17,9 +17,10 @@ within 0.05 nats on 15: the generated adapter moves little with any one example,
 The check is a guard, not a benchmark: its job is to catch an adapter that makes the task's answers worse than no
 adapter does, from a handful of examples.
 
-Each example is one ``AnswerGroup`` (its prompt and its choices, or its expected output), packed into one row so the
-prompt is read once for all its choices, and a scorer may score the base model and the adapter in the same forward
-pass (the engine does: its rows carry their own adapter slots).
+Each example is one ``AnswerGroup`` (its prompt and its choices, or its expected output), packed as one segment of a
+row so the prompt is read once for all its choices (short examples share a row, ``generator.batching.layout_rows``),
+and a scorer may score the base model and the adapter in the same forward pass (the engine does: its rows carry
+their own adapter slots).
 """
 
 from __future__ import annotations

@@ -12,7 +12,14 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from generator.batching import AnswerGroup, encode_group, encode_prompt, pack_groups, packed_answer_logprobs
+from generator.batching import (
+    AnswerGroup,
+    encode_group,
+    encode_prompt,
+    group_length,
+    pack_groups,
+    packed_answer_logprobs,
+)
 from generator.tasks import DEMO_SEPARATOR, Example, Task, format_prompt, format_target
 
 CausalLM = PreTrainedModel | PeftModel
@@ -29,10 +36,11 @@ def multiple_choice_correct(
 ) -> list[float]:
     """Per example: 1.0 when its highest mean-log-likelihood choice is the right one, else 0.0.
 
-    Each example is one packed row (``generator.batching.pack_groups``): its prompt read once, then every choice with
-    the positions it would have right after the prompt, attending to the prompt and itself only; the output head runs
-    only where a choice token is predicted. Rows of similar width share a forward pass (up to ``max_tokens`` tokens).
-    The prompt is cut from the left to leave room for the longest choice, the same cut for every choice.
+    Each example is one segment of a packed row (``generator.batching.pack_groups``): its prompt read once, then
+    every choice with the positions it would have right after the prompt, attending to the prompt and itself only;
+    the output head runs only where a choice token is predicted. Examples of similar width share a forward pass (up
+    to ``max_tokens`` tokens). The prompt is cut from the left to leave room for the longest choice, the same cut for
+    every choice.
     """
     groups = []
     for example in examples:
@@ -60,7 +68,7 @@ def multiple_choice_correct(
 def _token_batches(groups: Sequence[AnswerGroup], max_tokens: int) -> list[list[int]]:
     """Group indices in batches of similar packed width, each at most ``max_tokens`` (rows x width) unless one row
     alone is wider."""
-    width = [len(g.prompt) + sum(len(a) for a in g.answers) for g in groups]
+    width = [group_length(g) for g in groups]
     batches: list[list[int]] = []
     current: list[int] = []
     for k in sorted(range(len(groups)), key=lambda i: width[i]):

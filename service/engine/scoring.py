@@ -1,6 +1,6 @@
 """Answer log-likelihoods from the resident model: the self-check's scorer without a second copy of the base model.
 
-Same semantics as ``generator.selfcheck.LoraModelScorer`` (groups packed one per row by ``pack_groups``, mean
+Same semantics as ``generator.selfcheck.LoraModelScorer`` (groups packed into rows by ``pack_groups``, mean
 log-probability per answer token, ``generator.batching.packed_answer_logprobs``), computed by the engine's own model.
 The base model and the adapters are scored in the same forward pass: each adapter gets a copy of the rows, on its
 slot (the base model's rows on none). Runs on the engine thread between decode steps, like the hidden states of
@@ -39,8 +39,8 @@ def score_batch(
     slots = [NO_SLOT if a is None else load_now(a) for a in adapters]  # resident and unpinned until we return
     if len(set(s for s in slots if s != NO_SLOT)) != sum(a is not None for a in adapters):
         raise NoFreeSlot("the adapters to score do not fit in the slots at once")
-    bank.activate([s for s in slots for _ in groups])
-    batch = pack_groups([g for _ in adapters for g in groups], pad_id)
+    batch = pack_groups(groups, pad_id, copies=len(adapters))
+    bank.activate([s for s in slots for _ in range(batch.rows_per_copy)])
     with torch.inference_mode():
         scores = packed_answer_logprobs(model, batch)
     return scores.view(len(adapters), -1).to("cpu", torch.float32)

@@ -17,6 +17,8 @@ from generator.batching import (
     answer_logprobs,
     encode_group,
     encode_pair,
+    group_length,
+    layout_rows,
     pack_groups,
     packed_answer_logprobs,
     pad_pairs,
@@ -374,3 +376,26 @@ def test_contrastive_e2e_makes_adapters_fit_their_own_task(tmp_path: Path) -> No
     assert info["e2e_final_gap"] > info["e2e_first_gap"]
     assert info["e2e_final_gap"] > 0.05
     assert info["e2e_final_loss"] < info["e2e_first_loss"]
+
+
+def test_short_groups_share_a_row_and_score_as_alone(tiny_base: BaseModel) -> None:
+    """Groups packed several to a row (each its own segment, copied once per adapter) score as each does alone."""
+    tokenizer, model = tiny_base.tokenizer, tiny_base.model
+    cases = [
+        ("a much longer question, so that two short ones fit beside it in its row?", [" yes", " no"]),
+        ("2 + 2 =", [" 4", " 5"]),
+        ("red or blue?", [" red", " blue", " neither"]),
+        ("one", [" two"]),
+    ]
+    groups = [encode_group(tokenizer, format_prompt(p), answers, 48) for p, answers in cases]
+    lengths = [group_length(g) for g in groups]
+    assert lengths[0] >= lengths[1] + lengths[2]  # the case this test is about: short groups fit beside the longest
+    layout = layout_rows(lengths)
+    assert sorted(k for row in layout for k in row) == [0, 1, 2, 3] and len(layout) < len(groups)
+    with torch.inference_mode():
+        alone = torch.cat([packed_answer_logprobs(model, pack_groups([g], tokenizer.pad_token_id)) for g in groups])
+        shared = pack_groups(groups, tokenizer.pad_token_id, copies=2)
+        together = packed_answer_logprobs(model, shared)
+    assert shared.rows_per_copy == len(layout) and shared.input_ids.shape[0] == 2 * len(layout)
+    assert together.shape == (16,)
+    assert torch.allclose(together, torch.cat([alone, alone]), atol=1e-5)
