@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(256, ge=1)  # prompts longer than this are prefilled in chunks between decode steps
     kv_cache_mb: int = Field(4096, ge=1)  # the engine's KV cache budget (admission waits, or 413 if it never fits)
     max_decode_groups: int = Field(4, ge=1, le=16)  # running rows' groups, one forward pass each (1: one pass for all)
+    prefix_cache_entries: int = Field(64, ge=0, le=4096)  # adapters whose chat-template opening is kept (0: off)
 
     # limits
     max_examples: int = Field(64, ge=1)

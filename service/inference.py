@@ -82,6 +82,7 @@ def start_engine(
         kv_cache_bytes=settings.kv_cache_mb * 2**20,
         prefill_chunk=settings.prefill_chunk,
         max_decode_groups=settings.max_decode_groups,
+        prefix_cache_entries=settings.prefix_cache_entries,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))
     metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)

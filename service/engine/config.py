@@ -24,6 +24,8 @@ class EngineConfig:
     The cache's buffers grow with spare room (up to half again), so memory may reach about 1.5x the budget.
     ``max_decode_groups``: running rows may decode in up to this many groups, one forward pass each, so that a long
     row does not pad every short one (the scheduler's module docstring); 1 keeps every row in one pass.
+    ``prefix_cache_entries``: adapters (the base model counts as one) whose keys and values of the chat template's
+    opening are kept, so that a chat prompt prefills only what follows it (``prefix_cache.py``); 0 turns it off.
     """
 
     num_slots: int = 16
@@ -37,6 +39,7 @@ class EngineConfig:
     prefill_chunk: int = 256
     kv_cache_bytes: int = 4 * 2**30
     max_decode_groups: int = 4
+    prefix_cache_entries: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, tuple):
@@ -53,5 +56,7 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_cache_entries < 0:
+            raise ValueError(f"EngineConfig.prefix_cache_entries must be >= 0, got {self.prefix_cache_entries}")
         if not self.target_modules:
             raise ValueError("EngineConfig.target_modules is empty")

@@ -36,6 +36,7 @@ from service.engine.errors import AdapterError, RequestError, RequestTooLarge
 from service.engine.hidden import EngineHiddenStateReader
 from service.engine.lora_layers import LoraBank, PreparedAdapter
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
+from service.engine.prefix_cache import PrefixCache, chat_opening
 from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
 from service.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from service.engine.scheduler import Job, Scheduler
@@ -80,6 +81,7 @@ class Engine:
             eos_ids=set(self.eos_token_ids),
             max_positions=self.max_positions,
             pad_id=int(pad),
+            prefixes=PrefixCache(chat_opening(self.tokenizer, chat_token_ids), self.config.prefix_cache_entries),
         )
         self.pad_id = int(pad)
         # prepared adapters by id (an adapter id names its weights: the slot table trusts it the same way)

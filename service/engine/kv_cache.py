@@ -150,6 +150,26 @@ class BatchKVCache(Cache):
                 total += layer._k.nbytes + layer._v.nbytes
         return total
 
+    def start_from(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], room: int) -> None:
+        """Make this empty cache hold ``keys`` / ``values`` (one [rows, kv_heads, n, head_dim] tensor per layer),
+        with spare room for ``room`` more positions (the prefix cache's opening, before the rest is prefilled)."""
+        for layer, k, v in zip(self._layers(), keys, values, strict=True):
+            n = k.shape[-2]
+            kb = k.new_zeros(k.shape[0], k.shape[1], _capacity(n + room), k.shape[-1])
+            vb = v.new_zeros(v.shape[0], v.shape[1], _capacity(n + room), v.shape[-1])
+            kb[:, :, :n].copy_(k)
+            vb[:, :, :n].copy_(v)
+            layer.set_buffers(kb, vb, n)
+
+    def span(self, row: int, start: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of one row's keys and values at positions ``start`` .. ``start + length``, per layer."""
+        keys, values = [], []
+        for layer in self._layers():
+            k, v = layer.buffers()
+            keys.append(k[row : row + 1, :, start : start + length].clone())
+            values.append(v[row : row + 1, :, start : start + length].clone())
+        return keys, values
+
     def zero_padding(self) -> None:
         """Write zeros at padded positions (after a left-padded prefill)."""
         mask = self.mask

@@ -90,3 +90,5 @@ class EngineStats:
     kv_cache_bytes: int
     adapters_prepared_total: int = 0  # preparations (checks + slot-row layout); a resident id is prepared once
     decode_groups: int = 0  # running rows' groups, one forward pass each per decode step
+    prefix_hits_total: int = 0  # prompts prefilled after the chat template's cached opening (``prefix_cache.py``)
+    prefix_misses_total: int = 0  # prompts that start with the opening and were prefilled in full

@@ -44,6 +44,7 @@ from service.engine.errors import EngineClosed, EngineError, QueueFull
 from service.engine.kv_cache import BatchKVCache
 from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter, SwapEvents
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
+from service.engine.prefix_cache import PrefixCache
 from service.engine.requests import (
     FINISH_CANCELLED,
     FINISH_ERROR,
@@ -142,6 +143,7 @@ class Scheduler:
         eos_ids: set[int],
         max_positions: int,
         pad_id: int,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.bank = bank
@@ -151,6 +153,7 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.max_positions = max_positions
         self.pad_id = pad_id
+        self.prefixes = prefixes if prefixes is not None else PrefixCache((), 0)
         self.device = bank.device
         self.num_layers = int(model.config.num_hidden_layers)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
@@ -255,6 +258,8 @@ class Scheduler:
             decode_steps_total=self.steps_total,
             kv_cache_bytes=sum(group.cache.nbytes() for group in groups),
             decode_groups=len(groups),
+            prefix_hits_total=self.prefixes.hits_total,
+            prefix_misses_total=self.prefixes.misses_total,
         )
 
     # --- engine thread ----------------------------------------------------------------------------------------
@@ -414,17 +419,22 @@ class Scheduler:
         if not ready:
             return
         start = time.perf_counter()
-        width = max(len(job.prompt_ids) for job in ready)
+        skip = self.prefixes.covers(ready)  # the chat template's opening, when its keys and values are cached
+        width = max(len(job.prompt_ids) - skip for job in ready)
         ids = torch.full((len(ready), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ready), width), dtype=torch.bool)
+        mask = torch.zeros((len(ready), skip + width), dtype=torch.bool)
+        mask[:, :skip] = True
         for i, job in enumerate(ready):
-            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
-            mask[i, width - len(job.prompt_ids) :] = True
+            rest = job.prompt_ids[skip:]
+            ids[i, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[i, skip + width - len(rest) :] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        padded = any(len(job.prompt_ids) < width for job in ready)  # known on the host
-        positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+        padded = any(len(job.prompt_ids) - skip < width for job in ready)  # known on the host
+        positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)[:, skip:]
         cache = BatchKVCache(self.num_layers)
         try:
+            if skip:
+                self.prefixes.seed(cache, ready, width)
             self.bank.activate([job.slot for job in ready])
             out = self.model(
                 input_ids=ids,
@@ -436,6 +446,8 @@ class Scheduler:
             )
             cache.mask = mask
             cache.zero_padding()
+            if not skip:
+                self.prefixes.remember(cache, ready)
             params = [job.params for job in ready]
             logits = out.logits[:, -1, :]
             sampled = choose_tokens(logits, params, [job.generator for job in ready])
