@@ -63,6 +63,12 @@ class PrometheusObserver(EngineObserver):
     def on_prepare(self, adapter_id: str, seconds: float) -> None:
         self.metrics.preparations.inc()
 
+    def on_prefix(self, hits: int, misses: int) -> None:
+        if hits:
+            self.metrics.prefix_cache.labels("hit").inc(hits)
+        if misses:
+            self.metrics.prefix_cache.labels("miss").inc(misses)
+
     def on_first_token(self, seconds: float) -> None:
         self.metrics.time_to_first_token.observe(seconds)
 

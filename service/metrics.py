@@ -56,6 +56,15 @@ class ServiceMetrics:
             "Adapters checked and laid out for the engine's slots (once per adapter id while the engine keeps it)",
             registry=r,
         )
+        self.prefix_cache = Counter(
+            f"{PREFIX}prefix_cache",
+            "Chat prompts that start with the chat template's opening: read after its cached keys and values (hit) "
+            "or in full (miss)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("hit", "miss"):
+            self.prefix_cache.labels(result)
         self.spec_writes = Counter(
             f"{PREFIX}adapter_spec_writes", "Adapter specs written to the task store", registry=r
         )

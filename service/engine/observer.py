@@ -31,6 +31,10 @@ class EngineObserver:
     def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
         """New requests were prefilled together (``tokens`` counts the padded prompt tokens)."""
 
+    def on_prefix(self, hits: int, misses: int) -> None:
+        """A prefill read ``hits`` chat prompts after their cached opening and ``misses`` in full although they start
+        with it (``prefix_cache.py``)."""
+
     def on_first_token(self, seconds: float) -> None:
         """Time from submission to a request's first generated token."""
 
@@ -64,6 +68,9 @@ class GuardedObserver(EngineObserver):
 
     def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
         self._call("on_prefill", rows, tokens, seconds)
+
+    def on_prefix(self, hits: int, misses: int) -> None:
+        self._call("on_prefix", hits, misses)
 
     def on_first_token(self, seconds: float) -> None:
         self._call("on_first_token", seconds)

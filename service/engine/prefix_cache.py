@@ -89,17 +89,20 @@ class PrefixCache:
         values = [torch.cat([e[1][i] for e in entries]) for i in layers]
         cache.start_from(keys, values, room)
 
-    def remember(self, cache: BatchKVCache, rows: Sequence[PrefixRow]) -> None:
+    def remember(self, cache: BatchKVCache, rows: Sequence[PrefixRow]) -> int:
         """After a full prefill of ``rows`` (left-padded into ``cache``): keep the opening's keys and values of each
-        adapter that has no entry yet."""
+        adapter that has no entry yet; return how many rows started with the opening (misses)."""
         n = len(self.opening)
         width = cache.length
+        misses = 0
         for i, row in enumerate(rows):
             if not self._opens(row):
                 continue
-            self.misses_total += 1
+            misses += 1
             if row.adapter_id in self._kv:
                 continue
             self._kv[row.adapter_id] = cache.span(i, width - len(row.prompt_ids), n)
             while len(self._kv) > self.entries:
                 self._kv.popitem(last=False)
+        self.misses_total += misses
+        return misses

@@ -446,8 +446,7 @@ class Scheduler:
             )
             cache.mask = mask
             cache.zero_padding()
-            if not skip:
-                self.prefixes.remember(cache, ready)
+            misses = 0 if skip else self.prefixes.remember(cache, ready)
             params = [job.params for job in ready]
             logits = out.logits[:, -1, :]
             sampled = choose_tokens(logits, params, [job.generator for job in ready])
@@ -459,6 +458,8 @@ class Scheduler:
                 self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
             return
         self.observer.on_prefill(len(ready), int(ids.numel()), time.perf_counter() - start)
+        if skip or misses:
+            self.observer.on_prefix(len(ready) if skip else 0, misses)
         self._join(ready, cache, sampled, tokens, logprobs)
 
     def _prefill_chunk(self) -> None:

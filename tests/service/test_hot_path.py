@@ -61,3 +61,23 @@ def test_a_download_is_built_once(settings_for) -> None:  # type: ignore[no-unty
             assert builds == 1
         etag = client.get(url).headers["etag"]  # zip, the default
         assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
+
+
+def test_a_task_second_chat_reads_the_template_opening_from_the_prefix_cache(settings_for) -> None:  # type: ignore[no-untyped-def]
+    with serve(settings_for(self_check="keep")) as service, service.client() as client:
+        assert client.post("/v1/tasks", json=TASK).status_code == 201
+        answers = []
+        for content in ("lion", "lion", "green"):
+            body = {
+                "model": "hot",
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": 4,
+                "temperature": 0,
+            }
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            answers.append(response.json()["choices"][0]["message"]["content"])
+        text = client.get("/metrics").text
+        assert metric_value(text, "icm_lora_prefix_cache_total", result="miss") == 1
+        assert metric_value(text, "icm_lora_prefix_cache_total", result="hit") == 2
+        assert answers[0] == answers[1]  # the cached opening answers as the full read did
