@@ -12,12 +12,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from generator.adapter import GeneratedAdapter
+from generator.batching import AnswerGroup
 from generator.selfcheck import AnswerScorer, SelfCheck, SelfCheckPolicy, describe, self_check
 from generator.tasks import TaskSpec
 from service.task_store import CheckResult, Refinement
@@ -25,14 +30,49 @@ from service.task_store import CheckResult, Refinement
 CHECK_KEY = "self_check"
 
 
+class BaseScores:
+    """An ``AnswerScorer`` around another that keeps the base model's scores of each list of answer groups (least
+    recently used dropped first, ``entries`` of them): the check of a refined adapter, of a regenerated one, or of
+    another spec with the same examples scores only the adapter's rows, and its base figures are those of the first
+    check of those examples."""
+
+    def __init__(self, scorer: AnswerScorer, entries: int = 256) -> None:
+        self.scorer = scorer
+        self.entries = entries
+        self.hits_total = 0
+        self._base: OrderedDict[tuple[AnswerGroup, ...], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, groups: Sequence[AnswerGroup], adapters: Sequence[GeneratedAdapter | None]) -> torch.Tensor:
+        key = tuple(groups)
+        with self._lock:
+            cached = self._base.get(key)
+            if cached is not None:
+                self._base.move_to_end(key)
+        if cached is None or None not in adapters:
+            scores = self.scorer(groups, adapters)
+            if None in adapters:
+                with self._lock:
+                    self._base[key] = scores[list(adapters).index(None)].clone()
+                    while len(self._base) > self.entries:
+                        self._base.popitem(last=False)
+            return scores
+        with self._lock:
+            self.hits_total += 1
+        rest = [a for a in adapters if a is not None]
+        scored = iter(self.scorer(groups, rest)) if rest else iter(())
+        return torch.stack([cached if a is None else next(scored) for a in adapters])
+
+
 class AdapterChecker:
     """``(spec, adapter) -> SelfCheck | None``; blocking, called from a worker thread one at a time (it owns its
-    tokenizer copy: fast tokenizers are not safe to share between threads)."""
+    tokenizer copy: fast tokenizers are not safe to share between threads). The base model's scores of a set of
+    examples are kept (``BaseScores``)."""
 
     def __init__(
         self, scorer: AnswerScorer, tokenizer: PreTrainedTokenizerBase, read: int, max_length: int, margin: float
     ) -> None:
-        self.scorer = scorer
+        self.scorer = scorer if isinstance(scorer, BaseScores) else BaseScores(scorer)
         self.tokenizer = copy.deepcopy(tokenizer)
         self.read = read
         self.max_length = max_length
