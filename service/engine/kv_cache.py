@@ -161,6 +161,18 @@ class BatchKVCache(Cache):
             vb[:, :, :n].copy_(v)
             layer.set_buffers(kb, vb, n)
 
+    def realign(self, index: torch.Tensor) -> None:
+        """Move positions within each row, in every layer: position ``j`` of row ``b`` takes the old position
+        ``index[b, j]`` ([rows, length], long, on the cache's device). The prefix cache right-aligns rows whose
+        padding sat between the cached opening and the rest of the prompt, so that every row is left-padded again
+        (``select`` and ``retain`` drop the left columns that every row pads)."""
+        for layer in self._layers():
+            k, v = layer.buffers()
+            n = layer._len
+            picks = index[:, None, :, None]
+            k[:, :, :n] = k[:, :, :n].gather(2, picks.expand(-1, k.shape[1], -1, k.shape[3]))
+            v[:, :, :n] = v[:, :, :n].gather(2, picks.expand(-1, v.shape[1], -1, v.shape[3]))
+
     def span(self, row: int, start: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of one row's keys and values at positions ``start`` .. ``start + length``, per layer."""
         keys, values = [], []

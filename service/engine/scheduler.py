@@ -123,6 +123,23 @@ def _padding_added(group_rows: int, group_length: int, rows: int, length: int) -
     return group_rows * (length - group_length)
 
 
+def _right_aligned(opening: int, width: int, rests: Sequence[int]) -> torch.Tensor:
+    """[rows, opening + width] source positions that move each row's opening next to the rest of its prompt (read
+    right-aligned after the opening), padding first: the padding positions are arbitrary (zeroed afterwards)."""
+    rows = []
+    for rest in rests:
+        pad = width - rest
+        rows.append([0] * pad + list(range(opening)) + list(range(opening + pad, opening + width)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _left_padded(length: int, real: Sequence[int]) -> torch.Tensor:
+    mask = torch.zeros((len(real), length), dtype=torch.bool)
+    for i, n in enumerate(real):
+        mask[i, length - n :] = True
+    return mask
+
+
 def kv_bytes_per_token(model: PreTrainedModel) -> int:
     """KV cache bytes of one position of one row: keys and values of every layer."""
     config = model.config
@@ -444,6 +461,10 @@ class Scheduler:
                 use_cache=True,
                 logits_to_keep=1,
             )
+            if skip and padded:  # padding between the opening and the rest: left-pad every row again
+                rests = [len(job.prompt_ids) - skip for job in ready]
+                cache.realign(_right_aligned(skip, width, rests).to(self.device))
+                mask = _left_padded(skip + width, [skip + r for r in rests]).to(self.device)
             cache.mask = mask
             cache.zero_padding()
             misses = 0 if skip else self.prefixes.remember(cache, ready)

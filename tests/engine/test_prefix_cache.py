@@ -92,3 +92,26 @@ def test_off_and_bounded(make_engine: Callable[..., Engine], adapter: MakeAdapte
     assert (stats.prefix_hits_total, stats.prefix_misses_total) == (0, 4)
     bounded.generate(chats[1], adapter(2), max_tokens=2)
     assert bounded.stats(sync=True).prefix_hits_total == 1
+
+
+def test_rows_that_leave_early_do_not_cut_the_others_openings(
+    make_engine: Callable[..., Engine], adapter: MakeAdapter, reference: Reference
+) -> None:
+    """After a prefill from cached openings, rows of different lengths leave at different steps; the cache drops the
+    columns every remaining row pads, which must never be an opening's."""
+    engine = make_engine(num_slots=4)
+    chats = _chats(engine)
+    adapters = [None, adapter(1), None]
+    for ids, a in zip(chats, adapters, strict=True):
+        engine.generate(ids, a, max_tokens=1)  # every opening cached
+    hits = engine.stats(sync=True).prefix_hits_total
+    lengths = (2, 9, 5)  # the longest prompt leaves first, so the others' padding columns become droppable
+    order = sorted(range(3), key=lambda i: -len(chats[i]))
+    with engine.paused():  # admitted together: one prefill, the rows padded to the longest
+        handles = [
+            engine.submit(chats[i], adapters[i], SamplingParams(max_tokens=lengths[k])) for k, i in enumerate(order)
+        ]
+    results = [h.result() for h in handles]
+    assert engine.stats(sync=True).prefix_hits_total == hits + 3
+    for k, i in enumerate(order):
+        assert results[k].token_ids == reference(chats[i], adapters[i], lengths[k])
