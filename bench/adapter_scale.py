@@ -141,7 +141,10 @@ def main() -> None:
     show = sub.add_parser("summary")
     show.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    score(args) if args.command == "score" else summary(args)
+    if args.command == "score":
+        score(args)
+    else:
+        summary(args)
 
 
 if __name__ == "__main__":

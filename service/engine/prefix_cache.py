@@ -33,6 +33,12 @@ class PrefixRow(Protocol):
     def adapter_id(self) -> str | None: ...
 
 
+class ChatEncoder(Protocol):
+    """``engine.chat_token_ids``: a tokenizer and messages -> the chat prompt's token ids."""
+
+    def __call__(self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+
 def chat_opening(tokenizer: PreTrainedTokenizerBase, encode: ChatEncoder) -> tuple[int, ...]:
     """The tokens every chat prompt of one user message starts with: the common prefix of two prompts whose contents
     differ from their first character (empty without a chat template)."""
@@ -49,10 +55,6 @@ def chat_opening(tokenizer: PreTrainedTokenizerBase, encode: ChatEncoder) -> tup
     return tuple(a[:n])
 
 
-class ChatEncoder(Protocol):
-    def __call__(self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]: ...
-
-
 class PrefixCache:
     """Keys and values of ``opening`` per adapter id, at most ``entries`` of them (0: off)."""
 
@@ -62,9 +64,6 @@ class PrefixCache:
         self._kv: OrderedDict[str | None, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
         self.hits_total = 0  # rows prefilled after the opening's cached keys and values
         self.misses_total = 0  # rows that started with the opening and were prefilled in full
-
-    def __len__(self) -> int:
-        return len(self._kv)
 
     def _opens(self, row: PrefixRow) -> bool:
         n = len(self.opening)
