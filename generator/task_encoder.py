@@ -98,6 +98,67 @@ def hidden_states_at(decoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Te
 HiddenStateReader = Callable[[Sequence[str]], torch.Tensor]
 """texts -> [len(texts), hidden] hidden states at each text's last token (the service's engine provides one)."""
 
+READ_TOKENS = 256
+"""Padded tokens per forward pass of a hidden-state read (``read_batches``). The engine runs each batch between two
+decode steps (the budget of its prefill chunks, ``EngineConfig.prefill_chunk``, is the same by default), so reading 8
+examples does not hold the running streams for the whole read; the offline reader batches the same way, so the two
+give the same bits."""
+
+
+def resolve_layer(layer: int | None, num_layers: int) -> int:
+    """The ``hidden_states`` index of ``layer``: ``None`` the middle layer, a negative one counted from the end."""
+    index = num_layers // 2 if layer is None else (layer if layer >= 0 else num_layers + 1 + layer)
+    if not 0 <= index <= num_layers:
+        raise ValueError(f"hidden layer {layer} is outside the model's 0..{num_layers}")
+    return index
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """Right-padded rows of one forward pass of a read; ``last`` indexes each row's last token."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.mask.sum(dim=1) - 1
+
+
+def read_batches(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, budget: int = READ_TOKENS
+) -> list[ReadBatch]:
+    """Each text as BOS + its last ``max_length - 1`` tokens, in order, grouped into batches of at most ``budget``
+    padded tokens (rows x the batch's longest row; a row longer than the budget is a batch of its own)."""
+    if not texts:
+        raise ValueError("no texts to read")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    rows = [bos + tokenizer(t, add_special_tokens=False)["input_ids"][-(max_length - len(bos)) :] for t in texts]
+    groups: list[list[list[int]]] = [[]]
+    for row in rows:
+        group = groups[-1]
+        if group and (len(group) + 1) * max(len(row), *(len(r) for r in group)) > budget:
+            groups.append(group := [])
+        group.append(row)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for group in groups:
+        ids = torch.full((len(group), max(len(r) for r in group)), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(group):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        batches.append(ReadBatch(ids, mask))
+    return batches
+
+
+def read_batch(decoder: torch.nn.Module, batch: ReadBatch, layer: int) -> torch.Tensor:
+    """[rows, hidden] fp32 on the CPU: ``hidden_states[layer]`` of ``decoder`` at each row's last token."""
+    device = next(decoder.parameters()).device
+    with torch.inference_mode():
+        hidden = hidden_states_at(decoder, batch.ids.to(device), batch.mask.to(device), layer)
+    return hidden[torch.arange(hidden.shape[0], device=device), batch.last.to(device)].to("cpu", torch.float32)
+
 
 class ModelHiddenStateReader:
     """Reads hidden states with a Hugging Face model (offline pipeline, tests).
@@ -113,34 +174,23 @@ class ModelHiddenStateReader:
         layer: int | None,
         max_length: int,
         no_adapter: Callable[[], AbstractContextManager[object]] = nullcontext,
+        budget: int = READ_TOKENS,
     ) -> None:
-        n_layers = int(model.config.num_hidden_layers)
-        self.layer = n_layers // 2 if layer is None else (layer if layer >= 0 else n_layers + 1 + layer)
-        if not 0 <= self.layer <= n_layers:
-            raise ValueError(f"hidden layer {layer} is outside the model's 0..{n_layers}")
+        self.layer = resolve_layer(layer, int(model.config.num_hidden_layers))
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.no_adapter = no_adapter
+        self.budget = budget
 
-    @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        rows = [
-            bos + self.tokenizer(t, add_special_tokens=False)["input_ids"][-(self.max_length - len(bos)) :]
-            for t in texts
-        ]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        last = mask.sum(dim=1) - 1
-        device = next(self.model.parameters()).device
         with self.no_adapter():
-            hidden = hidden_states_at(self.model.base_model, ids.to(device), mask.to(device), self.layer)
-        return hidden[torch.arange(len(rows), device=device), last.to(device)].to("cpu", torch.float32)
+            return torch.cat(
+                [
+                    read_batch(self.model.base_model, batch, self.layer)
+                    for batch in read_batches(self.tokenizer, texts, self.max_length, self.budget)
+                ]
+            )
 
 
 def example_text(example: Example) -> str:

@@ -16,12 +16,15 @@ class EngineConfig:
     wait for the next step). ``check_base_model``: refuse adapters whose ``base_model`` names another model.
     ``prefill_chunk``: the prefill token budget of one loop iteration for a long prompt: a prompt longer than this is
     read in chunks of this many tokens, one chunk between two decode steps (running streams keep decoding meanwhile);
-    shorter prompts are prefilled together in one pass as before. ``max_prepared``: prepared adapters (checked and
-    laid out as a slot row) kept by adapter id, least recently used dropped first, so a request for an adapter seen
-    recently prepares nothing. ``kv_cache_bytes``: the KV cache's memory budget. Admission reserves, for the batch,
-    rows x the longest (prompt + max_tokens) among them (the cache is left-padded to its longest row); a request that
-    would exceed it waits until rows leave, and one that could never fit alone is refused (``RequestTooLarge``).
-    The cache's buffers grow with spare room (up to half again), so memory may reach about 1.5x the budget.
+    shorter prompts are prefilled together in one pass as before. The same budget bounds the other work that runs
+    between two decode steps: a hidden-state read for adapter generation and the self-check's scoring go in passes of at
+    most this many padded tokens (a single row longer than that is a pass of its own). ``max_prepared``: prepared
+    adapters (checked and laid out as a slot row) kept by adapter id, least recently used dropped first, so a request
+    for an adapter seen recently prepares nothing. ``kv_cache_bytes``: the KV cache's memory budget. Admission reserves,
+    for the batch, rows x the longest (prompt + max_tokens) among them (the cache is left-padded to its longest row); a
+    request that would exceed it waits until rows leave, and one that could never fit alone is refused
+    (``RequestTooLarge``). The cache's buffers grow with spare room (up to half again), so memory may reach about 1.5x
+    the budget.
     ``max_decode_groups``: running rows may decode in up to this many groups, one forward pass each, so that a long
     row does not pad every short one (the scheduler's module docstring); 1 keeps every row in one pass.
     ``prefix_cache_entries``: adapters (the base model counts as one) whose keys and values of the chat template's

@@ -243,20 +243,29 @@ class Engine:
     # --- task encoder support ---------------------------------------------------------------------------------
 
     def hidden_state_reader(self, layer: int | None = None, max_length: int = 96) -> EngineHiddenStateReader:
-        """A ``HiddenStateReader`` over the resident base model, adapter-free."""
+        """A ``HiddenStateReader`` over the resident base model, adapter-free, in forward passes of at most
+        ``config.prefill_chunk`` padded tokens (decode steps run between them)."""
         return EngineHiddenStateReader(
-            self._scheduler.call, self.model, self.tokenizer, self.bank, layer, max_length, self._encode_lock
+            self._scheduler.call,
+            self.model,
+            self.tokenizer,
+            self.bank,
+            layer,
+            max_length,
+            self._encode_lock,
+            budget=self.config.prefill_chunk,
         )
 
     def answer_logprobs(
         self,
         groups: Sequence[AnswerGroup],
         adapters: Sequence[GeneratedAdapter | PreparedAdapter | None],
-        batch_size: int = 8,
+        budget: int | None = None,
     ) -> torch.Tensor:
         """[len(adapters), answers] mean log-probability per answer token of each group's answers, for each adapter
         (None: the base model), all in the same forward passes: the self-check's ``AnswerScorer``, computed by the
-        resident model on the engine thread. Blocks the calling thread; never call it from the engine thread."""
+        resident model on the engine thread, in passes of about ``budget`` tokens (default ``config.prefill_chunk``)
+        with decode steps between them. Blocks the calling thread; never call it from the engine thread."""
         if self._scheduler.on_engine_thread:
             raise RuntimeError("answer_logprobs() cannot be used from the engine thread")
         prepared = [None if a is None else self.prepare_adapter(a) for a in adapters]
@@ -268,7 +277,7 @@ class Engine:
             groups,
             prepared,
             self.pad_id,
-            batch_size,
+            budget or self.config.prefill_chunk,
         )
 
     def prompt_logprobs(

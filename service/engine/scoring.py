@@ -17,7 +17,7 @@ from concurrent.futures import Future
 import torch
 from transformers import PreTrainedModel
 
-from generator.batching import AnswerGroup, pack_groups, packed_answer_logprobs
+from generator.batching import AnswerGroup, group_length, pack_groups, packed_answer_logprobs
 from service.engine.errors import NoFreeSlot
 from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter
 from service.engine.sampling import TokenLogprob, logprobs_of
@@ -54,20 +54,36 @@ def score_groups(
     groups: Sequence[AnswerGroup],
     adapters: Sequence[PreparedAdapter | None],
     pad_id: int,
-    batch_size: int = 8,
+    budget: int,
     slot_wait_s: float = 30.0,
 ) -> torch.Tensor:
-    """Batches of ``batch_size`` groups (times the adapters: that many rows), each one call on the engine thread
-    (retried while every slot is pinned)."""
+    """``groups`` in consecutive batches of about ``budget`` tokens (``budget_batches``), each batch one call on the
+    engine thread (retried while every slot is pinned); the next call is submitted when the last has returned, so
+    running streams take a decode step between two batches."""
     if not groups or not adapters:
         raise ValueError("nothing to score")
     out = []
-    for start in range(0, len(groups), batch_size):
-        fn = functools.partial(score_batch, model, bank, load_now, groups[start : start + batch_size], adapters, pad_id)
+    for batch in budget_batches(groups, len(adapters), budget):
+        fn = functools.partial(score_batch, model, bank, load_now, batch, adapters, pad_id)
         scores = _call_with_slot(submit, fn, slot_wait_s)
         assert isinstance(scores, torch.Tensor)
         out.append(scores)
     return torch.cat(out, dim=1)
+
+
+def budget_batches(groups: Sequence[AnswerGroup], copies: int, budget: int) -> list[Sequence[AnswerGroup]]:
+    """Consecutive runs of ``groups`` whose tokens (each group's packed length, times ``copies``: the base model's
+    rows and each adapter's) add up to at most ``budget``; a group over the budget on its own is a run of one."""
+    runs: list[list[AnswerGroup]] = [[]]
+    tokens = 0
+    for group in groups:
+        size = group_length(group) * copies
+        if runs[-1] and tokens + size > budget:
+            runs.append([])
+            tokens = 0
+        runs[-1].append(group)
+        tokens += size
+    return list(runs)
 
 
 def _activate(bank: LoraBank, load_now: LoadNow, adapter: PreparedAdapter | None, rows: int) -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from generator.base_model import load_base_model
-from generator.task_encoder import ModelHiddenStateReader
+from generator.selfcheck import encode_groups
+from generator.task_encoder import ModelHiddenStateReader, read_batches
+from generator.tasks import Example
 from service.engine import Engine, EngineClosed, EngineError, EngineObserver, QueueFull, RequestError, SamplingParams
 from service.engine.observer import GuardedObserver
+from service.engine.scoring import budget_batches
 from tests.engine.conftest import MakeAdapter, Reference
 
 LONG = SamplingParams(max_tokens=400, ignore_eos=True)
@@ -148,7 +152,7 @@ def test_hidden_state_reader_equals_the_model_reader(
     texts = ["Input: cat Output: dog", "a", "Task: reverse the words of the sentence " * 6]
     fresh = load_base_model("tiny")
     for layer, max_length in ((None, 32), (-1, 16), (0, 96)):
-        expected = ModelHiddenStateReader(fresh.model, fresh.tokenizer, layer, max_length)(texts)
+        expected = ModelHiddenStateReader(fresh.model, fresh.tokenizer, layer, max_length, budget=256)(texts)
         running = engine.submit(prompt_ids[3], adapter=adapter(1), params=LONG)  # adapters are busy meanwhile
         next(iter(running))
         reader = engine.hidden_state_reader(layer, max_length)
@@ -158,6 +162,45 @@ def test_hidden_state_reader_equals_the_model_reader(
         assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="outside"):
         engine.hidden_state_reader(layer=99)
+
+
+def test_long_reads_and_scoring_run_in_budgeted_passes_between_decode_steps(
+    make_engine: Callable[..., Engine],
+    adapter: MakeAdapter,
+    prompt_ids: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hidden-state read and a self-check scoring go through the prefill budget: each pass on the engine thread
+    holds at most ``prefill_chunk`` padded tokens (a longer row alone), and running streams decode between passes."""
+    budget = 24
+    engine = make_engine(num_slots=2, prefill_chunk=budget)
+    steps_at_call: list[int] = []
+    call = engine._scheduler.call
+
+    def counting(fn: Callable[[], object]) -> object:
+        return call(lambda: (steps_at_call.append(engine._scheduler.steps_total), fn())[1])
+
+    monkeypatch.setattr(engine._scheduler, "call", counting)
+    fresh = load_base_model("tiny")
+    texts = [f"Input: example number {i} of a read with a few words\nOutput: {i}" for i in range(6)]
+    batches = read_batches(fresh.tokenizer, texts, 32, budget)
+    assert len(batches) >= 3
+    assert all(b.ids.numel() <= budget or b.ids.shape[0] == 1 for b in batches)
+    assert sum(b.ids.shape[0] for b in batches) == len(texts)
+    running = engine.submit(prompt_ids[3], adapter=adapter(1), params=LONG)
+    stream = iter(running)  # kept: a stream whose reader goes away cancels its request
+    next(stream)
+    got = engine.hidden_state_reader(None, 32)(texts)
+    assert torch.equal(got, ModelHiddenStateReader(fresh.model, fresh.tokenizer, None, 32, budget=budget)(texts))
+    assert len(steps_at_call) == len(batches)
+    assert all(b > a for a, b in itertools.pairwise(steps_at_call))  # a decode step between passes
+    groups = encode_groups(fresh.tokenizer, [Example(t, "yes", ("yes", "no")) for t in texts], 32, choices=True)
+    steps_at_call.clear()
+    engine.answer_logprobs(groups, [None, adapter(2)])
+    assert len(steps_at_call) == len(budget_batches(groups, 2, budget)) >= 3
+    assert all(b > a for a, b in itertools.pairwise(steps_at_call))
+    running.cancel()
+    assert running.result().finish_reason == "cancelled"  # it ran throughout
 
 
 def test_a_failing_forward_fails_its_requests_and_the_engine_goes_on(

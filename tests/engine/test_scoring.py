@@ -3,16 +3,19 @@ the offline one (plain peft, one pass per adapter)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
 
 from generator.base_model import load_base_model
+from generator.batching import group_length
 from generator.config import LoraSettings
 from generator.lora_model import LoraModel
 from generator.selfcheck import LoraModelScorer, encode_groups
 from generator.tasks import Example
 from service.engine import Engine
+from service.engine.scoring import budget_batches
 from tests.engine.conftest import MakeAdapter
 
 EXAMPLES = [
@@ -36,7 +39,7 @@ def test_engine_scores_equal_lora_model_scorer(make_engine: Callable[..., Engine
     }
     first, second, third = adapter(1), adapter(2), adapter(3, small)
     for candidate in (first, second, third, first):  # swaps and evictions (2 slots), each beside the base model
-        got = engine.answer_logprobs(groups, [None, candidate], batch_size=3)
+        got = engine.answer_logprobs(groups, [None, candidate], budget=64)  # in several passes
         want = references[candidate.lora](groups, [None, candidate])
         assert got.shape == (2, answers)
         assert torch.allclose(got, want, atol=1e-4), (candidate.adapter_id, got, want)
@@ -60,3 +63,14 @@ def test_scoring_between_generations_leaves_them_unchanged(
     alone = engine.generate(prompt_ids[1], a, max_tokens=12, temperature=0).token_ids
     assert handle.result().token_ids == alone
     assert engine.generate(prompt_ids[0], a, max_tokens=6, temperature=0).token_ids == before
+
+
+def test_budget_batches_keep_order_and_stay_within_the_budget() -> None:
+    tokenizer = load_base_model("tiny").tokenizer
+    groups = encode_groups(tokenizer, EXAMPLES * 3, max_length=48, choices=True)
+    for copies, budget in ((1, 40), (2, 64), (3, 1), (2, 10**6)):
+        runs = budget_batches(groups, copies, budget)
+        assert [g for run in runs for g in run] == groups
+        assert all(len(run) == 1 or sum(group_length(g) for g in run) * copies <= budget for run in runs)
+        assert all(sum(group_length(g) for g in (*a, b[0])) * copies > budget for a, b in itertools.pairwise(runs))
+    assert len(budget_batches(groups, 2, 10**6)) == 1 and len(budget_batches(groups, 3, 1)) == len(groups)

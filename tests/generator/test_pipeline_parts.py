@@ -17,7 +17,7 @@ from generator.checkpoint import CheckpointError, _generator_id, load_checkpoint
 from generator.config import TaskEncoderSettings
 from generator.files import safe_name
 from generator.generate import AdapterGenerator, GeneratorMismatchError
-from generator.task_encoder import ModelHiddenStateReader, TaskEncoder, reader_texts
+from generator.task_encoder import ModelHiddenStateReader, ReadBatch, TaskEncoder, read_batches, reader_texts
 from generator.tasks import Example, TaskSpec
 from generator.training.pipeline import Run, step_train_loras
 from generator.training.train_loras import load_collection
@@ -165,6 +165,17 @@ def test_hidden_state_reader_ignores_padding(tiny_base: BaseModel) -> None:
     alone = reader(["Input: kiwi\nOutput: yes"])
     batched = reader(["Input: kiwi\nOutput: yes", "Input: a much longer text with many words in it\nOutput: no"])
     assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    texts = [f"Input: fruit number {i} of the list\nOutput: {'yes' if i % 2 else 'no'}" for i in range(7)]
+    whole = ModelHiddenStateReader(tiny_base.model, tiny_base.tokenizer, None, 32, budget=10**6)(texts)
+    passes = read_batches(tiny_base.tokenizer, texts, 32, budget=30)
+    assert len(passes) > 2 and all(b.ids.numel() <= 30 for b in passes)  # in order, every row once
+
+    def rows(batches: list[ReadBatch]) -> list[list[int]]:
+        return [b.ids[i, : int(b.last[i]) + 1].tolist() for b in batches for i in range(b.ids.shape[0])]
+
+    assert rows(passes) == rows(read_batches(tiny_base.tokenizer, texts, 32, 10**6))
+    split = ModelHiddenStateReader(tiny_base.model, tiny_base.tokenizer, None, 32, budget=30)(texts)
+    assert torch.allclose(whole, split, atol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         ModelHiddenStateReader(tiny_base.model, tiny_base.tokenizer, layer=7, max_length=32)
 
