@@ -16,6 +16,12 @@ distinct adapters through few slots cost.
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
    alternating pairs, median ratio. Target: >= 0.7.
+3. **Adapter generation mid-run.** The same streams, then what the service does on a cache miss with 8 examples: the
+   task vector's hidden-state read and the self-check's scoring of the base model and the adapter, on the engine
+   thread. Both go in passes of at most ``prefill_chunk`` padded tokens with decode steps between them; a chunk of
+   100,000 is the single pass every read and check made before. ``--generation-rounds`` alternating rounds; the
+   streams' delay as in 1, and how long the read and the scoring took.
+   ``--chunks ""`` and ``--pairs 0`` leave out 1 and 2.
 
 Writes JSON with the targets and the machine's load (``os.getloadavg``, ``--load-note``).
 """
@@ -44,6 +50,8 @@ from generator.adapter import GeneratedAdapter
 from generator.base_model import load_base_model
 from generator.config import LoraSettings
 from generator.lora_layout import LoraLayout
+from generator.selfcheck import encode_groups
+from generator.tasks import Example, format_prompt, format_target
 from service.engine import Engine, EngineConfig, RequestHandle, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,6 +77,56 @@ def text_of(n_words: int, seed: int) -> str:
     return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(n_words))
 
 
+class Streams:
+    """``n`` requests decoding (EOS ignored) on ``engine``, a thread each recording the time of every token; the
+    constructor returns once each has 4 tokens (and 0.3 s more), so what comes next arrives mid-run."""
+
+    def __init__(self, engine: Engine, n: int, tokens: int, adapters: list[GeneratedAdapter]) -> None:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        self.handles = [
+            engine.submit(text_of(12, i), adapter=adapters[i % len(adapters)], params=params) for i in range(n)
+        ]
+        self.times: list[list[float]] = [[] for _ in self.handles]
+        started = threading.Barrier(n + 1)
+
+        def follow(k: int, handle: RequestHandle) -> None:
+            first = True
+            for delta in handle:
+                if delta.token_ids:
+                    self.times[k].append(time.perf_counter())
+                    if first and len(self.times[k]) >= 4:
+                        first = False
+                        started.wait()
+
+        self.threads = [threading.Thread(target=follow, args=(k, h)) for k, h in enumerate(self.handles)]
+        for t in self.threads:
+            t.start()
+        started.wait()
+        time.sleep(0.3)
+
+    def stop(self) -> bool:
+        """Cancel every stream; True when all were still running (they outlasted what was measured)."""
+        outlasted = all(not h.done for h in self.handles)
+        for h in self.handles:
+            h.cancel()
+        for t in self.threads:
+            t.join()
+        return outlasted
+
+    def gaps(self, start: float, end: float) -> tuple[list[float], list[float], list[float]]:
+        """Per stream: its median gap before ``start``, its longest gap overlapping [start, end) (its next token
+        after ``end`` included), and every such gap."""
+        medians, worst, during_all = [], [], []
+        for series in self.times:
+            pairs = list(itertools.pairwise(series))
+            before = [b - a for a, b in pairs if b <= start]
+            during = [b - a for a, b in pairs if b > start and a < end]
+            medians.append(statistics.median(before) if before else 0.0)
+            worst.append(max(during) if during else 0.0)
+            during_all += during
+        return medians, worst, during_all
+
+
 def long_prompt_interference(
     base: Any,
     chunk: int,
@@ -88,27 +146,7 @@ def long_prompt_interference(
         long_ids = (tokenizer(text_of(long_tokens, 99))["input_ids"] * 2)[:long_tokens]
         # the streams run until the long request has finished (then they are cancelled), so its prefill, its join
         # and its decoding beside them are all measured; ``tokens`` only bounds them
-        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-        handles = [
-            engine.submit(text_of(12, i), adapter=adapters[i % len(adapters)], params=params) for i in range(streams)
-        ]
-        times: list[list[float]] = [[] for _ in handles]
-        started = threading.Barrier(streams + 1)
-
-        def follow(k: int, handle: RequestHandle) -> None:
-            first = True
-            for delta in handle:
-                if delta.token_ids:
-                    times[k].append(time.perf_counter())
-                    if first and len(times[k]) >= 4:
-                        first = False
-                        started.wait()
-
-        threads = [threading.Thread(target=follow, args=(k, h)) for k, h in enumerate(handles)]
-        for t in threads:
-            t.start()
-        started.wait()  # every stream has 4 tokens
-        time.sleep(0.3)
+        running = Streams(engine, streams, tokens, adapters)
         arrival = time.perf_counter()
         long_handle = engine.submit(long_ids, params=SamplingParams(max_tokens=long_new_tokens, ignore_eos=True))
         groups_while = 0
@@ -117,29 +155,21 @@ def long_prompt_interference(
                 groups_while = max(groups_while, engine.stats().decode_groups)
         long_result = long_handle.result()
         long_done_at = time.perf_counter()
-        outlasted = all(not h.done for h in handles)
-        for h in handles:
-            h.cancel()
+        outlasted = running.stop()
         assert long_result.time_to_first_token is not None
         first_token_at = arrival + long_result.time_to_first_token
-        for t in threads:
-            t.join()
     finally:
         engine.close()
-    delays, medians, worst, after_gaps, during_gaps = [], [], [], [], []
-    for series in times:
-        pairs = list(itertools.pairwise(series))
-        before = [b - a for a, b in pairs if b <= arrival]
-        # the long request decoding beside them (its rows in the same pass, or a group of its own)
-        after_gaps += [b - a for a, b in pairs if a >= first_token_at and b <= long_done_at]
-        # the gaps that overlap the long prompt's prefill: from the arrival to its first token
-        during = [b - a for a, b in pairs if b > arrival and a < first_token_at]
-        median = statistics.median(before) if before else 0.0
-        longest = max(during) if during else 0.0
-        during_gaps += during
-        medians.append(median)
-        worst.append(longest)
-        delays.append(longest - median)
+    # the gaps that overlap the long prompt's prefill: from the arrival to its first token (its join included)
+    medians, worst, during_gaps = running.gaps(arrival, first_token_at)
+    delays = [w - m for w, m in zip(worst, medians, strict=True)]
+    # the long request decoding beside them (its rows in the same pass, or a group of its own)
+    after_gaps = [
+        b - a
+        for series in running.times
+        for a, b in itertools.pairwise(series)
+        if a >= first_token_at and b <= long_done_at
+    ]
     return {
         "prefill_chunk": chunk,
         "max_decode_groups": groups,
@@ -153,6 +183,52 @@ def long_prompt_interference(
         "stream_gap_while_long_decodes_p50_ms": round(statistics.median(after_gaps) * 1000, 1) if after_gaps else None,
         "decode_groups_while_long_decodes": groups_while,
         "streams_outlasted_the_long_request": outlasted,
+    }
+
+
+def generation_interference(
+    base: Any,
+    chunk: int,
+    streams: int,
+    tokens: int,
+    adapters: list[GeneratedAdapter],
+    layer: int = -8,
+    examples: int = 8,
+) -> dict[str, Any]:
+    """What generating an adapter from ``examples`` examples does to running streams: the task vector's hidden-state
+    read (layer 23 of 30, as the shipped generator reads) and the self-check's scoring of base and adapter on the
+    same examples (3 choices each), both on the engine thread, as the service runs them."""
+    engine = Engine(base, EngineConfig(num_slots=max(8, streams) + 1, max_batch_size=streams, prefill_chunk=chunk))
+    try:
+        shots = [
+            Example(text_of(40 + 5 * i, 50 + i), text_of(2, 70 + i), tuple(text_of(2, 70 + i + k) for k in range(3)))
+            for i in range(examples)
+        ]
+        texts = [format_prompt(e.input) + format_target(e.output) for e in shots]
+        groups = encode_groups(base.tokenizer, shots, 96, choices=True)
+        reader = engine.hidden_state_reader(layer, 96)
+        candidate = engine.prepare_adapter(adapters[-1])
+        running = Streams(engine, streams, tokens, adapters[:-1])
+        arrival = time.perf_counter()
+        reader(texts)
+        read_done = time.perf_counter()
+        engine.answer_logprobs(groups, [None, candidate])
+        done = time.perf_counter()
+        outlasted = running.stop()
+    finally:
+        engine.close()
+    medians, worst, _ = running.gaps(arrival, done)
+    delays = [w - m for w, m in zip(worst, medians, strict=True)]
+    return {
+        "prefill_chunk": chunk,
+        "read_tokens": sum(len(base.tokenizer(t)["input_ids"]) for t in texts),
+        "read_ms": round((read_done - arrival) * 1000, 1),
+        "self_check_scoring_ms": round((done - read_done) * 1000, 1),
+        "stream_gap_before_p50_ms": round(statistics.median(medians) * 1000, 1),
+        "stream_longest_gap_during_ms": round(max(worst) * 1000, 1),
+        "delay_of_next_token_ms_max": round(max(delays) * 1000, 1),
+        "delay_of_next_token_ms_median": round(statistics.median(delays) * 1000, 1),
+        "streams_outlasted_the_generation": outlasted,
     }
 
 
@@ -181,6 +257,11 @@ def main() -> None:
     parser.add_argument("--long-new-tokens", type=int, default=16)
     parser.add_argument("--groups", default="1,4", help="max_decode_groups values, alternated for each chunk")
     parser.add_argument("--chunks", default="32,256,4096", help="prefill_chunk values to compare")
+    parser.add_argument(
+        "--generation-chunks", default="256,100000", help="prefill_chunk values for the generation mid-run"
+    )
+    parser.add_argument("--generation-rounds", type=int, default=3)
+    parser.add_argument("--read-layer", type=int, default=-8, help="the hidden-state read's layer (shipped: -8)")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=256)
     parser.add_argument("--requests", type=int, default=64)
@@ -194,13 +275,20 @@ def main() -> None:
     base = load_base_model(args.base_model)
     adapters = make_adapters(base.model, max(args.adapters, args.slots), base.name)
     results: dict[str, Any] = {"long_prompt": [], "cycling": {}}
-    for chunk in (int(c) for c in args.chunks.split(",")):
+    for chunk in (int(c) for c in args.chunks.split(",") if c):
         for groups in (int(g) for g in args.groups.split(",")):
             row = long_prompt_interference(
                 base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16], args.long_new_tokens, groups
             )
             print(json.dumps(row))
             results["long_prompt"].append(row)
+
+    results["generation"] = []
+    for _ in range(args.generation_rounds):  # alternating: the budgeted passes, then one pass (the old behaviour)
+        for chunk in (int(c) for c in args.generation_chunks.split(",")):
+            row = generation_interference(base, chunk, args.streams, args.tokens, adapters[:17], args.read_layer)
+            print(json.dumps(row))
+            results["generation"].append(row)
 
     pairs = []
     for k in range(args.pairs):
@@ -222,8 +310,14 @@ def main() -> None:
         "pairs": [{k: round(v, 3) for k, v in p.items()} for p in pairs],
         "many_over_few_median": round(ratio, 3),
     }
-    best = min(results["long_prompt"], key=lambda r: r["delay_of_next_token_ms_max"])
-    best_delay = {k: best[k] for k in ("delay_of_next_token_ms_max", "prefill_chunk", "max_decode_groups")}
+    best_delay = None  # --chunks "": not measured
+    if results["long_prompt"]:
+        best = min(results["long_prompt"], key=lambda r: r["delay_of_next_token_ms_max"])
+        best_delay = {k: best[k] for k in ("delay_of_next_token_ms_max", "prefill_chunk", "max_decode_groups")}
+    by_chunk: dict[int, list[float]] = {}
+    for row in results["generation"]:
+        by_chunk.setdefault(row["prefill_chunk"], []).append(row["delay_of_next_token_ms_max"])
+    results["generation_delay_ms_max_median"] = {str(c): statistics.median(v) for c, v in by_chunk.items()}
     results["targets"] = {
         "long_prompt_delay_ms": {"target": "<= 100", "measured_best_chunk": best_delay},
         f"{args.adapters}_adapters_over_{args.slots}": {"target": ">= 0.7", "measured": round(ratio, 3)},
