@@ -8,6 +8,9 @@ generator and checked three ways, alternating, ``--repeats`` rounds:
 - ``service``: ``Engine.answer_logprobs`` as the service calls it: each example packed into one row (prompt read
   once for all its choices), base-model rows and adapter rows in the same forward pass;
 - ``offline``: ``LoraModelScorer`` (packed rows, one pass for the base model and one for the adapter);
+- ``service_one_pass``: the same in one engine call (a budget no check reaches), as it ran before checks went in
+  passes of at most ``prefill_chunk`` (256) tokens with decode steps between them: what the budget costs an idle
+  engine;
 - ``unpacked``: the check as it was before packing (one padded row per (example, choice), two passes), kept here as
   the reference; its scores must equal the others' (checked, ``max_abs_diff``).
 
@@ -61,6 +64,9 @@ TASKS = [  # held out by bench/suites/bigbench-trial.txt: multiple choice (long 
 ]
 
 
+ONE_PASS = 10**9  # tokens: every check's groups in one call
+
+
 def unpacked_check(
     spec: TaskSpec, adapter: GeneratedAdapter, lora: LoraModel, tokenizer: Any, read: int, max_length: int
 ) -> tuple[float, float]:
@@ -108,7 +114,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     read, length = checkpoint.encoder.max_examples, checkpoint.encoder.max_length
 
     rows = []
-    timings: dict[str, list[float]] = {"service": [], "offline": [], "unpacked": []}
+    timings: dict[str, list[float]] = {"service": [], "service_one_pass": [], "offline": [], "unpacked": []}
+    one_pass = partial(engine.answer_logprobs, budget=ONE_PASS)
     for name in args.tasks:
         task = load_bigbench_task(BIGBENCH / name / "task.json", name=name)
         spec = task.spec(8)
@@ -117,6 +124,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         answers = sum(len(e.choices or ()) or 1 for e in examples)
         runs: dict[str, Callable[[], Any]] = {
             "service": partial(self_check, spec, adapter, engine.answer_logprobs, base.tokenizer, read, length),
+            "service_one_pass": partial(self_check, spec, adapter, one_pass, base.tokenizer, read, length),
             "offline": partial(self_check, spec, adapter, offline, base.tokenizer, read, length),
             "unpacked": partial(unpacked_check, spec, adapter, offline_lora, base.tokenizer, read, length),
         }
