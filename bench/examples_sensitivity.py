@@ -124,14 +124,25 @@ def score(args: argparse.Namespace) -> None:
 def summary(args: argparse.Namespace) -> None:
     pairs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((args.out / "pairs").glob("*.json"))]
     rows = [t | {"task": n} for p in pairs for n, t in p["tasks"].items()]
+    sides = {
+        "all": rows,
+        "ambig": [r for r in rows if r["task"].endswith("_ambig")],
+        "disambig": [r for r in rows if r["task"].endswith("_disambig")],
+    }
     result: dict[str, Any] = {
         "pairs": len(pairs),
         "cosine_median": {
             k: statistics.median(p["cosine"][k] for p in pairs) for k in (pairs[0]["cosine"] if pairs else {})
         },
-        "means": {v: round(statistics.fmean(r["scores"][v] for r in rows), 4) for v in ("base", *CONDITIONS)},
-        "paired": {f"{v} - base": paired_bootstrap(rows, v, "base") for v in CONDITIONS}
-        | {"examples - both": paired_bootstrap(rows, "examples", "both")},
+        "means": {
+            side: {v: round(statistics.fmean(r["scores"][v] for r in chosen), 4) for v in ("base", *CONDITIONS)}
+            for side, chosen in sides.items()
+        },
+        "paired": {
+            side: {f"{v} - base": paired_bootstrap(chosen, v, "base") for v in CONDITIONS}
+            | {"examples - both": paired_bootstrap(chosen, "examples", "both")}
+            for side, chosen in sides.items()
+        },
         "pairs_with_both_sides_at_or_above_base": {
             v: sum(all(t["scores"][v] >= t["scores"]["base"] for t in p["tasks"].values()) for p in pairs)
             for v in CONDITIONS
