@@ -47,6 +47,17 @@ def variant(alpha: float) -> str:
     return f"alpha_{alpha:g}"
 
 
+def gamma_variant(gamma: float) -> str:
+    return f"gamma_{gamma:g}"
+
+
+def extrapolated(vector: TaskVector, mean: torch.Tensor, gamma: float) -> TaskVector:
+    """The examples-only task vector moved ``gamma`` times as far from the training tasks' mean in-context vector
+    (``gamma`` > 1 stresses what sets this task's examples apart from the average task's)."""
+    assert vector.in_context is not None
+    return TaskVector(None, mean + gamma * (vector.in_context - mean))
+
+
 def scaled(tensors: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """The adapter whose weight change is ``alpha`` times the original's (every ``lora_B`` scaled)."""
     return {k: v * alpha if "lora_B" in k else v for k, v in tensors.items()}
@@ -63,7 +74,7 @@ def score(args: argparse.Namespace) -> None:
     lora = LoraModel(base.model, checkpoint.layout.settings)
     out_dir = args.out / "rows"
     out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = [variant(a) for a in args.alphas]
+    wanted = [variant(a) for a in args.alphas] + [gamma_variant(g) for g in args.gammas]
     checked = 0
     for path in mine:
         row = json.loads(path.read_text(encoding="utf-8"))
@@ -87,6 +98,10 @@ def score(args: argparse.Namespace) -> None:
         for alpha in alphas:
             lora.load_tensors(scaled(tensors, alpha))
             correct[variant(alpha)] = score_examples(lora.model, base.tokenizer, task, max_length=args.max_length)
+        for gamma in args.gammas:
+            moved = extrapolated(vector, checkpoint.cond.in_context_mean, gamma)
+            lora.load_vector(generator.decode_vector(moved))
+            correct[gamma_variant(gamma)] = score_examples(lora.model, base.tokenizer, task, max_length=args.max_length)
         differing = None
         if 1.0 in alphas:
             checked += 1
@@ -108,7 +123,7 @@ def score(args: argparse.Namespace) -> None:
 
 def summary(args: argparse.Namespace) -> None:
     rows = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((args.out / "rows").glob("*.json"))]
-    alphas = sorted({k for r in rows for k in r["correct"] if k.startswith("alpha_")})
+    alphas = sorted({k for r in rows for k in r["correct"] if k.startswith(("alpha_", "gamma_"))})
     names = ["base", STORED, *alphas, "in_context_8"]
     result: dict[str, Any] = {"tasks": len(rows), "means": {}, "paired": {}}
     for name in names:
@@ -132,7 +147,8 @@ def main() -> None:
     run.add_argument("--rows", type=Path, required=True, help="a report's rows (scored with --generator)")
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--generator", type=Path, default=GENERATOR)
-    run.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.75])
+    run.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.75])
+    run.add_argument("--gammas", type=float, nargs="*", default=[], help="condition extrapolation (see extrapolated)")
     run.add_argument("--check", type=int, default=1, help="tasks per shard on which alpha = 1 is re-scored")
     run.add_argument("--shard", type=int, default=0)
     run.add_argument("--shards", type=int, default=1)
