@@ -26,13 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generator.base_model import load_base_model
-from generator.checkpoint import load_checkpoint
+from bench.common import sharded_cli
+from generator.base_model import BaseModel, load_base_model
+from generator.checkpoint import GeneratorCheckpoint, load_checkpoint
 from generator.files import write_json
 from generator.generate import AdapterGenerator
 from generator.lora_model import LoraModel
 from generator.task_encoder import TaskEncoder, TaskVector
-from generator.tasks import load_bigbench_task
+from generator.tasks import Task, load_bigbench_task
 from generator.training.evaluate import SPEC_EXAMPLES, paired_bootstrap
 from generator.training.pipeline import BIGBENCH_MAX_EXAMPLES, BIGBENCH_MAX_TEST
 from generator.training.scoring import score_examples
@@ -63,15 +64,34 @@ def scaled(tensors: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Te
     return {k: v * alpha if "lora_B" in k else v for k, v in tensors.items()}
 
 
+def load_scorer(folder: Path) -> tuple[GeneratorCheckpoint, AdapterGenerator, BaseModel, LoraModel]:
+    """The generator in ``folder`` (its task vectors read by one copy of SmolLM2) and a LoRA on another copy."""
+    checkpoint = load_checkpoint(folder)
+    reader = load_base_model("smollm2-135m")
+    generator = AdapterGenerator(checkpoint, TaskEncoder.for_model(reader.model, reader.tokenizer, checkpoint.encoder))
+    base = load_base_model("smollm2-135m")
+    return checkpoint, generator, base, LoraModel(base.model, checkpoint.layout.settings)
+
+
+def stored_task(path: Path, row: dict[str, Any], generator_id: str) -> Task:
+    """The task of a stored row, loaded as the row's scorer loaded it; exits where the row cannot be paired (another
+    generator made it, or the test examples differ)."""
+    if row["generator_id"] != generator_id:
+        sys.exit(f"{path}: scored with generator {row['generator_id']}, not {generator_id}")
+    name = row["task"]
+    task = load_bigbench_task(
+        ROOT / name / "task.json", name=name, max_test=BIGBENCH_MAX_TEST, max_examples=BIGBENCH_MAX_EXAMPLES
+    )
+    if len(task.test) != len(row["correct"]["base"]):
+        sys.exit(f"{name}: {len(task.test)} test examples here, {len(row['correct']['base'])} in the row")
+    return task
+
+
 def score(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     stored = sorted(args.rows.glob("*.json"))
     mine = [p for i, p in enumerate(stored) if i % args.shards == args.shard]
-    checkpoint = load_checkpoint(args.generator)
-    reader = load_base_model("smollm2-135m")
-    generator = AdapterGenerator(checkpoint, TaskEncoder.for_model(reader.model, reader.tokenizer, checkpoint.encoder))
-    base = load_base_model("smollm2-135m")
-    lora = LoraModel(base.model, checkpoint.layout.settings)
+    checkpoint, generator, base, lora = load_scorer(args.generator)
     out_dir = args.out / "rows"
     out_dir.mkdir(parents=True, exist_ok=True)
     wanted = [variant(a) for a in args.alphas] + [gamma_variant(g) for g in args.gammas]
@@ -83,14 +103,8 @@ def score(args: argparse.Namespace) -> None:
         target = out_dir / path.name
         if target.exists() and set(wanted) <= set(json.loads(target.read_text(encoding="utf-8"))["correct"]):
             continue
-        if row["generator_id"] != checkpoint.generator_id:
-            sys.exit(f"{path}: scored with generator {row['generator_id']}, not {checkpoint.generator_id}")
-        name = row["task"]
-        task = load_bigbench_task(
-            ROOT / name / "task.json", name=name, max_test=BIGBENCH_MAX_TEST, max_examples=BIGBENCH_MAX_EXAMPLES
-        )
-        if len(task.test) != len(row["correct"]["base"]):
-            sys.exit(f"{name}: {len(task.test)} test examples here, {len(row['correct']['base'])} in the row")
+        task = stored_task(path, row, checkpoint.generator_id)
+        name = task.name
         vector = generator.encoder.encode(task.spec(SPEC_EXAMPLES))
         tensors = checkpoint.layout.unflatten(generator.decode_vector(TaskVector(None, vector.in_context)))
         alphas = list(args.alphas) + ([1.0] if checked < args.check else [])
@@ -140,27 +154,16 @@ def summary(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("score")
+def arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--rows", type=Path, required=True, help="a report's rows (scored with --generator)")
-    run.add_argument("--out", type=Path, required=True)
     run.add_argument("--generator", type=Path, default=GENERATOR)
     run.add_argument("--alphas", type=float, nargs="*", default=[0.5, 0.75])
     run.add_argument("--gammas", type=float, nargs="*", default=[], help="condition extrapolation (see extrapolated)")
     run.add_argument("--check", type=int, default=1, help="tasks per shard on which alpha = 1 is re-scored")
-    run.add_argument("--shard", type=int, default=0)
-    run.add_argument("--shards", type=int, default=1)
-    run.add_argument("--threads", type=int, default=1)
-    run.add_argument("--max-length", type=int, default=96)
-    show = sub.add_parser("summary")
-    show.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    if args.command == "score":
-        score(args)
-    else:
-        summary(args)
+
+
+def main() -> None:
+    sharded_cli(__doc__, score, summary, arguments)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ request threads to completion."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -26,3 +28,31 @@ def run_threads(jobs: Iterable[Callable[[], None]]) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def sharded_cli(
+    doc: str | None,
+    score: Callable[[argparse.Namespace], None],
+    summary: Callable[[argparse.Namespace], None],
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    out: Path | None = None,
+) -> None:
+    """The command line of a paired scoring script: ``score`` (one single-threaded process per shard: ``--shard I
+    --shards N``; ``--threads``, ``--max-length`` and the script's own ``arguments``) and ``summary``, both with
+    ``--out`` (required where there is no default)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("score")
+    if arguments is not None:
+        arguments(run)
+    run.add_argument("--shard", type=int, default=0)
+    run.add_argument("--shards", type=int, default=1)
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--max-length", type=int, default=96)
+    for command in (run, sub.add_parser("summary")):
+        command.add_argument("--out", type=Path, default=out, required=out is None)
+    args = parser.parse_args()
+    if args.command == "score":
+        score(args)
+    else:
+        summary(args)

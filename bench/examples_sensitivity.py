@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.adapter_scale import GENERATOR, ROOT
+from bench.common import sharded_cli
 from generator.base_model import load_base_model
 from generator.checkpoint import load_checkpoint
 from generator.defaults import PACKAGED_GENERATORS
@@ -162,20 +163,7 @@ def summary(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("score")
-    run.add_argument("--shard", type=int, default=0)
-    run.add_argument("--shards", type=int, default=1)
-    run.add_argument("--threads", type=int, default=1)
-    run.add_argument("--max-length", type=int, default=96)
-    for command in (run, sub.add_parser("summary")):
-        command.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-    if args.command == "score":
-        score(args)
-    else:
-        summary(args)
+    sharded_cli(__doc__, score, summary, out=OUT)
 
 
 if __name__ == "__main__":

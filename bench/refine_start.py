@@ -26,17 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.adapter_scale import GENERATOR, ROOT, scaled
-from generator.base_model import load_base_model
-from generator.checkpoint import load_checkpoint
+from bench.adapter_scale import GENERATOR, load_scorer, scaled, stored_task
+from bench.common import sharded_cli
 from generator.files import write_json
-from generator.generate import AdapterGenerator
-from generator.lora_model import LoraModel
 from generator.refine import refine
-from generator.task_encoder import TaskEncoder, TaskVector
-from generator.tasks import load_bigbench_task
+from generator.task_encoder import TaskVector
 from generator.training.evaluate import REFINE, SPEC_EXAMPLES, paired_bootstrap
-from generator.training.pipeline import BIGBENCH_MAX_EXAMPLES, BIGBENCH_MAX_TEST
 from generator.training.scoring import score_examples
 
 ROWS = Path(__file__).resolve().parent / "results/e2e-contrast/rows"
@@ -49,11 +44,7 @@ def score(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     stored = [p for p in sorted(args.rows.glob("*.json")) if "refined" in json.loads(p.read_text("utf-8"))["correct"]]
     mine = [p for i, p in enumerate(stored) if i % args.shards == args.shard]
-    checkpoint = load_checkpoint(args.generator)
-    reader = load_base_model("smollm2-135m")
-    generator = AdapterGenerator(checkpoint, TaskEncoder.for_model(reader.model, reader.tokenizer, checkpoint.encoder))
-    base = load_base_model("smollm2-135m")
-    lora = LoraModel(base.model, checkpoint.layout.settings)
+    checkpoint, generator, base, lora = load_scorer(args.generator)
     layout = checkpoint.layout
     out_dir = args.out / "rows"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,14 +53,8 @@ def score(args: argparse.Namespace) -> None:
         target = out_dir / path.name
         if target.exists():
             continue
-        if row["generator_id"] != checkpoint.generator_id:
-            sys.exit(f"{path}: scored with generator {row['generator_id']}, not {checkpoint.generator_id}")
-        name = row["task"]
-        task = load_bigbench_task(
-            ROOT / name / "task.json", name=name, max_test=BIGBENCH_MAX_TEST, max_examples=BIGBENCH_MAX_EXAMPLES
-        )
-        if len(task.test) != len(row["correct"]["base"]):
-            sys.exit(f"{name}: {len(task.test)} test examples here, {len(row['correct']['base'])} in the row")
+        task = stored_task(path, row, checkpoint.generator_id)
+        name = task.name
         spec = task.spec(SPEC_EXAMPLES)
         vector = generator.encoder.encode(spec)
         examples_only = layout.unflatten(generator.decode_vector(TaskVector(None, vector.in_context)))
@@ -129,23 +114,13 @@ def summary(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("score")
+def arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--rows", type=Path, default=ROWS, help="the report's rows (scored with --generator)")
     run.add_argument("--generator", type=Path, default=GENERATOR)
-    run.add_argument("--shard", type=int, default=0)
-    run.add_argument("--shards", type=int, default=1)
-    run.add_argument("--threads", type=int, default=1)
-    run.add_argument("--max-length", type=int, default=96)
-    for command in (run, sub.add_parser("summary")):
-        command.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-    if args.command == "score":
-        score(args)
-    else:
-        summary(args)
+
+
+def main() -> None:
+    sharded_cli(__doc__, score, summary, arguments, OUT)
 
 
 if __name__ == "__main__":
