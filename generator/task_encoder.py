@@ -135,11 +135,13 @@ def read_batches(
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     rows = [bos + tokenizer(t, add_special_tokens=False)["input_ids"][-(max_length - len(bos)) :] for t in texts]
     groups: list[list[list[int]]] = [[]]
+    width = 0  # of the last group
     for row in rows:
-        group = groups[-1]
-        if group and (len(group) + 1) * max(len(row), *(len(r) for r in group)) > budget:
-            groups.append(group := [])
-        group.append(row)
+        if groups[-1] and (len(groups[-1]) + 1) * max(width, len(row)) > budget:
+            groups.append([])
+            width = 0
+        groups[-1].append(row)
+        width = max(width, len(row))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
     for group in groups:

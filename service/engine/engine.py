@@ -277,7 +277,7 @@ class Engine:
             groups,
             prepared,
             self.pad_id,
-            budget or self.config.prefill_chunk,
+            self.config.prefill_chunk if budget is None else budget,
         )
 
     def prompt_logprobs(

@@ -21,12 +21,6 @@ from generator.task_encoder import READ_TOKENS, ReadBatch, read_batch, read_batc
 from service.engine.lora_layers import LoraBank
 
 
-def read_now(model: PreTrainedModel, bank: LoraBank, batch: ReadBatch, layer: int) -> torch.Tensor:
-    """On the engine thread: [rows, hidden] fp32 on the CPU. Only the decoder runs (no logits); every slot is off."""
-    bank.activate(None)
-    return read_batch(model.base_model, batch, layer)
-
-
 class EngineHiddenStateReader:
     """A ``HiddenStateReader`` (texts -> [N, hidden]) served by the engine."""
 
@@ -58,4 +52,6 @@ class EngineHiddenStateReader:
         return torch.cat([self._submit(functools.partial(self._read, b)).result() for b in batches])
 
     def _read(self, batch: ReadBatch) -> torch.Tensor:
-        return read_now(self._model, self._bank, batch, self.layer)
+        """On the engine thread: [rows, hidden] fp32 on the CPU; only the decoder runs, every slot off."""
+        self._bank.activate(None)
+        return read_batch(self._model.base_model, batch, self.layer)

@@ -71,7 +71,7 @@ def score_groups(
     return torch.cat(out, dim=1)
 
 
-def budget_batches(groups: Sequence[AnswerGroup], copies: int, budget: int) -> list[Sequence[AnswerGroup]]:
+def budget_batches(groups: Sequence[AnswerGroup], copies: int, budget: int) -> list[list[AnswerGroup]]:
     """Consecutive runs of ``groups`` whose tokens (each group's packed length, times ``copies``: the base model's
     rows and each adapter's) add up to at most ``budget``; a group over the budget on its own is a run of one."""
     runs: list[list[AnswerGroup]] = [[]]
@@ -83,7 +83,7 @@ def budget_batches(groups: Sequence[AnswerGroup], copies: int, budget: int) -> l
             tokens = 0
         runs[-1].append(group)
         tokens += size
-    return list(runs)
+    return runs
 
 
 def _activate(bank: LoraBank, load_now: LoadNow, adapter: PreparedAdapter | None, rows: int) -> None:

@@ -152,7 +152,8 @@ def test_hidden_state_reader_equals_the_model_reader(
     texts = ["Input: cat Output: dog", "a", "Task: reverse the words of the sentence " * 6]
     fresh = load_base_model("tiny")
     for layer, max_length in ((None, 32), (-1, 16), (0, 96)):
-        expected = ModelHiddenStateReader(fresh.model, fresh.tokenizer, layer, max_length, budget=256)(texts)
+        budget = engine.config.prefill_chunk  # the engine reads in passes of this many tokens
+        expected = ModelHiddenStateReader(fresh.model, fresh.tokenizer, layer, max_length, budget=budget)(texts)
         running = engine.submit(prompt_ids[3], adapter=adapter(1), params=LONG)  # adapters are busy meanwhile
         next(iter(running))
         reader = engine.hidden_state_reader(layer, max_length)
