@@ -36,10 +36,11 @@ def sharded_cli(
     summary: Callable[[argparse.Namespace], None],
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     out: Path | None = None,
+    summary_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
     """The command line of a paired scoring script: ``score`` (one single-threaded process per shard: ``--shard I
     --shards N``; ``--threads``, ``--max-length`` and the script's own ``arguments``) and ``summary``, both with
-    ``--out`` (required where there is no default)."""
+    ``--out`` (required where there is no default); ``summary_arguments`` adds the summary's own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("score")
@@ -49,7 +50,10 @@ def sharded_cli(
     run.add_argument("--shards", type=int, default=1)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--max-length", type=int, default=96)
-    for command in (run, sub.add_parser("summary")):
+    summarise = sub.add_parser("summary")
+    if summary_arguments is not None:
+        summary_arguments(summarise)
+    for command in (run, summarise):
         command.add_argument("--out", type=Path, default=out, required=out is None)
     args = parser.parse_args()
     if args.command == "score":
