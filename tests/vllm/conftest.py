@@ -79,13 +79,13 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: f
         time.sleep(0.5)
 
 
-def vllm_command(python: Path, model: Path, port: int) -> list[str]:
+def vllm_command(python: Path, model: Path, port: int, dtype: str = "float32") -> list[str]:
     return [
         str(python), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model), "--served-model-name", SERVED_NAME,
         "--host", "127.0.0.1", "--port", str(port),
         "--enable-lora", "--max-lora-rank", "8", "--max-loras", "4",
-        "--max-model-len", "2048", "--dtype", "float32",
+        "--max-model-len", "2048", "--dtype", dtype,
     ]  # fmt: skip
 
 
