@@ -50,13 +50,24 @@ class Settings(BaseSettings):
     memory_cache_size: int = Field(64, ge=1, description="Adapters kept in process memory")
 
     # engine
-    num_slots: int = Field(8, ge=1, le=1024, description="LoRA slots in the resident model")
+    num_slots: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="LoRA slots in the resident model; at least max_batch_size, or a batch of distinct adapters "
+        "decodes only as many rows as there are slots",
+    )
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(64, ge=1)
     prefill_chunk: int = Field(256, ge=1)  # prompts longer than this are prefilled in chunks between decode steps
     kv_cache_mb: int = Field(4096, ge=1)  # the engine's KV cache budget (admission waits, or 413 if it never fits)
     max_decode_groups: int = Field(4, ge=1, le=16)  # running rows' groups, one forward pass each (1: one pass for all)
     prefix_cache_entries: int = Field(64, ge=0, le=4096)  # adapters whose chat-template opening is kept (0: off)
+    packed_linears: bool = Field(
+        True,
+        description="CPU: generation runs its Linears on oneDNN-packed copies of the weights (faster; as much memory"
+        " again as the weights; greedy tokens may leave plain peft's at a near tie); adapters are made on plain ones",
+    )
 
     # limits
     max_examples: int = Field(64, ge=1)
