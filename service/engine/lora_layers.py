@@ -31,6 +31,7 @@ from torch import nn
 from generator.adapter import GeneratedAdapter
 from generator.lora_layout import fused_projection_hint
 from service.engine.errors import AdapterError
+from service.engine.packed import PackedWeights
 
 PEFT_PREFIX = "base_model.model."
 SwapEvents = tuple[torch.cuda.Event, torch.cuda.Event]  # (start, done) of a slot copy on the copy stream
@@ -73,7 +74,9 @@ class SlottedLoraLinear(nn.Linear):
     lora_A: torch.Tensor
     lora_B: torch.Tensor
 
-    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, rows: _ActiveRows) -> None:
+    def __init__(
+        self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, rows: _ActiveRows, packing: PackedWeights
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -82,9 +85,10 @@ class SlottedLoraLinear(nn.Linear):
         self.register_buffer("lora_A", lora_a, persistent=False)
         self.register_buffer("lora_B", lora_b, persistent=False)
         self._rows = rows
+        self._packing = packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self._packing.linear(self, x)  # F.linear, or oneDNN's packed weight when the engine packs (packed.py)
         rows = self._rows
         if rows.index is None:
             return y
@@ -97,21 +101,32 @@ class SlottedLoraLinear(nn.Linear):
         batch = x.shape[0]
         if rows.index.shape[0] != batch:
             raise RuntimeError(f"LoRA rows were activated for {rows.index.shape[0]} rows, the batch has {batch}")
-        fused = self.lora_A.dtype == torch.float32
+        low = self.lora_A.dtype
+        fused = low == torch.float32
+        # bf16/fp16 on the CPU: the two small bmms run 5-7x slower in the low dtype than in fp32 (AVX-512 BF16, 8 rows
+        # of rank 8), so they run in fp32 on the low-precision values and round to the low dtype after each one:
+        # the same roundings as a low-precision matmul that accumulates in fp32, which is what peft's Linears do
+        upcast = not fused and x.device.type == "cpu"
         pair = rows.gathered.get(id(self))
         if pair is None:
             # once per batch composition: each row's A^T and B^T (times its scale when fused), contiguous for bmm
             a_t = self.lora_A.index_select(0, rows.index).transpose(1, 2).contiguous()  # [B, in, R]
             b = self.lora_B.index_select(0, rows.index)
             b_t = (b * rows.scale if fused else b).transpose(1, 2).contiguous()  # [B, R, out]
-            pair = rows.gathered[id(self)] = (a_t, b_t)
+            pair = rows.gathered[id(self)] = (a_t.float(), b_t.float()) if upcast else (a_t, b_t)
         a_t, b_t = pair
-        h = torch.bmm(x.reshape(batch, -1, self.in_features), a_t)  # [B, S, R]
+        x = x.reshape(batch, -1, self.in_features)
         if fused:
-            return torch.baddbmm(y.view(batch, -1, self.out_features), h, b_t).view(y.shape)  # y + h @ (sB)^T
+            # y + h @ (sB)^T
+            return torch.baddbmm(y.view(batch, -1, self.out_features), torch.bmm(x, a_t), b_t).view(y.shape)
         # bf16/fp16: peft's roundings (delta, then delta * scale, then the sum, each in the low dtype), so greedy
         # tokens stay with peft's; a fused y + h @ (sB)^T rounds once and drifts from it over a generation
-        return y + (torch.bmm(h, b_t) * rows.scale).view(y.shape)
+        if upcast:
+            h = torch.bmm(x.float(), a_t).to(low)  # [B, S, R]
+            delta = torch.bmm(h.float(), b_t).to(low)
+        else:
+            delta = torch.bmm(torch.bmm(x, a_t), b_t)
+        return y + (delta * rows.scale).view(y.shape)
 
 
 @dataclass(frozen=True)
@@ -139,7 +154,15 @@ class LoraBank:
     would detach the layers' views from the bank.
     """
 
-    def __init__(self, model: nn.Module, num_slots: int, max_rank: int, target_modules: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_slots: int,
+        max_rank: int,
+        target_modules: Sequence[str],
+        packing: PackedWeights | None = None,
+    ) -> None:
+        """``packing``: the model's packed weights, which the slotted layers' base projections use (none: plain)."""
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be >= 1")
         self.num_slots = num_slots
@@ -185,7 +208,7 @@ class LoraBank:
             b_end = b_at + max_rank * linear.out_features
             lora_a = self.slots[:, a_at:a_end].view(num_slots + 1, max_rank, linear.in_features)
             lora_b = self.slots[:, b_at:b_end].view(num_slots + 1, linear.out_features, max_rank)
-            layer = SlottedLoraLinear(linear, lora_a, lora_b, self._rows)
+            layer = SlottedLoraLinear(linear, lora_a, lora_b, self._rows, packing or PackedWeights())
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, leaf, layer)
