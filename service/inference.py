@@ -89,6 +89,7 @@ def start_engine(
         prefill_chunk=settings.prefill_chunk,
         max_decode_groups=settings.max_decode_groups,
         prefix_cache_entries=settings.prefix_cache_entries,
+        packed_linears=settings.packed_linears,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))
     metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)

@@ -29,6 +29,9 @@ class EngineConfig:
     row does not pad every short one (the scheduler's module docstring); 1 keeps every row in one pass.
     ``prefix_cache_entries``: adapters (the base model counts as one) whose keys and values of the chat template's
     opening are kept, so that a chat prompt prefills only what follows it (``prefix_cache.py``); 0 turns it off.
+    ``packed_linears``: on the CPU, generation runs its Linears on weights oneDNN has laid out once (``packed.py``:
+    faster, a second copy of the weights in memory, greedy tokens equal to plain peft's except at near ties); the
+    passes that make adapters keep the plain weights. Off by default here (exact parity); the service turns it on.
     """
 
     num_slots: int = 16
@@ -43,6 +46,7 @@ class EngineConfig:
     kv_cache_bytes: int = 4 * 2**30
     max_decode_groups: int = 4
     prefix_cache_entries: int = 64
+    packed_linears: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, tuple):

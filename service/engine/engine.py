@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
+import logging
 import re
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -36,12 +39,16 @@ from service.engine.errors import AdapterError, RequestError, RequestTooLarge
 from service.engine.hidden import EngineHiddenStateReader
 from service.engine.lora_layers import LoraBank, PreparedAdapter
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
+from service.engine.packed import PackedWeights, packing_unavailable
 from service.engine.prefix_cache import PrefixCache, chat_opening
 from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
 from service.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from service.engine.scheduler import Job, Scheduler
 from service.engine.scoring import prompt_logprobs, score_groups
 from service.engine.text import TextStream
+
+log = logging.getLogger("icm_lora.engine")
+T = TypeVar("T")
 
 Prompt = str | Sequence[int]
 AdapterLike = GeneratedAdapter | PreparedAdapter | None
@@ -64,7 +71,17 @@ class Engine:
         self._encode_lock = threading.Lock()
         self._decode_tokenizer = copy.deepcopy(base.tokenizer)
         self.model.eval()
-        self.bank = LoraBank(self.model, self.config.num_slots, self.config.max_rank, self.config.target_modules)
+        self.packing = PackedWeights()
+        self.bank = LoraBank(
+            self.model, self.config.num_slots, self.config.max_rank, self.config.target_modules, self.packing
+        )
+        if self.config.packed_linears:
+            reason = packing_unavailable(self.bank.device, self.bank.dtype)
+            if reason is None:
+                self.packing.install(self.model, self.config.max_batch_size)
+                log.info("generation runs on packed Linear weights (%.0f MB more memory)", self.packing.nbytes / 2**20)
+            else:
+                log.info("packed Linears off: %s", reason)
         model_config = self.model.config
         self.vocab_size = int(model_config.vocab_size)
         self.max_positions = int(getattr(model_config, "max_position_embeddings", 2048))
@@ -246,7 +263,7 @@ class Engine:
         """A ``HiddenStateReader`` over the resident base model, adapter-free, in forward passes of at most
         ``config.prefill_chunk`` padded tokens (decode steps run between them)."""
         return EngineHiddenStateReader(
-            self._scheduler.call,
+            self._exact_call,
             self.model,
             self.tokenizer,
             self.bank,
@@ -270,7 +287,7 @@ class Engine:
             raise RuntimeError("answer_logprobs() cannot be used from the engine thread")
         prepared = [None if a is None else self.prepare_adapter(a) for a in adapters]
         return score_groups(
-            self._scheduler.call,
+            self._exact_call,
             self.model,
             self.bank,
             self._scheduler.load_now,
@@ -337,6 +354,7 @@ class Engine:
             return
         self._closed = True
         self._scheduler.close()
+        self.packing.uninstall()
         self.bank.uninstall()
 
     def __enter__(self) -> Engine:
@@ -346,6 +364,11 @@ class Engine:
         self.close()
 
     # --- internals --------------------------------------------------------------------------------------------
+
+    def _exact_call(self, fn: Callable[[], T]) -> Future[T]:
+        """``fn`` on the engine thread on the plain weights: the passes that make adapters (hidden-state reads, the
+        self-check's scoring) stay bit-equal to the offline pipeline's when generation runs on packed ones."""
+        return self._scheduler.call(functools.partial(self.packing.run_exact, fn))
 
     def _job(self, prompt: Prompt, adapter: AdapterLike, params: SamplingParams, request_id: str | None) -> Job:
         ids = self._prompt_ids(prompt)

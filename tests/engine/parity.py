@@ -65,8 +65,10 @@ def run_parity(
     max_tokens: int,
     folder: Path,
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    packed: bool = False,
 ) -> Parity:
-    """Every prompt with every adapter (None: the base model); ``load`` builds a fresh copy of the base model."""
+    """Every prompt with every adapter (None: the base model); ``load`` builds a fresh copy of the base model.
+    ``packed``: the engine generates on packed Linear weights (``EngineConfig.packed_linears``)."""
     engine_base = load()
     tokenizer = engine_base.tokenizer
     rows = [(tokenizer(p)["input_ids"], a) for a in adapters for p in prompts]
@@ -74,7 +76,8 @@ def run_parity(
     groups = encode_groups(tokenizer, EXAMPLES, max_length=48, choices=False)
     pairs = [encode_pair(tokenizer, format_prompt(e.input), format_target(e.output), 48) for e in EXAMPLES]
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    with Engine(engine_base, EngineConfig(num_slots=len(adapters), target_modules=target_modules)) as engine:
+    config = EngineConfig(num_slots=len(adapters), target_modules=target_modules, packed_linears=packed)
+    with Engine(engine_base, config) as engine:
         alone = [engine.generate(ids, a, params).token_ids for ids, a in rows]
         mixed = [r.token_ids for r in engine.generate_many([r[0] for r in rows], [r[1] for r in rows], params)]
         engine_scores = engine.answer_logprobs(groups, adapters)  # every adapter's rows in one pass
