@@ -11,7 +11,7 @@ distinct adapters through few slots cost.
    token, so its join is included). The *delay* is longest - median: what the long prompt added to a stream's next
    token. Also the streams' median gap while the long request decodes beside them, and the decode groups then.
    Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's length is the unchunked
-   prefill). Target: <= 100 ms.
+   prefill), ``--groups`` value and ``--packed`` value (``EngineConfig.packed_linears``). Target: <= 100 ms.
 2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
@@ -136,9 +136,14 @@ def long_prompt_interference(
     adapters: list[GeneratedAdapter],
     long_new_tokens: int = 16,
     groups: int = 4,
+    packed: bool = True,
 ) -> dict[str, Any]:
     config = EngineConfig(
-        num_slots=max(8, streams), max_batch_size=streams + 1, prefill_chunk=chunk, max_decode_groups=groups
+        num_slots=max(8, streams),
+        max_batch_size=streams + 1,
+        prefill_chunk=chunk,
+        max_decode_groups=groups,
+        packed_linears=packed,
     )
     engine = Engine(base, config)
     try:
@@ -257,6 +262,7 @@ def main() -> None:
     parser.add_argument("--long-new-tokens", type=int, default=16)
     parser.add_argument("--groups", default="1,4", help="max_decode_groups values, alternated for each chunk")
     parser.add_argument("--chunks", default="32,256,4096", help="prefill_chunk values to compare")
+    parser.add_argument("--packed", default="1", help="part 1: packed Linears off (0) / on (1, the service's default)")
     parser.add_argument(
         "--generation-chunks", default="256,100000", help="prefill_chunk values for the generation mid-run"
     )
@@ -276,10 +282,14 @@ def main() -> None:
     adapters = make_adapters(base.model, max(args.adapters, args.slots), base.name)
     results: dict[str, Any] = {"long_prompt": [], "cycling": {}}
     for chunk in (int(c) for c in args.chunks.split(",") if c):
-        for groups in (int(g) for g in args.groups.split(",")):
+        for groups, packed in itertools.product(
+            (int(g) for g in args.groups.split(",")), (p == "1" for p in args.packed.split(","))
+        ):
             row = long_prompt_interference(
-                base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16], args.long_new_tokens, groups
-            )
+                base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16], args.long_new_tokens, groups,
+                packed,
+            )  # fmt: skip
+            row["packed_linears"] = packed
             print(json.dumps(row))
             results["long_prompt"].append(row)
 
