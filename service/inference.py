@@ -95,6 +95,7 @@ def start_engine(
     metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)
     metrics.adapters_resident.set_function(lambda: engine.stats().adapters_resident)
     metrics.queue_capacity.set(settings.max_queue)
+    metrics.packed_weights_bytes.set(engine.packing.nbytes)
     metrics.slots.set(settings.num_slots)
     return engine
 

@@ -87,6 +87,11 @@ class ServiceMetrics:
         self.queue_depth = Gauge(f"{PREFIX}queue_depth", "Requests waiting for the engine", registry=r)
         self.queue_capacity = Gauge(f"{PREFIX}queue_capacity", "Engine queue size (max_queue)", registry=r)
         self.slots = Gauge(f"{PREFIX}slots", "LoRA slots in the resident model (num_slots)", registry=r)
+        self.packed_weights_bytes = Gauge(
+            f"{PREFIX}packed_weights_bytes",
+            "Memory of the oneDNN-packed copies of the Linear weights (0: generation on the plain weights)",
+            registry=r,
+        )
         self.redis_up = Gauge(
             f"{PREFIX}redis_up", "1 when Redis answers, 0 when not", registry=r if redis_configured else None
         )

@@ -81,3 +81,17 @@ def test_a_task_second_chat_reads_the_template_opening_from_the_prefix_cache(set
         assert metric_value(text, "icm_lora_prefix_cache_total", result="miss") == 1
         assert metric_value(text, "icm_lora_prefix_cache_total", result="hit") == 2
         assert answers[0] == answers[1]  # the cached opening answers as the full read did
+
+
+def test_generation_runs_on_packed_weights_unless_turned_off(settings_for) -> None:  # type: ignore[no-untyped-def]
+    texts = []
+    for packed in (True, False):
+        with serve(settings_for(self_check="keep", packed_linears=packed)) as service, service.client() as client:
+            size = metric_value(client.get("/metrics").text, "icm_lora_packed_weights_bytes")
+            assert (size > 0) == packed, size
+            task_id = f"hot-{int(packed)}"
+            assert client.post("/v1/tasks", json={**TASK, "task_id": task_id}).status_code == 201
+            reply = client.post("/v1/completions", json={**PROMPT, "model": task_id})
+            assert reply.status_code == 200, reply.text
+            texts.append(reply.json()["choices"][0]["text"])
+    assert texts[0] == texts[1]  # greedy: packed weights round differently, not to another token here
