@@ -3,8 +3,10 @@
     python bench/engine.py                                   # about 5-6 minutes on a 2-core CPU
     python bench/engine.py --pairs 2 --tokens 8 --seq-requests 2 --swaps 200 --out /tmp/engine.json   # a quick look
     python bench/engine.py --device cuda --dtype bfloat16   # on a GPU (bench/gpu.sh)
+    python bench/engine.py --packed-linears                  # the engine as the service runs it on a CPU
 
-Prints the figures and writes ``bench/results/engine-<device>-<dtype>.json`` (``--out`` to change it; the CPU fp32
+Prints the figures and writes ``bench/results/engine-<device>-<dtype>.json`` (``-packed`` added with
+``--packed-linears``, which makes the engine generate on oneDNN-packed weights; ``--out`` to change it; the CPU fp32
 figures measured before device settings existed are in ``bench/results/engine.json``). ``--device`` / ``--dtype``
 take the service's values (``auto`` by default: CUDA + bf16 when a GPU is present, else CPU + fp32). On CUDA the
 engine's slot copies are timed by CUDA events, HF/peft runs end with a device synchronisation, and the targets are
@@ -154,12 +156,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--base-model", default="smollm2-135m", help="smollm2-135m, or tiny for a check of the script")
+    parser.add_argument(
+        "--packed-linears", action="store_true", help="the engine generates on packed weights (the service's default)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/engine-<device>-<dtype>.json")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     placement = resolve_placement(args.device, args.dtype)
     device = placement.device
-    out_path = args.out or Path(__file__).resolve().parent / "results" / f"engine-{placement.name}.json"
+    name = f"engine-{placement.name}" + ("-packed" if args.packed_linears else "")
+    out_path = args.out or Path(__file__).resolve().parent / "results" / f"{name}.json"
     started, load_at_start = time.perf_counter(), os.getloadavg()
     n_req = args.requests
 
@@ -172,7 +178,8 @@ def main() -> None:
     prompt_ids = [tokenizer(t)["input_ids"] for t in texts]
     adapters = make_adapters(base.model, max(3 * n_req, 50), base.name)
     clock = EngineClock()
-    engine = Engine(base, EngineConfig(num_slots=n_req, max_batch_size=max(n_req, *batches)), clock)
+    config = EngineConfig(num_slots=n_req, max_batch_size=max(n_req, *batches), packed_linears=args.packed_linears)
+    engine = Engine(base, config, clock)
     prepared = [engine.prepare_adapter(a) for a in adapters]
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
 
@@ -388,6 +395,7 @@ def main() -> None:
             "device": str(device),
             "dtype": str(placement.dtype).removeprefix("torch."),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "packed_linears": engine.packing.installed,
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
