@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(4096, ge=1)  # the engine's KV cache budget (admission waits, or 413 if it never fits)
     max_decode_groups: int = Field(4, ge=1, le=16)  # running rows' groups, one forward pass each (1: one pass for all)
     prefix_cache_entries: int = Field(64, ge=0, le=4096)  # adapters whose chat-template opening is kept (0: off)
+    engine_threads: int = Field(
+        -1,
+        ge=-1,
+        le=1024,
+        description="Intra-op threads of the engine thread; every other thread of the service then runs one (-1: "
+        "torch's default thread count, the machine's cores or OMP_NUM_THREADS; 0: torch's default for every thread)",
+    )
     packed_linears: bool = Field(
         True,
         description="CPU: generation runs its Linears on oneDNN-packed copies of the weights (faster; as much memory"

@@ -77,8 +77,14 @@ class PrometheusObserver(EngineObserver):
 
 
 def start_engine(
-    settings: Settings, base: BaseModel, metrics: ServiceMetrics, max_rank: int, target_modules: Sequence[str]
+    settings: Settings,
+    base: BaseModel,
+    metrics: ServiceMetrics,
+    max_rank: int,
+    target_modules: Sequence[str],
+    threads: int = 0,
 ) -> Engine:
+    """The engine on ``base`` with the service's settings; ``threads``: the engine thread's (0: torch's as it is)."""
     config = EngineConfig(
         num_slots=settings.num_slots,
         max_rank=max_rank,
@@ -90,6 +96,7 @@ def start_engine(
         max_decode_groups=settings.max_decode_groups,
         prefix_cache_entries=settings.prefix_cache_entries,
         packed_linears=settings.packed_linears,
+        threads=threads,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))
     metrics.queue_depth.set_function(lambda: engine.stats().queue_depth)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import torch
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
@@ -128,10 +129,13 @@ class _Models:
 
 def _load_models(settings: Settings, placement: Placement, metrics: ServiceMetrics) -> _Models:
     transformers_logging.disable_progress_bar()  # service logs get one line per step, never progress bars
+    threads = torch.get_num_threads() if settings.engine_threads == -1 else settings.engine_threads
+    if threads:  # before anything runs multi-threaded: only the engine thread gets an OpenMP team (EngineConfig)
+        torch.set_num_threads(1)
     base = load_base_model(settings.base_model, settings.data_dir, placement, progress=False)
     checkpoint = _load_checkpoint(settings)
     lora = checkpoint.layout.settings if checkpoint else LoraSettings()
-    engine = start_engine(settings, base, metrics, max_rank=lora.rank, target_modules=lora.target_modules)
+    engine = start_engine(settings, base, metrics, lora.rank, lora.target_modules, threads)
     generator = checker = None
     if checkpoint is not None:
         # the task encoder reads hidden states through the engine, and the self-check scores answers through it:

@@ -107,7 +107,11 @@ class Engine:
         self._prepared_total = 0
         self._ids = itertools.count()
         self._closed = False
+        caller_threads = torch.get_num_threads()
         self._scheduler.start()
+        if self.config.threads:
+            self._scheduler.threads_set.wait()
+            torch.set_num_threads(caller_threads)  # the engine thread keeps config.threads, every other its own
 
     @property
     def device(self) -> torch.device:

@@ -186,6 +186,7 @@ class Scheduler:
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
         self._thread: threading.Thread | None = None
+        self.threads_set = threading.Event()  # the engine thread has applied config.threads
         self._groups: list[_Group] = []
         self._prefilling: deque[Job] = deque()  # long prompts, prefilled one chunk per loop iteration
         self._pending_swaps: list[tuple[str, int, str | None, SwapEvents]] = []  # CUDA copies not timed yet
@@ -293,6 +294,10 @@ class Scheduler:
         return lease.slot
 
     def _run(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+            torch.get_num_threads()  # fixes this thread's OpenMP setting before anyone restores the global one
+        self.threads_set.set()
         with torch.inference_mode():
             while True:
                 with self._cond:

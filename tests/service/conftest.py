@@ -31,6 +31,7 @@ def settings_for(small_run: Path, tmp_path: Path):  # type: ignore[no-untyped-de
             "generator_path": small_run / "generator",
             "data_dir": tmp_path / "data",
             "num_slots": 4,
+            "engine_threads": 0,  # torch's threads as the test process has them (the subprocess tests use -1)
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
