@@ -40,6 +40,8 @@ from service.state import ServiceState, Startup
 from service.task_store import RedisTaskStore, SqliteTaskStore, TaskStore
 
 log = logging.getLogger(__name__)
+# torch's thread count as the process started (an earlier app in this process may have set 1 since)
+TORCH_THREADS = torch.get_num_threads()
 
 
 def create_app(settings: Settings | None = None, refiner: Refiner | None = None) -> FastAPI:
@@ -129,7 +131,7 @@ class _Models:
 
 def _load_models(settings: Settings, placement: Placement, metrics: ServiceMetrics) -> _Models:
     transformers_logging.disable_progress_bar()  # service logs get one line per step, never progress bars
-    threads = torch.get_num_threads() if settings.engine_threads == -1 else settings.engine_threads
+    threads = TORCH_THREADS if settings.engine_threads == -1 else settings.engine_threads
     if threads:  # before anything runs multi-threaded: only the engine thread gets an OpenMP team (EngineConfig)
         torch.set_num_threads(1)
     base = load_base_model(settings.base_model, settings.data_dir, placement, progress=False)
