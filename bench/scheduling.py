@@ -137,6 +137,7 @@ def long_prompt_interference(
     long_new_tokens: int = 16,
     groups: int = 4,
     packed: bool = True,
+    threads: int = 0,
 ) -> dict[str, Any]:
     config = EngineConfig(
         num_slots=max(8, streams),
@@ -144,6 +145,7 @@ def long_prompt_interference(
         prefill_chunk=chunk,
         max_decode_groups=groups,
         packed_linears=packed,
+        threads=threads,
     )
     engine = Engine(base, config)
     try:
@@ -262,6 +264,7 @@ def main() -> None:
     parser.add_argument("--long-new-tokens", type=int, default=16)
     parser.add_argument("--groups", default="1,4", help="max_decode_groups values, alternated for each chunk")
     parser.add_argument("--chunks", default="32,256,4096", help="prefill_chunk values to compare")
+    parser.add_argument("--engine-threads", type=int, default=-1, help="part 1, as ICM_LORA_ENGINE_THREADS (0: off)")
     parser.add_argument("--packed", default="1", help="part 1: packed Linears off (0) / on (1, the service's default)")
     parser.add_argument(
         "--generation-chunks", default="256,100000", help="prefill_chunk values for the generation mid-run"
@@ -278,6 +281,10 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()
 
+    # as the service runs it (ICM_LORA_ENGINE_THREADS): the engine thread multi-threaded, this one single-threaded
+    threads = torch.get_num_threads() if args.engine_threads == -1 else args.engine_threads
+    if threads:
+        torch.set_num_threads(1)
     base = load_base_model(args.base_model)
     adapters = make_adapters(base.model, max(args.adapters, args.slots), base.name)
     results: dict[str, Any] = {"long_prompt": [], "cycling": {}}
@@ -287,9 +294,9 @@ def main() -> None:
         ):
             row = long_prompt_interference(
                 base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16], args.long_new_tokens, groups,
-                packed,
+                packed, threads,
             )  # fmt: skip
-            row["packed_linears"] = packed
+            row["packed_linears"], row["engine_threads"] = packed, threads
             print(json.dumps(row))
             results["long_prompt"].append(row)
 
