@@ -174,6 +174,7 @@ class LoraBank:
         # the last few activations with their gathered A/B rows: decode groups take turns every step, and each would
         # otherwise gather its rows again (dropped whenever a slot's contents change)
         self._recent: OrderedDict[tuple[int, ...], _Activation] = OrderedDict()
+        packing = packing or PackedWeights()  # none given: every base projection plain
         targets: list[tuple[str, nn.Linear]] = []
         for name, module in model.named_modules():
             if isinstance(module, SlottedLoraLinear):
@@ -208,7 +209,7 @@ class LoraBank:
             b_end = b_at + max_rank * linear.out_features
             lora_a = self.slots[:, a_at:a_end].view(num_slots + 1, max_rank, linear.in_features)
             lora_b = self.slots[:, b_at:b_end].view(num_slots + 1, linear.out_features, max_rank)
-            layer = SlottedLoraLinear(linear, lora_a, lora_b, self._rows, packing or PackedWeights())
+            layer = SlottedLoraLinear(linear, lora_a, lora_b, self._rows, packing)
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, leaf, layer)

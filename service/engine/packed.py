@@ -26,7 +26,6 @@ base projection itself.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -35,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger("icm_lora.engine")
 T = TypeVar("T")
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -89,8 +87,9 @@ class PackedWeights:
             if type(module) is nn.Linear:
                 layer = PackedLinear(module, self)
                 parent_name, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), leaf, layer)
-                self._originals.append((model.get_submodule(parent_name), leaf, module))
+                parent = model.get_submodule(parent_name)
+                setattr(parent, leaf, layer)
+                self._originals.append((parent, leaf, module))
             with torch.no_grad():
                 self._packed[id(layer)] = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_hint)
 
