@@ -1,11 +1,12 @@
-"""Small pieces the benchmark scripts share: the machine-load record every result carries, and running a set of
-request threads to completion."""
+"""Small pieces the benchmark scripts share: the machine-load record every result carries, waiting for the machine
+to go quiet between paired runs, and running a set of request threads to completion."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,27 @@ def load_record(before: tuple[float, float, float], note: str) -> dict[str, Any]
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "note": note,
     }
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def settle(busy_below: float = 0.1, window_s: float = 0.25, max_s: float = 15.0) -> float:
+    """Wait until the machine's CPUs are busy less than ``busy_below`` of one ``window_s`` window (at most ``max_s``);
+    return the seconds waited. Between the two sides of a paired run: a server that keeps its cores busy after its
+    last response (vLLM's engine process polls for a while) would otherwise slow whichever side runs next."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_s:
+        busy0, total0 = _cpu_times()
+        time.sleep(window_s)
+        busy1, total1 = _cpu_times()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            break
+    return round(time.monotonic() - start, 2)
 
 
 def run_threads(jobs: Iterable[Callable[[], None]]) -> None:

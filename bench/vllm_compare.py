@@ -9,7 +9,10 @@ generated adapters (icm-lora generates them; vLLM fetches them through the plugi
 server goes first (this machine's speed drifts): ``--requests`` concurrent greedy completions of ``--max-tokens``
 (end tokens biased away on both servers, ``logit_bias`` -100, so every completion has that length) with no
 adapter, and with ``--adapters`` different adapters (each task resolved by vLLM once beforehand, so this measures
-serving, not fetching). Also: single-request time to first token (streamed, median of 5), the first request
+serving, not fetching). Every request goes through one pooled HTTP client with keep-alive (``pooled_client``), as a
+real client's would, and each burst starts once the machine is quiet (``bench.common.settle``: a server still busy
+after its last response slows whichever burst comes next). Also: single-request time to first token (streamed,
+median of 5), the first request
 for a new task through vLLM over a repeated one (the plugin's fetch + load; target <= 2 s), start-up time and resident
 memory (the process tree's RSS) of each server, and whether the greedy texts agree (in float32 they must; in bf16
 the two servers' kernels round differently, so the count is recorded, not a target). ``--dtype`` sets both servers'
@@ -38,6 +41,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import settle
 from generator.base_model import ensure_smollm2_folder
 from service.background import ServiceProcess, free_port
 from tests.vllm.conftest import SERVED_NAME, VLLM_PYTHON, cpu_lacks_vllm, fresh_data_dir, vllm_command, vllm_env
@@ -93,27 +97,39 @@ def eos_bias(model_dir: Path) -> dict[str, float]:
     return {str(token): -100.0 for token in sorted(ids)}
 
 
-def complete(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+def pooled_client(connections: int) -> httpx.Client:
+    """One connection pool for every request of the run, as a real client keeps. A client made per request (what
+    ``httpx.post`` does) builds an SSL context each time: about 18 ms of CPU here, 0.3 s per burst of 16, spent on the
+    same 2 cores as the servers (a run before 2026-12-07 paid it on both sides)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.Client(timeout=600, limits=limits)
+
+
+def complete(http: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logit_bias": NO_EOS}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+    response = http.post(f"{url}/v1/completions", json=body)
     response.raise_for_status()
     answer = response.json()
     return answer["choices"][0]["text"], int(answer["usage"]["completion_tokens"])
 
 
-def burst(url: str, models: list[str], prompts: list[str], max_tokens: int) -> tuple[float, list[str]]:
+def burst(
+    http: httpx.Client, url: str, models: list[str], prompts: list[str], max_tokens: int
+) -> tuple[float, list[str]]:
     """tokens/s of len(prompts) concurrent requests, and their texts."""
     start = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        results = list(pool.map(lambda mp: complete(url, mp[0], mp[1], max_tokens), zip(models, prompts, strict=True)))
+        results = list(
+            pool.map(lambda mp: complete(http, url, mp[0], mp[1], max_tokens), zip(models, prompts, strict=True))
+        )
     seconds = time.perf_counter() - start
     return sum(n for _, n in results) / seconds, [t for t, _ in results]
 
 
-def time_to_first_token(url: str, model: str, prompt: str) -> float:
+def time_to_first_token(http: httpx.Client, url: str, model: str, prompt: str) -> float:
     body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
     start = time.perf_counter()
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+    with http.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
             if line.startswith("data:") and '"text"' in line:
                 return time.perf_counter() - start
@@ -154,10 +170,14 @@ def main() -> None:
     NO_EOS.update(eos_bias(model))
     port = free_port()
     vllm_url = f"http://127.0.0.1:{port}"
+    env = vllm_env(icm.url, tmp / "adapters", port)
+    # the plugin's own re-check period (5 s), as deployed: the tests' 0.5 s had vLLM ask icm-lora about every resolved
+    # task twice a second, during both servers' bursts
+    env.pop("ICM_LORA_VLLM_REFRESH_S")
     with (tmp / "vllm.log").open("wb") as log:
         vllm = subprocess.Popen(
             [*vllm_command(VLLM_PYTHON, model, port, args.dtype), "--max-loras", str(args.adapters), *args.vllm_arg],
-            env=vllm_env(icm.url, tmp / "adapters", port),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -173,6 +193,7 @@ def main() -> None:
         time.sleep(0.5)
     vllm_start_s = time.monotonic() - start
     servers = {"icm-lora": icm.url, "vllm": vllm_url}
+    client = pooled_client(2 * (args.requests + 4))  # both servers' connections
     try:
         tasks: list[str] = []
         with httpx.Client(base_url=icm.url, timeout=600) as http:
@@ -189,25 +210,33 @@ def main() -> None:
         first_overhead = []
         for task in new_tasks:
             t0 = time.perf_counter()
-            complete(vllm_url, task, prompts[0], 1)
+            complete(client, vllm_url, task, prompts[0], 1)
             first = time.perf_counter() - t0
             t0 = time.perf_counter()
-            complete(vllm_url, task, prompts[0], 1)
+            complete(client, vllm_url, task, prompts[0], 1)
             first_overhead.append(first - (time.perf_counter() - t0))
         for task in adapter_tasks:  # resolved once, so the adapter phase measures serving
-            complete(vllm_url, task, prompts[0], 1)
+            complete(client, vllm_url, task, prompts[0], 1)
 
         rounds: list[dict[str, Any]] = []  # {"order": [...], server: {figure: tok/s}}
         mismatches, compared = 0, 0
         for r in range(args.rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
-            row: dict[str, dict[str, float]] = {}
+            row: dict[str, dict[str, Any]] = {}
             texts: dict[str, dict[str, list[str]]] = {}
             for name in order:
-                base_tps, base_texts = burst(servers[name], [SERVED_NAME] * args.requests, prompts, args.max_tokens)
+                quiet_s = [settle()]
+                base_tps, base_texts = burst(
+                    client, servers[name], [SERVED_NAME] * args.requests, prompts, args.max_tokens
+                )
                 models = [adapter_tasks[i % len(adapter_tasks)] for i in range(args.requests)]
-                lora_tps, lora_texts = burst(servers[name], models, prompts, args.max_tokens)
-                row[name] = {"no_adapter_tok_s": round(base_tps, 1), "adapters_tok_s": round(lora_tps, 1)}
+                quiet_s.append(settle())
+                lora_tps, lora_texts = burst(client, servers[name], models, prompts, args.max_tokens)
+                row[name] = {
+                    "no_adapter_tok_s": round(base_tps, 1),
+                    "adapters_tok_s": round(lora_tps, 1),
+                    "waited_for_quiet_s": quiet_s,
+                }
                 texts[name] = {"base": base_texts, "lora": lora_texts}
             for kind in ("base", "lora"):
                 pairs = zip(texts["icm-lora"][kind], texts["vllm"][kind], strict=True)
@@ -216,17 +245,18 @@ def main() -> None:
             rounds.append({"order": order, **row})
             print(json.dumps(rounds[-1]), flush=True)
 
-        ttft = {
-            name: {
+        ttft: dict[str, dict[str, float]] = {}
+        for name, url in servers.items():
+            settle()
+            ttft[name] = {
                 "no_adapter_ms": round(1000 * statistics.median(
-                    time_to_first_token(url, SERVED_NAME, prompts[0]) for _ in range(5)), 1),
+                    time_to_first_token(client, url, SERVED_NAME, prompts[0]) for _ in range(5)), 1),
                 "adapter_ms": round(1000 * statistics.median(
-                    time_to_first_token(url, adapter_tasks[0], prompts[0]) for _ in range(5)), 1),
-            }
-            for name, url in servers.items()
-        }  # fmt: skip
+                    time_to_first_token(client, url, adapter_tasks[0], prompts[0]) for _ in range(5)), 1),
+            }  # fmt: skip
         rss = {"icm-lora": round(rss_mb(icm.proc.pid), 1) if icm.proc else None, "vllm": round(rss_mb(vllm.pid), 1)}
     finally:
+        client.close()
         vllm.terminate()
         try:
             vllm.wait(timeout=60)
@@ -260,6 +290,8 @@ def main() -> None:
             "rounds": args.rounds,
             "vllm_args": args.vllm_arg,
             "dtype": args.dtype,
+            "client": "one pooled httpx.Client, keep-alive (before 2026-12-07: a new client per request)",
+            "vllm_plugin_refresh_s": "5 (the plugin's default; before 2026-12-07: 0.5)",
         },
         "throughput_tok_s_median": {
             s: {"no_adapter": median(s, "no_adapter_tok_s"), "adapters": median(s, "adapters_tok_s")} for s in servers
