@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         description="CPU: generation runs its Linears on oneDNN-packed copies of the weights (faster; as much memory"
         " again as the weights; greedy tokens may leave plain peft's at a near tie); adapters are made on plain ones",
     )
+    matmul_decode_attention: bool = Field(
+        True,
+        description="CPU, float32: a decode step's attention runs as two batched matmuls instead of SDPA's flash"
+        " kernel (faster at decode sizes; equal up to float rounding); passes without a cache keep SDPA",
+    )
 
     # limits
     max_examples: int = Field(64, ge=1)

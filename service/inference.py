@@ -96,6 +96,7 @@ def start_engine(
         max_decode_groups=settings.max_decode_groups,
         prefix_cache_entries=settings.prefix_cache_entries,
         packed_linears=settings.packed_linears,
+        matmul_decode_attention=settings.matmul_decode_attention,
         threads=threads,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))

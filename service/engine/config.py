@@ -32,6 +32,9 @@ class EngineConfig:
     ``packed_linears``: on the CPU, generation runs its Linears on weights oneDNN has laid out once (``packed.py``:
     faster, a second copy of the weights in memory, greedy tokens equal to plain peft's except at near ties); the
     passes that make adapters keep the plain weights. Off by default here (exact parity); the service turns it on.
+    ``matmul_decode_attention``: on the CPU in float32, a decode step's attention runs as two batched matmuls instead
+    of SDPA's flash kernel (``attention.py``: faster at decode sizes, equal up to float rounding); every pass without
+    a cache, among them those that make adapters, keeps SDPA. Off by default here; the service turns it on.
     ``threads``: intra-op threads of the engine thread (0: torch's setting as it is). With N > 0 the engine thread
     runs on N and the thread that builds the engine keeps its own setting. The service gives the engine every core
     and every other thread one: once a process has more OpenMP threads than cores, libgomp stops spinning between
@@ -52,6 +55,7 @@ class EngineConfig:
     max_decode_groups: int = 4
     prefix_cache_entries: int = 64
     packed_linears: bool = False
+    matmul_decode_attention: bool = False
     threads: int = 0
 
     def __post_init__(self) -> None:

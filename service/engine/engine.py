@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
 from generator.batching import AnswerGroup
+from service.engine.attention import DecodeAttention, decode_attention_unavailable
 from service.engine.config import EngineConfig
 from service.engine.errors import AdapterError, RequestError, RequestTooLarge
 from service.engine.hidden import EngineHiddenStateReader
@@ -82,6 +83,14 @@ class Engine:
                 log.info("generation runs on packed Linear weights (%.0f MB more memory)", self.packing.nbytes / 2**20)
             else:
                 log.info("packed Linears off: %s", reason)
+        self.attention = DecodeAttention()
+        if self.config.matmul_decode_attention:
+            reason = decode_attention_unavailable(self.model, self.bank.device, self.bank.dtype)
+            if reason is None:
+                self.attention.install(self.model)
+                log.info("decode steps run their attention as batched matmuls")
+            else:
+                log.info("matmul decode attention off: %s", reason)
         model_config = self.model.config
         self.vocab_size = int(model_config.vocab_size)
         self.max_positions = int(getattr(model_config, "max_position_embeddings", 2048))
@@ -358,6 +367,7 @@ class Engine:
             return
         self._closed = True
         self._scheduler.close()
+        self.attention.uninstall()
         self.packing.uninstall()
         self.bank.uninstall()
 

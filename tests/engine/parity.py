@@ -66,9 +66,11 @@ def run_parity(
     folder: Path,
     target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
     packed: bool = False,
+    decode_attention: bool = False,
 ) -> Parity:
     """Every prompt with every adapter (None: the base model); ``load`` builds a fresh copy of the base model.
-    ``packed``: the engine generates on packed Linear weights (``EngineConfig.packed_linears``)."""
+    ``packed``: the engine generates on packed Linear weights (``EngineConfig.packed_linears``); ``decode_attention``:
+    its decode steps attend through batched matmuls (``EngineConfig.matmul_decode_attention``)."""
     engine_base = load()
     tokenizer = engine_base.tokenizer
     rows = [(tokenizer(p)["input_ids"], a) for a in adapters for p in prompts]
@@ -76,7 +78,12 @@ def run_parity(
     groups = encode_groups(tokenizer, EXAMPLES, max_length=48, choices=False)
     pairs = [encode_pair(tokenizer, format_prompt(e.input), format_target(e.output), 48) for e in EXAMPLES]
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    config = EngineConfig(num_slots=len(adapters), target_modules=target_modules, packed_linears=packed)
+    config = EngineConfig(
+        num_slots=len(adapters),
+        target_modules=target_modules,
+        packed_linears=packed,
+        matmul_decode_attention=decode_attention,
+    )
     with Engine(engine_base, config) as engine:
         alone = [engine.generate(ids, a, params).token_ids for ids, a in rows]
         mixed = [r.token_ids for r in engine.generate_many([r[0] for r in rows], [r[1] for r in rows], params)]
