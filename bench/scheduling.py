@@ -11,11 +11,12 @@ distinct adapters through few slots cost.
    token, so its join is included). The *delay* is longest - median: what the long prompt added to a stream's next
    token. Also the streams' median gap while the long request decodes beside them, and the decode groups then.
    Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's length is the unchunked
-   prefill), ``--groups`` value and ``--packed`` value (``EngineConfig.packed_linears``). Target: <= 100 ms.
+   prefill), ``--groups`` value and ``--packed`` value (``EngineConfig.packed_linears`` and
+   ``matmul_decode_attention``, the service's CPU generation path). Target: <= 100 ms.
 2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
-   alternating pairs, median ratio. Target: >= 0.7.
+   alternating pairs, median ratio, on the service's CPU generation path. Target: >= 0.7.
 3. **Adapter generation mid-run.** The same streams, then what the service does on a cache miss with 8 examples: the
    task vector's hidden-state read and the self-check's scoring of the base model and the adapter, on the engine
    thread. Both go in passes of at most ``prefill_chunk`` padded tokens with decode steps between them; a chunk of
@@ -145,6 +146,7 @@ def long_prompt_interference(
         prefill_chunk=chunk,
         max_decode_groups=groups,
         packed_linears=packed,
+        matmul_decode_attention=packed,
         threads=threads,
     )
     engine = Engine(base, config)
@@ -239,8 +241,15 @@ def generation_interference(
     }
 
 
-def adapter_cycling(base: Any, adapters: list[GeneratedAdapter], slots: int, requests: int, tokens: int) -> float:
-    engine = Engine(base, EngineConfig(num_slots=slots, max_batch_size=slots))
+def adapter_cycling(
+    base: Any, adapters: list[GeneratedAdapter], slots: int, requests: int, tokens: int, threads: int = 0
+) -> float:
+    """Tokens/s of ``requests`` requests over ``adapters`` through ``slots`` slots, as the service's engine runs on the
+    CPU (packed Linears, matmul decode attention, ``threads`` on the engine thread)."""
+    config = EngineConfig(
+        num_slots=slots, max_batch_size=slots, packed_linears=True, matmul_decode_attention=True, threads=threads
+    )
+    engine = Engine(base, config)
     try:
         prepared = [engine.prepare_adapter(a) for a in adapters]  # prepared once per id, as the service does
         params = SamplingParams(max_tokens=tokens, ignore_eos=True)
@@ -265,7 +274,11 @@ def main() -> None:
     parser.add_argument("--groups", default="1,4", help="max_decode_groups values, alternated for each chunk")
     parser.add_argument("--chunks", default="32,256,4096", help="prefill_chunk values to compare")
     parser.add_argument("--engine-threads", type=int, default=-1, help="part 1, as ICM_LORA_ENGINE_THREADS (0: off)")
-    parser.add_argument("--packed", default="1", help="part 1: packed Linears off (0) / on (1, the service's default)")
+    parser.add_argument(
+        "--packed",
+        default="1",
+        help="part 1: the service's CPU generation path (packed Linears, matmul decode attention) off (0) / on (1)",
+    )
     parser.add_argument(
         "--generation-chunks", default="256,100000", help="prefill_chunk values for the generation mid-run"
     )
@@ -313,7 +326,7 @@ def main() -> None:
         pair = {}
         for side in order:
             chosen = adapters[: args.slots] if side == "few" else adapters[: args.adapters]
-            pair[side] = adapter_cycling(base, chosen, args.slots, args.requests, args.cycle_tokens)
+            pair[side] = adapter_cycling(base, chosen, args.slots, args.requests, args.cycle_tokens, threads)
         pair["ratio"] = pair["many"] / pair["few"]
         print(
             f"pair {k + 1}: {args.adapters} adapters {pair['many']:.1f} tok/s, {args.slots} adapters {pair['few']:.1f}"
