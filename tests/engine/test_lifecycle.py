@@ -188,6 +188,9 @@ def test_long_reads_and_scoring_run_in_budgeted_passes_between_decode_steps(
     assert len(batches) >= 3
     assert all(b.ids.numel() <= budget or b.ids.shape[0] == 1 for b in batches)
     assert sum(b.ids.shape[0] for b in batches) == len(texts)
+    groups = encode_groups(fresh.tokenizer, [Example(t, "yes", ("yes", "no")) for t in texts], 32, choices=True)
+    scored = [None, engine.prepare_adapter(adapter(2))]
+    # a stream per phase, started right before it (400 tokens of the tiny model last a fraction of a second)
     running = engine.submit(prompt_ids[3], adapter=adapter(1), params=LONG)
     stream = iter(running)  # kept: a stream whose reader goes away cancels its request
     next(stream)
@@ -195,9 +198,13 @@ def test_long_reads_and_scoring_run_in_budgeted_passes_between_decode_steps(
     assert torch.equal(got, ModelHiddenStateReader(fresh.model, fresh.tokenizer, None, 32, budget=budget)(texts))
     assert len(steps_at_call) == len(batches)
     assert all(b > a for a, b in itertools.pairwise(steps_at_call))  # a decode step between passes
-    groups = encode_groups(fresh.tokenizer, [Example(t, "yes", ("yes", "no")) for t in texts], 32, choices=True)
+    running.cancel()
+    assert running.result().finish_reason == "cancelled"  # it ran throughout
     steps_at_call.clear()
-    engine.answer_logprobs(groups, [None, adapter(2)])
+    running = engine.submit(prompt_ids[3], adapter=adapter(1), params=LONG)
+    stream = iter(running)
+    next(stream)
+    engine.answer_logprobs(groups, scored)
     assert len(steps_at_call) == len(budget_batches(groups, 2, budget)) >= 3
     assert all(b > a for a, b in itertools.pairwise(steps_at_call))
     running.cancel()
