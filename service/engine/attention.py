@@ -53,8 +53,9 @@ def decode_attention(
     scores = torch.matmul(q, key.transpose(-1, -2))  # [B, KVH, G, K]
     scores.mul_(scaling if scaling is not None else dim**-0.5)
     if attention_mask is not None:
-        mask = attention_mask[..., -k_len:]
-        mask = mask.reshape(batch, kv_heads, groups, k_len) if mask.shape[1] == heads else mask
+        mask = attention_mask  # [B, 1 or H, 1, K], as SDPA takes it
+        if mask.shape[1] == heads:
+            mask = mask.reshape(batch, kv_heads, groups, k_len)
         if mask.dtype == torch.bool:
             scores.masked_fill_(~mask, float("-inf"))
         else:
