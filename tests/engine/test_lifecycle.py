@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 
 import pytest
@@ -182,6 +183,13 @@ def test_long_reads_and_scoring_run_in_budgeted_passes_between_decode_steps(
         return call(lambda: (steps_at_call.append(engine._scheduler.steps_total), fn())[1])
 
     monkeypatch.setattr(engine._scheduler, "call", counting)
+    decode = engine._scheduler._decode_step
+
+    def paced_decode() -> None:  # 400 tokens of the tiny model would otherwise end before a phase does
+        time.sleep(0.005)
+        decode()
+
+    monkeypatch.setattr(engine._scheduler, "_decode_step", paced_decode)
     fresh = load_base_model("tiny")
     texts = [f"Input: example number {i} of a read with a few words\nOutput: {i}" for i in range(6)]
     batches = read_batches(fresh.tokenizer, texts, 32, budget)
@@ -190,7 +198,7 @@ def test_long_reads_and_scoring_run_in_budgeted_passes_between_decode_steps(
     assert sum(b.ids.shape[0] for b in batches) == len(texts)
     groups = encode_groups(fresh.tokenizer, [Example(t, "yes", ("yes", "no")) for t in texts], 32, choices=True)
     scored = [None, engine.prepare_adapter(adapter(2))]
-    # a stream per phase, started right before it (400 tokens of the tiny model last a fraction of a second)
+    # a stream per phase, started right before it
     running = engine.submit(prompt_ids[3], adapter=adapter(1), params=LONG)
     stream = iter(running)  # kept: a stream whose reader goes away cancels its request
     next(stream)
