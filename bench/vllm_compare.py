@@ -11,7 +11,8 @@ server goes first (this machine's speed drifts): ``--requests`` concurrent greed
 adapter, and with ``--adapters`` different adapters (each task resolved by vLLM once beforehand, so this measures
 serving, not fetching). Every request goes through one pooled HTTP client with keep-alive (``pooled_client``), as a
 real client's would, and each burst starts once the machine is quiet (``bench.common.settle``: a server still busy
-after its last response slows whichever burst comes next). Also: single-request time to first token (streamed,
+after its last response slows whichever burst comes next). One untimed burst of each workload per server comes
+first (its tok/s is recorded as ``warm_up_burst_tok_s``). Also: single-request time to first token (streamed,
 median of 5), the first request
 for a new task through vLLM over a repeated one (the plugin's fetch + load; target <= 2 s), start-up time and resident
 memory (the process tree's RSS) of each server, and whether the greedy texts agree (in float32 they must; in bf16
@@ -217,6 +218,16 @@ def main() -> None:
             first_overhead.append(first - (time.perf_counter() - t0))
         for task in adapter_tasks:  # resolved once, so the adapter phase measures serving
             complete(client, vllm_url, task, prompts[0], 1)
+        # one untimed burst of each workload per server: first-use costs (buffers sized for 16 rows, kernels for new
+        # shapes) fall outside the rounds; their tok/s is recorded
+        models = [adapter_tasks[i % len(adapter_tasks)] for i in range(args.requests)]
+        warm_up: dict[str, dict[str, float]] = {}
+        for name, url in servers.items():
+            settle()
+            base_tps = burst(client, url, [SERVED_NAME] * args.requests, prompts, args.max_tokens)[0]
+            settle()
+            lora_tps = burst(client, url, models, prompts, args.max_tokens)[0]
+            warm_up[name] = {"no_adapter_tok_s": round(base_tps, 1), "adapters_tok_s": round(lora_tps, 1)}
 
         rounds: list[dict[str, Any]] = []  # {"order": [...], server: {figure: tok/s}}
         mismatches, compared = 0, 0
@@ -229,7 +240,6 @@ def main() -> None:
                 base_tps, base_texts = burst(
                     client, servers[name], [SERVED_NAME] * args.requests, prompts, args.max_tokens
                 )
-                models = [adapter_tasks[i % len(adapter_tasks)] for i in range(args.requests)]
                 quiet_s.append(settle())
                 lora_tps, lora_texts = burst(client, servers[name], models, prompts, args.max_tokens)
                 row[name] = {
@@ -297,6 +307,7 @@ def main() -> None:
             s: {"no_adapter": median(s, "no_adapter_tok_s"), "adapters": median(s, "adapters_tok_s")} for s in servers
         },
         "rounds": rounds,
+        "warm_up_burst_tok_s": warm_up,
         "time_to_first_token": ttft,
         "startup_s": {"icm-lora": round(icm_start_s, 1), "vllm": round(vllm_start_s, 1)},
         "rss_mb_after": rss,
