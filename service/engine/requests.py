@@ -1,7 +1,9 @@
 """What a caller holds for a submitted request: a handle to stream deltas from (sync or async), cancel, or wait on.
 
 The engine thread pushes ``StreamDelta`` objects into the handle; sync consumers block on a condition variable,
-async consumers are woken on their own event loop with ``loop.call_soon_threadsafe``. Leaving an iteration early
+async consumers are woken on their own event loop with ``loop.call_soon_threadsafe``: an async iteration on every
+delta, ``wait()`` only when the request ends (a non-streamed completion does not wake its event loop for each token
+it generates). Leaving an iteration early
 (``break``, a cancelled task, a client that went away) cancels the request, which frees its slot pin and KV rows.
 """
 
@@ -68,7 +70,8 @@ class RequestHandle:
         self._error: BaseException | None = None
         self._done = False
         self._cancel_requested = False
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # woken on every delta
+        self._end_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # woken when it ends
 
     # --- caller side ------------------------------------------------------------------------------------------
 
@@ -98,12 +101,9 @@ class RequestHandle:
         """Await the end of the request without consuming its deltas."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        self._add_waiter(loop, wake)
+        self._add_waiter(loop, wake, every_delta=False)
         try:
             while not self._done:
-                wake.clear()
-                if self._done:
-                    break
                 await wake.wait()
         finally:
             self._remove_waiter(loop, wake)
@@ -156,14 +156,14 @@ class RequestHandle:
         with self._cond:
             self._deltas.append(delta)
             self._cond.notify_all()
-        self._wake_async()
+        self._wake_async(ended=False)
 
     def finish(self, result: GenerationResult) -> None:
         with self._cond:
             self._result = result
             self._done = True
             self._cond.notify_all()
-        self._wake_async()
+        self._wake_async(ended=True)
 
     def fail(self, error: BaseException, result: GenerationResult | None = None) -> None:
         with self._cond:
@@ -171,7 +171,7 @@ class RequestHandle:
             self._result = result
             self._done = True
             self._cond.notify_all()
-        self._wake_async()
+        self._wake_async(ended=True)
 
     # --- internals --------------------------------------------------------------------------------------------
 
@@ -191,17 +191,18 @@ class RequestHandle:
                 raise self._error
             raise EngineError(f"request {self.request_id} failed: {self._error}") from self._error
 
-    def _add_waiter(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+    def _add_waiter(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event, every_delta: bool = True) -> None:
         with self._cond:
-            self._waiters.append((loop, wake))
+            (self._waiters if every_delta else self._end_waiters).append((loop, wake))
 
     def _remove_waiter(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
         with self._cond:
             self._waiters = [(lp, ev) for lp, ev in self._waiters if ev is not wake]
+            self._end_waiters = [(lp, ev) for lp, ev in self._end_waiters if ev is not wake]
 
-    def _wake_async(self) -> None:
+    def _wake_async(self, ended: bool) -> None:
         with self._cond:
-            waiters = list(self._waiters)
+            waiters = self._waiters + self._end_waiters if ended else list(self._waiters)
         for loop, wake in waiters:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 loop.call_soon_threadsafe(wake.set)
