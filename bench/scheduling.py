@@ -11,8 +11,9 @@ distinct adapters through few slots cost.
    token, so its join is included). The *delay* is longest - median: what the long prompt added to a stream's next
    token. Also the streams' median gap while the long request decodes beside them, and the decode groups then.
    Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's length is the unchunked
-   prefill), ``--groups`` value and ``--packed`` value (``EngineConfig.packed_linears`` and
-   ``matmul_decode_attention``, the service's CPU generation path). Target: <= 100 ms.
+   prefill), ``--groups`` value, ``--packed`` value (``EngineConfig.packed_linears`` and
+   ``matmul_decode_attention``, the service's CPU generation path) and ``--chunk-ms`` value
+   (``EngineConfig.prefill_chunk_target_ms``: chunks sized by time while rows decode). Target: <= 100 ms.
 2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
@@ -139,11 +140,13 @@ def long_prompt_interference(
     groups: int = 4,
     packed: bool = True,
     threads: int = 0,
+    chunk_ms: float = 0.0,
 ) -> dict[str, Any]:
     config = EngineConfig(
         num_slots=max(8, streams),
         max_batch_size=streams + 1,
         prefill_chunk=chunk,
+        prefill_chunk_target_ms=chunk_ms,
         max_decode_groups=groups,
         packed_linears=packed,
         matmul_decode_attention=packed,
@@ -273,6 +276,9 @@ def main() -> None:
     parser.add_argument("--long-new-tokens", type=int, default=16)
     parser.add_argument("--groups", default="1,4", help="max_decode_groups values, alternated for each chunk")
     parser.add_argument("--chunks", default="32,256,4096", help="prefill_chunk values to compare")
+    parser.add_argument(
+        "--chunk-ms", default="0", help="prefill_chunk_target_ms values (0: fixed chunks; the service paces at 75)"
+    )
     parser.add_argument("--engine-threads", type=int, default=-1, help="part 1, as ICM_LORA_ENGINE_THREADS (0: off)")
     parser.add_argument(
         "--packed",
@@ -302,14 +308,16 @@ def main() -> None:
     adapters = make_adapters(base.model, max(args.adapters, args.slots), base.name)
     results: dict[str, Any] = {"long_prompt": [], "cycling": {}}
     for chunk in (int(c) for c in args.chunks.split(",") if c):
-        for groups, packed in itertools.product(
-            (int(g) for g in args.groups.split(",")), (p == "1" for p in args.packed.split(","))
+        for groups, packed, chunk_ms in itertools.product(
+            (int(g) for g in args.groups.split(",")),
+            (p == "1" for p in args.packed.split(",")),
+            (float(m) for m in args.chunk_ms.split(",")),
         ):
             row = long_prompt_interference(
                 base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16], args.long_new_tokens, groups,
-                packed, threads,
+                packed, threads, chunk_ms,
             )  # fmt: skip
-            row["packed_linears"], row["engine_threads"] = packed, threads
+            row["packed_linears"], row["engine_threads"], row["prefill_chunk_target_ms"] = packed, threads, chunk_ms
             print(json.dumps(row))
             results["long_prompt"].append(row)
 
@@ -343,7 +351,10 @@ def main() -> None:
     best_delay = None  # --chunks "": not measured
     if results["long_prompt"]:
         best = min(results["long_prompt"], key=lambda r: r["delay_of_next_token_ms_max"])
-        best_delay = {k: best[k] for k in ("delay_of_next_token_ms_max", "prefill_chunk", "max_decode_groups")}
+        best_delay = {
+            k: best[k]
+            for k in ("delay_of_next_token_ms_max", "prefill_chunk", "max_decode_groups", "prefill_chunk_target_ms")
+        }
     by_chunk: dict[int, list[float]] = {}
     for row in results["generation"]:
         by_chunk.setdefault(row["prefill_chunk"], []).append(row["delay_of_next_token_ms_max"])

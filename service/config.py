@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(64, ge=1)
     prefill_chunk: int = Field(256, ge=1)  # prompts longer than this are prefilled in chunks between decode steps
+    prefill_chunk_ms: float = Field(
+        75.0,
+        ge=0,
+        le=10_000,
+        description="CPU: while streams decode, each chunk of a long prompt is sized to take about this long (at most"
+        " prefill_chunk tokens); 0: every chunk is prefill_chunk tokens",
+    )
     kv_cache_mb: int = Field(4096, ge=1)  # the engine's KV cache budget (admission waits, or 413 if it never fits)
     max_decode_groups: int = Field(4, ge=1, le=16)  # running rows' groups, one forward pass each (1: one pass for all)
     prefix_cache_entries: int = Field(64, ge=0, le=4096)  # adapters whose chat-template opening is kept (0: off)

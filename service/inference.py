@@ -93,6 +93,7 @@ def start_engine(
         max_queue=settings.max_queue,
         kv_cache_bytes=settings.kv_cache_mb * 2**20,
         prefill_chunk=settings.prefill_chunk,
+        prefill_chunk_target_ms=settings.prefill_chunk_ms,
         max_decode_groups=settings.max_decode_groups,
         prefix_cache_entries=settings.prefix_cache_entries,
         packed_linears=settings.packed_linears,

@@ -25,6 +25,10 @@ class EngineConfig:
     request that would exceed it waits until rows leave, and one that could never fit alone is refused
     (``RequestTooLarge``). The cache's buffers grow with spare room (up to half again), so memory may reach about 1.5x
     the budget.
+    ``prefill_chunk_target_ms``: while rows are decoding, size each chunk of a long prompt so that its pass takes
+    about this long (``pacing.py``: from the seconds per token of the chunk before; at most ``prefill_chunk``, at
+    least 8 tokens), on the CPU; 0 keeps every chunk at ``prefill_chunk``. A smaller value keeps running streams
+    closer to their pace while a long prompt is read, and makes that prompt's first token later.
     ``max_decode_groups``: running rows may decode in up to this many groups, one forward pass each, so that a long
     row does not pad every short one (the scheduler's module docstring); 1 keeps every row in one pass.
     ``prefix_cache_entries``: adapters (the base model counts as one) whose keys and values of the chat template's
@@ -51,6 +55,7 @@ class EngineConfig:
     check_base_model: bool = True
     max_prepared: int = 256
     prefill_chunk: int = 256
+    prefill_chunk_target_ms: float = 0.0
     kv_cache_bytes: int = 4 * 2**30
     max_decode_groups: int = 4
     prefix_cache_entries: int = 64
@@ -73,6 +78,8 @@ class EngineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk_target_ms < 0:
+            raise ValueError(f"EngineConfig.prefill_chunk_target_ms must be >= 0, got {self.prefill_chunk_target_ms}")
         if self.threads < 0:
             raise ValueError(f"EngineConfig.threads must be >= 0, got {self.threads}")
         if self.prefix_cache_entries < 0:

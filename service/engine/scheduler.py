@@ -44,6 +44,7 @@ from service.engine.errors import EngineClosed, EngineError, QueueFull
 from service.engine.kv_cache import BatchKVCache
 from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter, SwapEvents
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
+from service.engine.pacing import ChunkPacer
 from service.engine.prefix_cache import PrefixCache
 from service.engine.requests import (
     FINISH_CANCELLED,
@@ -189,6 +190,9 @@ class Scheduler:
         self.threads_set = threading.Event()  # the engine thread has applied config.threads
         self._groups: list[_Group] = []
         self._prefilling: deque[Job] = deque()  # long prompts, prefilled one chunk per loop iteration
+        # chunk sizes by time while rows decode; the CPU only (on CUDA a pass returns before the GPU has run it)
+        target_s = config.prefill_chunk_target_ms / 1000 if self.device.type == "cpu" else 0.0
+        self.pacer = ChunkPacer(target_s, config.prefill_chunk)
         self._pending_swaps: list[tuple[str, int, str | None, SwapEvents]] = []  # CUDA copies not timed yet
         self.swaps_total = 0
         self.swap_seconds_total = 0.0
@@ -489,9 +493,10 @@ class Scheduler:
         self._join(ready, cache, sampled, tokens, logprobs)
 
     def _prefill_chunk(self) -> None:
-        """The next ``prefill_chunk`` tokens of the oldest long prompt, into its own cache: one forward pass between
-        two decode steps, so running streams keep their pace while a long prompt is read. After its last chunk the
-        request samples its first token and joins the batch."""
+        """The next chunk of the oldest long prompt, into its own cache: one forward pass between two decode steps,
+        so running streams keep their pace while a long prompt is read. A chunk is ``prefill_chunk`` tokens, or, with
+        ``prefill_chunk_target_ms`` and rows decoding, as many as fit that time (``ChunkPacer``). After its last
+        chunk the request samples its first token and joins the batch."""
         job = self._prefilling[0]
         if job.handle.cancel_requested:
             self._prefilling.popleft()
@@ -499,7 +504,8 @@ class Scheduler:
             return
         cache = job.chunk_cache = job.chunk_cache or BatchKVCache(self.num_layers)
         done = cache.length
-        end = min(done + self.config.prefill_chunk, len(job.prompt_ids))
+        decoding = bool(self._groups)  # rows that wait for this pass
+        end = min(done + self.pacer.size(decoding), len(job.prompt_ids))
         last = end == len(job.prompt_ids)
         start = time.perf_counter()
         try:
@@ -524,7 +530,10 @@ class Scheduler:
             self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
             return
         finally:
-            self.observer.on_prefill(1, end - done, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.observer.on_prefill(1, end - done, seconds)
+            if decoding:
+                self.pacer.observe(end - done, seconds)
         self._join([job], cache, sampled, tokens, logprobs)
 
     def _join(
