@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--groups", default="1,4", help="max_decode_groups values, alternated for each chunk")
     parser.add_argument("--chunks", default="32,256,4096", help="prefill_chunk values to compare")
     parser.add_argument(
-        "--chunk-ms", default="0", help="prefill_chunk_target_ms values (0: fixed chunks; the service paces at 75)"
+        "--chunk-ms", default="0", help="prefill_chunk_target_ms values (0: fixed chunks; the service paces at 50)"
     )
     parser.add_argument("--engine-threads", type=int, default=-1, help="part 1, as ICM_LORA_ENGINE_THREADS (0: off)")
     parser.add_argument(

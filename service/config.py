@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)
     prefill_chunk: int = Field(256, ge=1)  # prompts longer than this are prefilled in chunks between decode steps
     prefill_chunk_ms: float = Field(
-        75.0,
+        50.0,
         ge=0,
         le=10_000,
         description="CPU: while streams decode, each chunk of a long prompt is sized to take about this long (at most"
