@@ -18,7 +18,8 @@ distinct adapters through few slots cost.
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
    alternating pairs, median ratio, on the service's CPU generation path. Target: >= 0.7.
-3. **Adapter generation mid-run.** The same streams, then what the service does on a cache miss with 8 examples: the
+3. **Adapter generation mid-run** (on the service's CPU path since 2026-12-07; before, a plain engine on the process's
+   thread setting). The same streams, then what the service does on a cache miss with 8 examples: the
    task vector's hidden-state read and the self-check's scoring of the base model and the adapter, on the engine
    thread. Both go in passes of at most ``prefill_chunk`` padded tokens with decode steps between them; a chunk of
    100,000 is the single pass every read and check made before. ``--generation-rounds`` alternating rounds; the
@@ -206,11 +207,20 @@ def generation_interference(
     adapters: list[GeneratedAdapter],
     layer: int = -8,
     examples: int = 8,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """What generating an adapter from ``examples`` examples does to running streams: the task vector's hidden-state
     read (layer 23 of 30, as the shipped generator reads) and the self-check's scoring of base and adapter on the
     same examples (3 choices each), both on the engine thread, as the service runs them."""
-    engine = Engine(base, EngineConfig(num_slots=max(8, streams) + 1, max_batch_size=streams, prefill_chunk=chunk))
+    config = EngineConfig(
+        num_slots=max(8, streams) + 1,
+        max_batch_size=streams,
+        prefill_chunk=chunk,
+        packed_linears=True,  # the service's CPU path; the read and the scoring run on the plain weights regardless
+        matmul_decode_attention=True,
+        threads=threads,
+    )
+    engine = Engine(base, config)
     try:
         shots = [
             Example(text_of(40 + 5 * i, 50 + i), text_of(2, 70 + i), tuple(text_of(2, 70 + i + k) for k in range(3)))
@@ -324,7 +334,9 @@ def main() -> None:
     results["generation"] = []
     for _ in range(args.generation_rounds):  # alternating: the budgeted passes, then one pass (the old behaviour)
         for chunk in (int(c) for c in args.generation_chunks.split(",")):
-            row = generation_interference(base, chunk, args.streams, args.tokens, adapters[:17], args.read_layer)
+            row = generation_interference(
+                base, chunk, args.streams, args.tokens, adapters[:17], args.read_layer, threads=threads
+            )
             print(json.dumps(row))
             results["generation"].append(row)
 
