@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import load_record, run_threads
+from bench.common import load_record, pooled_client, run_threads
 from service.background import BackgroundServer
 from service.config import Settings
 from service.engine import PreparedAdapter, RequestHandle
@@ -163,13 +163,6 @@ def no_eos(state: ServiceState) -> dict[int, float]:
     """A logit bias that keeps every request writing until ``max_tokens``: task adapters are trained to stop after
     their answer, which would turn a throughput run into a time-to-first-token run. Both sides get it."""
     return {token: -100.0 for token in sorted(state.engine.eos_token_ids)}
-
-
-def pooled_client(service: BackgroundServer, connections: int) -> httpx.Client:
-    """One connection pool for every request of a run, as a real client keeps. A client made per request builds an
-    SSL context each time: about 18 ms of CPU on this 2-core machine, in the process that also runs the service
-    (before 2026-12-07 the HTTP side paid it, 0.3 s of CPU per 16 requests)."""
-    return service.client(limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
 
 
 def http_run(
@@ -318,7 +311,7 @@ def main() -> None:
         task_ids = list(tasks)
         task_models = [task_ids[i % len(task_ids)] for i in range(args.concurrency)]
         bias = no_eos(state)
-        pooled = pooled_client(service, max(args.concurrency, len(task_ids)) + 4)
+        pooled = pooled_client(max(args.concurrency, len(task_ids)) + 4, base_url=service.url, timeout=60)
         http_run(pooled, prompts[:2], [base_model] * 2, 4, bias)  # warm-up
         http_run(pooled, task_ids, task_ids, 2, bias)  # every task adapter prepared and copied into a slot
         workloads: dict[str, tuple[list[str], list[PreparedAdapter | None]]] = {

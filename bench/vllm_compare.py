@@ -9,11 +9,11 @@ generated adapters (icm-lora generates them; vLLM fetches them through the plugi
 server goes first (this machine's speed drifts): ``--requests`` concurrent greedy completions of ``--max-tokens``
 (end tokens biased away on both servers, ``logit_bias`` -100, so every completion has that length) with no
 adapter, and with ``--adapters`` different adapters (each task resolved by vLLM once beforehand, so this measures
-serving, not fetching). Every request goes through one pooled HTTP client with keep-alive (``pooled_client``), as a
-real client's would, and each burst starts once the machine is quiet (``bench.common.settle``: a server still busy
-after its last response slows whichever burst comes next). One untimed burst of each workload per server comes
-first (its tok/s is recorded as ``warm_up_burst_tok_s``). Also: single-request time to first token (streamed,
-median of 5), the first request
+serving, not fetching). Every request goes through one pooled HTTP client with keep-alive
+(``bench.common.pooled_client``), as a real client's would, and each burst starts once the machine is quiet
+(``bench.common.settle``: a server still busy after its last response slows whichever burst comes next). One untimed
+burst of each workload per server comes first (its tok/s is recorded as ``warm_up_burst_tok_s``). Also:
+single-request time to first token (streamed, median of 5), the first request
 for a new task through vLLM over a repeated one (the plugin's fetch + load; target <= 2 s), start-up time and resident
 memory (the process tree's RSS) of each server, and whether the greedy texts agree (in float32 they must; in bf16
 the two servers' kernels round differently, so the count is recorded, not a target). ``--dtype`` sets both servers'
@@ -42,7 +42,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import settle
+from bench.common import pooled_client, settle
 from generator.base_model import ensure_smollm2_folder
 from service.background import ServiceProcess, free_port
 from tests.vllm.conftest import SERVED_NAME, VLLM_PYTHON, cpu_lacks_vllm, fresh_data_dir, vllm_command, vllm_env
@@ -96,14 +96,6 @@ def eos_bias(model_dir: Path) -> dict[str, float]:
     if tokenizer_eos is not None:
         ids.add(int(tokenizer_eos))
     return {str(token): -100.0 for token in sorted(ids)}
-
-
-def pooled_client(connections: int) -> httpx.Client:
-    """One connection pool for every request of the run, as a real client keeps. A client made per request (what
-    ``httpx.post`` does) builds an SSL context each time: about 18 ms of CPU here, 0.3 s per burst of 16, spent on the
-    same 2 cores as the servers (a run before 2026-12-07 paid it on both sides)."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.Client(timeout=600, limits=limits)
 
 
 def complete(http: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, int]:
@@ -194,7 +186,7 @@ def main() -> None:
         time.sleep(0.5)
     vllm_start_s = time.monotonic() - start
     servers = {"icm-lora": icm.url, "vllm": vllm_url}
-    client = pooled_client(2 * (args.requests + 4))  # both servers' connections
+    client = pooled_client(2 * (args.requests + 4), timeout=600)  # both servers' connections
     try:
         tasks: list[str] = []
         with httpx.Client(base_url=icm.url, timeout=600) as http:
