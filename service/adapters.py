@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 
 from generator.adapter import GeneratedAdapter
 from generator.generate import AdapterGenerator
@@ -41,6 +42,16 @@ def spec_from_request(body: TaskSpecIn, settings: Settings) -> TaskSpec:
         return TaskSpec(description=body.description, examples=examples)
     except TaskFormatError as exc:
         raise APIError(422, str(exc)) from None
+
+
+def _other_version(generator: AdapterGenerator, adapter_id: str, stored: StoredSpec) -> str | None:
+    """Why ``stored`` cannot make ``adapter_id`` with this generator (made by another version), or None."""
+    parent_id = generator.adapter_id(stored.spec, stored.seed)
+    if stored.refine is not None:
+        if stored.refine.parent_id != parent_id or refined_adapter_id(parent_id, stored.refine.plan) != adapter_id:
+            return "was refined from another generator version's adapter"
+        return None
+    return "was made by another generator version" if parent_id != adapter_id else None
 
 
 def refine_plan(settings: Settings, steps: int) -> RefinePlan:
@@ -115,15 +126,25 @@ class AdapterService:
         if stored is None:
             raise APIError(404, f"unknown adapter {adapter_id!r}")
         generator = self._require_generator()
-        parent_id = generator.adapter_id(stored.spec, stored.seed)
+        mismatch = _other_version(generator, adapter_id, stored)
+        if mismatch:
+            raise APIError(404, f"adapter {adapter_id!r} {mismatch}")
         if stored.refine is not None:
-            if stored.refine.parent_id != parent_id or refined_adapter_id(parent_id, stored.refine.plan) != adapter_id:
-                raise APIError(404, f"adapter {adapter_id!r} was refined from another generator version's adapter")
             parent, _ = await self.get_or_generate(stored.spec, stored.seed)
             return await self.refined(parent, stored.spec, stored.seed, stored.refine.plan)
-        if parent_id != adapter_id:
-            raise APIError(404, f"adapter {adapter_id!r} was made by another generator version")
         return await self.cache.get_or_create(adapter_id, lambda: self._generate(generator, stored.spec, stored.seed))
+
+    async def known(self, adapter_ids: Sequence[str]) -> set[str]:
+        """Those of ``adapter_ids`` that ``by_id`` serves, told without generating, training or reading weights: a
+        cache tier holds it, or its stored spec is this generator version's (a spec's lifetime is renewed). Two
+        queries however many ids (the vLLM plugin re-checks every name it serves this way)."""
+        ids = list(dict.fromkeys(adapter_ids))
+        specs = await self.store.get_adapter_specs(ids)
+        generator = self.generator
+        by_spec = set()
+        if generator is not None:
+            by_spec = {i for i, stored in specs.items() if not _other_version(generator, i, stored)}
+        return by_spec | await self.cache.held([i for i in ids if i not in by_spec])
 
     async def refined(
         self, parent: GeneratedAdapter, spec: TaskSpec, seed: int | None, plan: RefinePlan

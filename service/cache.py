@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -85,6 +85,19 @@ class RedisTier:
         except (RedisError, OSError):
             return None
 
+    async def existing(self, adapter_ids: Sequence[str]) -> set[str]:
+        """Those of ``adapter_ids`` Redis holds, in one round trip (none while Redis is down)."""
+        if not adapter_ids or not self.available:
+            return set()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for adapter_id in adapter_ids:
+                    pipe.exists(self.key(adapter_id))
+                found = await self._call(pipe.execute())
+        except (RedisError, OSError):
+            return set()
+        return {i for i, n in zip(adapter_ids, found, strict=True) if n}
+
     async def put(self, adapter_id: str, data: bytes) -> None:
         if not self.available:
             return
@@ -146,6 +159,12 @@ class AdapterCache:
     def in_memory(self, adapter_id: str) -> bool:
         """Whether the memory tier holds the adapter (not counted as a lookup)."""
         return adapter_id in self._memory
+
+    async def held(self, adapter_ids: Sequence[str]) -> set[str]:
+        """Those of ``adapter_ids`` a tier holds (Redis's copies are verified when read, not here)."""
+        in_memory = {i for i in adapter_ids if i in self._memory}
+        rest = [i for i in adapter_ids if i not in in_memory]
+        return in_memory | (await self.redis.existing(rest) if self.redis is not None and rest else set())
 
     async def lookup(self, adapter_id: str, count: bool = True) -> tuple[GeneratedAdapter, Tier] | None:
         """Memory, then Redis (verified). Never generates. ``count``: record the lookup in the cache metrics (not

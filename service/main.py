@@ -24,7 +24,7 @@ from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
 from service.api.middleware import BodySizeLimit, RateLimitHeaders, RequestId, RequestMetrics
-from service.api.routes import adapters, health, openai, playground, tasks
+from service.api.routes import adapters, health, openai, playground, resolve, tasks
 from service.api.security import Guard, SlidingWindowLimiter
 from service.cache import AdapterCache, Invalidations, RedisTier
 from service.config import Settings, get_settings
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
     v1 = [Depends(guard)]
     app.include_router(adapters.router, dependencies=v1)
     app.include_router(tasks.router, dependencies=v1)
+    app.include_router(resolve.router, dependencies=v1)
     app.include_router(openai.router, dependencies=v1)
     app.include_router(health.router)
     app.include_router(playground.router)

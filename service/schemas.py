@@ -240,6 +240,37 @@ class TaskList(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as ?cursor= to get the next page")
 
 
+# --- name resolution (POST /v1/resolve) ------------------------------------------------------------------------------
+
+MAX_RESOLVE_NAMES = 256
+
+
+class ResolveRequest(BaseModel):
+    model_config = ConfigDict(
+        strict=True, extra="forbid", json_schema_extra={"examples": [{"names": ["hotel-sentiment"]}]}
+    )
+
+    names: list[Annotated[Text, Field(min_length=1, max_length=128)]] = Field(
+        min_length=1, max_length=MAX_RESOLVE_NAMES, description="Task ids or adapter ids, in any mix"
+    )
+
+
+class Resolution(BaseModel):
+    """``task_id`` and ``adapter_id`` are null for a name that is neither a registered task nor a servable adapter."""
+
+    name: str
+    task_id: str | None = Field(None, description="The task the name registers; null for an adapter id")
+    adapter_id: str | None = Field(
+        None,
+        description="The adapter served for it outside icm-lora: a task's refined adapter once done, else its "
+        "generated one",
+    )
+
+
+class ResolveResponse(BaseModel):
+    data: list[Resolution] = Field(description="One per name, in the request's order")
+
+
 # --- OpenAI-compatible inference ---------------------------------------------------------------------------------
 
 MAX_CHOICES = 8  # n

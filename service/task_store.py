@@ -23,6 +23,7 @@ from generator.tasks import TaskSpec
 from service.refine import RefineOrigin
 
 T = TypeVar("T")
+_SQLITE_IN_CHUNK = 500  # placeholders per query: under SQLite's variable limit on every build
 CheckResult = dict[str, float | int | bool]
 """``generator.selfcheck.SelfCheck.to_dict()``: base_loglik, adapter_loglik, delta, examples, held_out, passed."""
 RefineStatus = Literal["none", "queued", "running", "done", "failed"]
@@ -145,6 +146,10 @@ class TaskStore(Protocol):
 
     async def get(self, task_id: str) -> TaskRecord | None: ...
 
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskRecord]:
+        """The records of those of ``task_ids`` that are registered, in one query."""
+        ...
+
     async def delete(self, task_id: str) -> TaskRecord | None: ...
 
     async def list(self, limit: int, after: str | None) -> list[TaskRecord]:
@@ -166,6 +171,11 @@ class TaskStore(Protocol):
         ...
 
     async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None: ...
+
+    async def get_adapter_specs(self, adapter_ids: Sequence[str]) -> dict[str, StoredSpec]:
+        """The specs of those of ``adapter_ids`` that have one, in one query (a bounded store renews them, as
+        ``get_adapter_spec`` does)."""
+        ...
 
     async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
         """Keep these specs while a registered task uses them (``pinned``), or let them expire again."""
@@ -201,6 +211,16 @@ class SqliteTaskStore:
         async with self._lock:
             return await asyncio.to_thread(lambda: self._db.execute(sql, args).fetchall())
 
+    async def _run_in(self, sql: str, keys: Sequence[str]) -> list[tuple[object, ...]]:
+        """``sql`` with ``IN ({})`` filled with one placeholder per distinct key, in chunks under SQLite's
+        variable limit."""
+        distinct = list(dict.fromkeys(keys))
+        rows: list[tuple[object, ...]] = []
+        for start in range(0, len(distinct), _SQLITE_IN_CHUNK):
+            chunk = tuple(distinct[start : start + _SQLITE_IN_CHUNK])
+            rows += await self._run(sql.format(", ".join("?" * len(chunk))), chunk)
+        return rows
+
     async def create(self, record: TaskRecord) -> tuple[TaskRecord, bool]:
         async with self._lock:
 
@@ -219,6 +239,10 @@ class SqliteTaskStore:
     async def get(self, task_id: str) -> TaskRecord | None:
         rows = await self._run("SELECT record FROM tasks WHERE task_id = ?", (task_id,))
         return TaskRecord.from_json(str(rows[0][0])) if rows else None
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskRecord]:
+        rows = await self._run_in("SELECT task_id, record FROM tasks WHERE task_id IN ({})", task_ids)
+        return {str(r[0]): TaskRecord.from_json(str(r[1])) for r in rows}
 
     async def delete(self, task_id: str) -> TaskRecord | None:
         rows = await self._run("DELETE FROM tasks WHERE task_id = ? RETURNING record", (task_id,))
@@ -269,6 +293,10 @@ class SqliteTaskStore:
     async def get_adapter_spec(self, adapter_id: str) -> StoredSpec | None:
         rows = await self._run("SELECT body FROM adapter_specs WHERE adapter_id = ?", (adapter_id,))
         return StoredSpec.from_json(str(rows[0][0])) if rows else None
+
+    async def get_adapter_specs(self, adapter_ids: Sequence[str]) -> dict[str, StoredSpec]:
+        rows = await self._run_in("SELECT adapter_id, body FROM adapter_specs WHERE adapter_id IN ({})", adapter_ids)
+        return {str(r[0]): StoredSpec.from_json(str(r[1])) for r in rows}
 
     async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
         return None  # the embedded store keeps every spec (one process; see README)
@@ -328,6 +356,13 @@ class RedisTaskStore:
     async def get(self, task_id: str) -> TaskRecord | None:
         raw = await self._call(self._redis.get(self._task_key(task_id)))
         return TaskRecord.from_json(raw) if raw is not None else None
+
+    async def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskRecord]:
+        ids = list(dict.fromkeys(task_ids))
+        if not ids:
+            return {}
+        raws = await self._call(self._redis.mget([self._task_key(i) for i in ids]))
+        return {i: TaskRecord.from_json(raw) for i, raw in zip(ids, raws, strict=True) if raw is not None}
 
     async def delete(self, task_id: str) -> TaskRecord | None:
         raw = await self._call(self._redis.getdel(self._task_key(task_id)))
@@ -403,6 +438,17 @@ class RedisTaskStore:
             return None
         await self._call(self._redis.expire(key, self._spec_ttl_s, gt=True))
         return StoredSpec.from_json(raw)
+
+    async def get_adapter_specs(self, adapter_ids: Sequence[str]) -> dict[str, StoredSpec]:
+        ids = list(dict.fromkeys(adapter_ids))
+        if not ids:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.mget([self._spec_key(i) for i in ids])
+            for adapter_id in ids:
+                pipe.expire(self._spec_key(adapter_id), self._spec_ttl_s, gt=True)
+            replies = await self._call(pipe.execute())
+        return {i: StoredSpec.from_json(raw) for i, raw in zip(ids, replies[0], strict=True) if raw is not None}
 
     async def pin_adapter_specs(self, adapter_ids: Sequence[str], pinned: bool) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -46,6 +46,38 @@ def test_async_list_tasks_walks_every_page() -> None:
     assert asyncio.run(main()) == ["a", "b", "c", "d", "e"]
 
 
+def _resolved(request: httpx.Request) -> httpx.Response:
+    data = [
+        {"name": n, "task_id": n if n.startswith("t") else None, "adapter_id": None if n == "gone" else f"a-{n}"}
+        for n in json.loads(request.content)["names"]
+    ]
+    return httpx.Response(200, json={"data": data})
+
+
+def test_resolve_sends_256_names_per_request_in_order() -> None:
+    names = [f"t{i}" for i in range(300)] + ["gone"]
+    recorder = Recorder(_resolved)
+    with recorder.client() as client:
+        found = client.resolve(names)
+        assert client.resolve([]) == []  # nothing to ask: no request
+    assert [json.loads(r.content)["names"] for r in recorder.requests] == [names[:256], names[256:]]
+    assert all(r.method == "POST" and r.url.path == "/v1/resolve" for r in recorder.requests)
+    assert [r.name for r in found] == names and found[7].adapter_id == "a-t7" and found[-1].adapter_id is None
+
+    async def main() -> list[str | None]:
+        async with Recorder(_resolved).async_client() as client:
+            return [r.task_id for r in await client.resolve(["t1", "x2"])]
+
+    assert asyncio.run(main()) == ["t1", None]
+
+
+def test_resolve_is_retried_like_a_read() -> None:
+    recorder = Recorder(httpx.Response(503, json={"error": {"message": "busy"}}), _resolved)
+    with recorder.client() as client:
+        assert client.resolve(["t1"])[0].adapter_id == "a-t1"
+    assert len(recorder.requests) == 2 and len(recorder.sleeps) == 1
+
+
 def test_request_shapes() -> None:
     recorder = Recorder(
         lambda r: httpx.Response(201 if r.url.path == "/v1/tasks" else 200, json=task_json("t1")),

@@ -72,8 +72,18 @@ def test_resolves_and_unloads_a_deleted_task(plugin: types.ModuleType, settings_
         unloaded.append(request.content)
         return httpx.Response(200, text="Success")
 
+    class Counting(httpx.AsyncHTTPTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, str]] = []
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            self.calls.append((request.method, request.url.path))
+            return await super().handle_async_request(request)
+
     async def main(url: str) -> None:
-        async with AsyncClient(url) as client:
+        transport = Counting()
+        async with AsyncClient(url, transport=transport) as client:
             created = await client.create_task("Fruit or not.", EXAMPLES, task_id="fruit")
             await client.create_task("Animal or not.", EXAMPLES, task_id="animal")
             vllm = httpx.AsyncClient(base_url="http://vllm", transport=httpx.MockTransport(vllm_api))
@@ -83,7 +93,9 @@ def test_resolves_and_unloads_a_deleted_task(plugin: types.ModuleType, settings_
             assert Path(request.lora_path).name == created.adapter_id and request.lora_int_id > 0
             assert await resolver.resolve_lora("smollm2-135m", "animal") is not None
             assert await resolver.resolve_lora("smollm2-135m", "nope") is None
+            transport.calls.clear()
             assert await resolver.refresh() == [] and unloaded == []  # nothing changed
+            assert transport.calls == [("POST", "/v1/resolve")]  # one request re-checks every resolved name
 
             await client.delete_task("fruit")
             assert await resolver.refresh() == ["fruit"]

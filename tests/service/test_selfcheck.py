@@ -141,6 +141,8 @@ def test_refinement_is_served_once_done_and_reproducible(settings_for, tmp_path:
         assert meta["self_check"] == refinement["self_check"]
         answer = client.post("/v1/completions", json={"model": "words", **PROMPT}).json()
         assert answer["icm_lora"] == {"adapter_id": refined_id, "served": "adapter", "refined": True, "warning": None}
+        resolved = client.post("/v1/resolve", json={"names": ["words", refined_id]}).json()["data"]
+        assert [r["adapter_id"] for r in resolved] == [refined_id, refined_id]  # what vLLM's plugin serves
         adhoc = client.post(
             "/v1/adapters", json={"description": TASK["description"], "examples": EXAMPLES, "refine_steps": 8}
         )
@@ -174,6 +176,8 @@ def test_refinement_is_served_once_done_and_reproducible(settings_for, tmp_path:
 
     # B restarted: empty caches; the refined adapter is trained again from its stored spec, bit-identically
     with serve(settings_b) as service, service.client() as client:
+        resolved = client.post("/v1/resolve", json={"names": [refined_id]}).json()["data"]
+        assert resolved[0]["adapter_id"] == refined_id  # known from its stored spec, nothing trained to answer
         again = client.get(f"/v1/adapters/{refined_id}").json()
         assert again["cached"] is False and again["tensors_sha256"] == sha
         assert client.get("/v1/tasks/words").json()["refinement"]["status"] == "done"

@@ -127,6 +127,34 @@ async def _store_roundtrip(store: TaskStore) -> None:
     await store.close()
 
 
+async def _batch_reads(store: TaskStore) -> None:
+    """``get_many`` and ``get_adapter_specs``: only what exists, repeats and absent ids ignored, beyond one SQLite
+    query's placeholders (600 ids)."""
+    for i in (3, 250, 599):
+        await store.create(new_record(f"t{i}", SPEC, i))
+        await store.put_adapter_spec(f"a{i}", StoredSpec(SPEC, i))
+    asked = [f"t{i}" for i in range(600)] + ["t3", "t599"]
+    found = await store.get_many(asked)
+    assert sorted(found) == ["t250", "t3", "t599"] and found["t250"].seed == 250
+    specs = await store.get_adapter_specs([f"a{i}" for i in range(600)] + ["t3"])
+    assert sorted(specs) == ["a250", "a3", "a599"] and specs["a599"] == StoredSpec(SPEC, 599)
+    assert await store.get_many([]) == {} and await store.get_adapter_specs([]) == {}
+    await store.close()
+
+
+def test_batch_reads_of_both_stores(tmp_path: Path, redis_prefix: str) -> None:
+    asyncio.run(_batch_reads(SqliteTaskStore(tmp_path / "tasks.sqlite3")))
+
+    async def on_redis() -> None:
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+        try:
+            await _batch_reads(RedisTaskStore(client, redis_prefix))
+        finally:
+            await client.aclose()
+
+    asyncio.run(on_redis())
+
+
 def test_sqlite_store_records_refinements(tmp_path: Path) -> None:
     asyncio.run(_store_roundtrip(SqliteTaskStore(tmp_path / "tasks.sqlite3")))
 

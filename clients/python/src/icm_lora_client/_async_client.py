@@ -27,6 +27,8 @@ from ._types import (
     CompletionChunk,
     Health,
     ModelList,
+    Resolution,
+    ResolvePage,
     SamplingOptions,
     Task,
     TaskDefaults,
@@ -127,6 +129,16 @@ class AsyncClient:
         its refinement is trained in the background; ``refined_adapter_id`` names it (``get_adapter`` waits for it)."""
         request = api.generate_adapter(description, examples, seed, refine_steps)
         return api.parse(await self._send(request), AdapterMetadata)
+
+    async def resolve(self, names: Sequence[str]) -> list[Resolution]:
+        """Task ids or adapter ids (any mix) to the adapters they are served with, in order, in one request per 256
+        names; nothing is generated. A name that is neither a task nor a servable adapter comes back with
+        ``task_id`` and ``adapter_id`` None."""
+        found: list[Resolution] = []
+        for start in range(0, len(names), api.MAX_RESOLVE_NAMES):
+            chunk = names[start : start + api.MAX_RESOLVE_NAMES]
+            found += api.parse(await self._send(api.resolve(chunk)), ResolvePage).data
+        return found
 
     async def get_adapter(self, adapter_id: str) -> AdapterMetadata:
         return api.parse(await self._send(api.get_adapter(adapter_id)), AdapterMetadata)

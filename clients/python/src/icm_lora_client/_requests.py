@@ -108,6 +108,16 @@ def generate_adapter(
     return APIRequest("POST", "/v1/adapters", json=body)
 
 
+MAX_RESOLVE_NAMES = 256  # per request (the service's limit)
+
+
+def resolve(names: Sequence[str]) -> APIRequest:
+    # reads only: repeating it is harmless
+    if not 1 <= len(names) <= MAX_RESOLVE_NAMES:
+        raise ValueError(f"resolve takes 1 to {MAX_RESOLVE_NAMES} names per request, not {len(names)}")
+    return APIRequest("POST", "/v1/resolve", json={"names": list(names)})
+
+
 def get_adapter(adapter_id: str) -> APIRequest:
     return APIRequest("GET", f"/v1/adapters/{_segment(adapter_id)}")
 

@@ -136,6 +136,20 @@ class TaskPage(_Model):
     next_cursor: str | None = None
 
 
+class Resolution(_Model):
+    """What ``resolve`` found for a name: a task (``task_id``) or an adapter id; both None when neither.
+    ``adapter_id`` is the adapter served for it outside icm-lora: a task's refined adapter once done, else its
+    generated one."""
+
+    name: str
+    task_id: str | None = None
+    adapter_id: str | None = None
+
+
+class ResolvePage(_Model):
+    data: list[Resolution]
+
+
 class ChatMessage(_Model):
     """``developer`` is read as ``system`` by the service."""
 

@@ -84,16 +84,19 @@ class IcmLoraResolver(LoRAResolver):
 
     async def refresh(self) -> list[str]:
         """Unload every resolved name whose task is gone or serves another adapter now, or whose folder was
-        evicted; returns the names unloaded."""
+        evicted; returns the names unloaded. One request to icm-lora (per 256 names) however many are served."""
+        if not self.resolved:
+            return []
+        try:
+            current = await self.store.lookup_many(list(self.resolved))
+        except ICMLoraError as exc:  # service down: keep serving what is loaded
+            log.warning("icm-lora: cannot re-check %d names: %s", len(self.resolved), exc)
+            return []
         stale = []
         for name, known in list(self.resolved.items()):
-            try:
-                current = await self.store.lookup(name)
-            except ICMLoraError as exc:  # service down: keep serving what is loaded
-                log.warning("icm-lora: cannot check %r: %s", name, exc)
-                continue
+            found = current.get(name)
             held = (known.path / "adapter_model.safetensors").is_file()
-            if current is None or current[1] != known.adapter_id or not held:
+            if found is None or found[1] != known.adapter_id or not held:
                 stale.append(name)
         for name in stale:
             if await self._unload(name):

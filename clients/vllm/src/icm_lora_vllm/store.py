@@ -1,9 +1,10 @@
 """Adapters fetched from an icm-lora service into a bounded local folder, verified; no vLLM, no torch.
 
-``AdapterStore.fetch(name)`` resolves a task id (or an adapter id) through the service, downloads the adapter's PEFT
-zip, checks the weights against the checksum the service serves (``tensors_sha256`` of the adapter's metadata, the
-same digest the safetensors header carries), and moves the folder into place in one rename, so a reader (vLLM's loader)
-never sees half an adapter. At most ``max_adapters`` folders are kept; the least recently used go first.
+``AdapterStore.fetch(name)`` resolves a task id (or an adapter id) through the service (``POST /v1/resolve``),
+downloads the adapter's PEFT zip, checks the weights against the checksum the service serves (``tensors_sha256`` of
+the adapter's metadata, the same digest the safetensors header carries), and moves the folder into place in one
+rename, so a reader (vLLM's loader) never sees half an adapter. At most ``max_adapters`` folders are kept; the least
+recently used go first.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from icm_lora_client import AdapterMetadata, AsyncClient, NotFoundError, Task
+from icm_lora_client import AdapterMetadata, AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,6 @@ def tensors_sha256(data: bytes) -> str:
     return digest.hexdigest()
 
 
-def adapter_of(task: Task) -> str | None:
-    """The adapter a task is served with: its refined adapter once the refinement is done, else the generated one."""
-    if task.refinement.status == "done" and task.refinement.adapter_id:
-        return task.refinement.adapter_id
-    return task.adapter_id
-
-
 class AdapterStore:
     def __init__(self, client: AsyncClient, folder: Path, max_adapters: int = 64) -> None:
         if max_adapters < 1:
@@ -81,21 +76,14 @@ class AdapterStore:
         self.max_adapters = max_adapters
         folder.mkdir(parents=True, exist_ok=True)
 
+    async def lookup_many(self, names: Sequence[str]) -> dict[str, tuple[str | None, str] | None]:
+        """Per name: (task id or None, adapter id) for a task id or an adapter id the service knows; None when it
+        knows neither. One ``POST /v1/resolve`` per 256 names; connection errors propagate (after the client's
+        retries)."""
+        return {r.name: (r.task_id, r.adapter_id) if r.adapter_id else None for r in await self.client.resolve(names)}
+
     async def lookup(self, name: str) -> tuple[str | None, str] | None:
-        """(task id or None, adapter id) for a task id or an adapter id the service knows; None when it knows
-        neither. Connection errors propagate (after the client's retries)."""
-        try:
-            task = await self.client.get_task(name)
-        except NotFoundError:
-            pass
-        else:
-            adapter_id = adapter_of(task)
-            return (task.task_id, adapter_id) if adapter_id else None
-        try:
-            metadata = await self.client.get_adapter(name)
-        except NotFoundError:
-            return None
-        return None, metadata.adapter_id
+        return (await self.lookup_many([name]))[name]
 
     async def fetch(self, name: str) -> Resolved | None:
         found = await self.lookup(name)
