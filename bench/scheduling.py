@@ -13,7 +13,8 @@ distinct adapters through few slots cost.
    Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's length is the unchunked
    prefill), ``--groups`` value, ``--packed`` value (``EngineConfig.packed_linears`` and
    ``matmul_decode_attention``, the service's CPU generation path) and ``--chunk-ms`` value
-   (``EngineConfig.prefill_chunk_target_ms``: chunks sized by time while rows decode). Target: <= 100 ms.
+   (``EngineConfig.prefill_chunk_target_ms``: chunks sized by time while rows decode) and ``--gc-freeze`` value (the
+   start-up heap frozen, as the service leaves it, or not). Target: <= 100 ms.
 2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
@@ -32,6 +33,7 @@ Writes JSON with the targets and the machine's load (``os.getloadavg``, ``--load
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -74,6 +76,15 @@ def make_adapters(model: torch.nn.Module, n: int, name: str) -> list[GeneratedAd
         )
         for i in range(n)
     ]
+
+
+def frozen_heap(freeze: bool) -> None:
+    """As the service leaves the heap after start-up (``gc.freeze``: the collector's full passes skip what is loaded),
+    or not."""
+    gc.unfreeze()
+    gc.collect()
+    if freeze:
+        gc.freeze()
 
 
 def text_of(n_words: int, seed: int) -> str:
@@ -296,6 +307,11 @@ def main() -> None:
         help="part 1: the service's CPU generation path (packed Linears, matmul decode attention) off (0) / on (1)",
     )
     parser.add_argument(
+        "--gc-freeze",
+        default="1",
+        help="part 1: the start-up heap frozen (1, as the service does after loading) or not (0); '0,1' compares",
+    )
+    parser.add_argument(
         "--generation-chunks", default="256,100000", help="prefill_chunk values for the generation mid-run"
     )
     parser.add_argument("--generation-rounds", type=int, default=3)
@@ -318,19 +334,23 @@ def main() -> None:
     adapters = make_adapters(base.model, max(args.adapters, args.slots), base.name)
     results: dict[str, Any] = {"long_prompt": [], "cycling": {}}
     for chunk in (int(c) for c in args.chunks.split(",") if c):
-        for groups, packed, chunk_ms in itertools.product(
+        for groups, packed, chunk_ms, freeze in itertools.product(
             (int(g) for g in args.groups.split(",")),
             (p == "1" for p in args.packed.split(",")),
             (float(m) for m in args.chunk_ms.split(",")),
+            (f == "1" for f in args.gc_freeze.split(",")),
         ):
+            frozen_heap(freeze)
             row = long_prompt_interference(
                 base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16], args.long_new_tokens, groups,
                 packed, threads, chunk_ms,
             )  # fmt: skip
             row["packed_linears"], row["engine_threads"], row["prefill_chunk_target_ms"] = packed, threads, chunk_ms
+            row["gc_frozen"] = freeze
             print(json.dumps(row))
             results["long_prompt"].append(row)
 
+    frozen_heap(True)  # parts 2 and 3 as the service runs
     results["generation"] = []
     for _ in range(args.generation_rounds):  # alternating: the budgeted passes, then one pass (the old behaviour)
         for chunk in (int(c) for c in args.generation_chunks.split(",")):

@@ -5,6 +5,7 @@ packaged generator by default."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import re
 import threading
@@ -160,3 +161,17 @@ def test_deferred_app_answers_while_the_application_is_imported() -> None:
         assert "failed to start" in client.get("/v1/tasks").json()["error"]["message"]
     server.should_exit = True
     thread.join(30)
+
+
+def test_the_start_up_heap_is_frozen_while_serving(settings_for) -> None:  # type: ignore[no-untyped-def]
+    """What start-up loaded is frozen (``gc.freeze``: full collections skip it, so none stalls the engine thread on
+    the model's objects) from the moment the service is ready, and unfrozen when it stops."""
+    gc.unfreeze()
+    server = BackgroundServer(settings_for()).start()
+    try:
+        assert gc.get_freeze_count() > 10_000  # the tiny model, tokenizer, generator and service
+        with server.client() as client:
+            assert client.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+    assert gc.get_freeze_count() == 0
