@@ -105,6 +105,17 @@ class RecordingObserver(EngineObserver):
         self.events.append(("done", result.request_id))
 
 
+class StepObserver(RecordingObserver):
+    """Records the order of prefill passes (with their token counts) and decode steps."""
+
+    def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
+        self.events.append(("prefill", (rows, tokens)))
+
+    def on_batch(self, size: int) -> None:
+        super().on_batch(size)
+        self.events.append(("decode", size))
+
+
 @pytest.fixture
 def observer() -> RecordingObserver:
     return RecordingObserver()

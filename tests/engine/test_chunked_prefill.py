@@ -7,18 +7,7 @@ from collections.abc import Callable
 
 from generator.base_model import load_base_model
 from service.engine import Engine, EngineConfig, SamplingParams
-from tests.engine.conftest import MakeAdapter, RecordingObserver, Reference
-
-
-class StepObserver(RecordingObserver):
-    """Records the order of prefill passes (with their token counts) and decode steps."""
-
-    def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
-        self.events.append(("prefill", (rows, tokens)))
-
-    def on_batch(self, size: int) -> None:
-        super().on_batch(size)
-        self.events.append(("decode", size))
+from tests.engine.conftest import MakeAdapter, Reference, StepObserver
 
 
 def test_chunked_prompts_match_peft_alone_and_in_a_mixed_batch(

@@ -9,8 +9,7 @@ import pytest
 from generator.base_model import load_base_model
 from service.engine import Engine, EngineConfig, SamplingParams
 from service.engine.pacing import ChunkPacer
-from tests.engine.conftest import MakeAdapter, Reference
-from tests.engine.test_chunked_prefill import StepObserver
+from tests.engine.conftest import MakeAdapter, Reference, StepObserver
 
 
 def test_pacer_sizes_chunks_from_the_last_chunks_seconds_per_token() -> None:
