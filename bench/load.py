@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from generator.defaults import packaged_generator  # noqa: E402 (after the path set-up)
 from generator.training.pipeline import run_small  # noqa: E402 (after the path set-up)
-from service.background import ServiceProcess  # noqa: E402
+from tests.servers import ServiceProcess  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KINDS = {  # kind -> weight in the mix

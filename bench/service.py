@@ -48,13 +48,13 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import load_record, pooled_client, run_threads
-from service.background import BackgroundServer
 from service.config import Settings
 from service.engine import PreparedAdapter, RequestHandle
 from service.engine.sampling import SamplingParams
 from service.inference import chat_prompt_ids
 from service.schemas import ChatMessage
 from service.state import ServiceState
+from tests.servers import BackgroundServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = [

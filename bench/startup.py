@@ -20,7 +20,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.background import ServiceProcess
+from tests.servers import ServiceProcess
 
 TARGET_PORT_OPEN_S = 3.0  # the port answers before torch is imported: a process start and uvicorn, not the load
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import pooled_client, settle
 from generator.base_model import ensure_smollm2_folder
-from service.background import ServiceProcess, free_port
+from tests.servers import ServiceProcess, free_port
 from tests.vllm.conftest import SERVED_NAME, VLLM_PYTHON, cpu_lacks_vllm, fresh_data_dir, vllm_command, vllm_env
 
 RESULTS = Path(__file__).resolve().parent / "results"

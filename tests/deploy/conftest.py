@@ -23,8 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from service.background import BackgroundServer, free_port
 from service.config import Settings
+from tests.servers import BackgroundServer, free_port
 from tests.service.conftest import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.background import ServiceProcess
+from tests.servers import ServiceProcess
 from tests.service.conftest import (  # noqa: F401 (fixtures re-exported to this folder)
     REDIS_URL,
     RedisProcess,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 
-from service.background import ServiceProcess
+from tests.servers import ServiceProcess
 
 KEY = "rel-secret-key-0123456789"
 WRONG_KEY = "wrong-key-abcdefghijkl"

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.background import BackgroundServer
 from service.config import Settings
 from service.inference import chat_prompt_ids, completion_prompt_ids
 from tests.reliability.conftest import ROOT, serve
+from tests.servers import BackgroundServer
 
 POST_ROUTES = ("/v1/adapters", "/v1/tasks", "/v1/completions", "/v1/chat/completions")
 EXAMPLE_TASK = {  # the id and spec of the schema's own examples, so generated requests also reach a real task

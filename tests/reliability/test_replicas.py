@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from service.background import ServiceProcess
+from tests.servers import ServiceProcess
 from tests.service.conftest import REDIS_URL, metric_value
 
 GENERATIONS = "icm_lora_adapter_generation_seconds_count"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.background import BackgroundServer, free_port, serve  # noqa: F401 (re-exported to the tests)
 from service.config import Settings
+from tests.servers import BackgroundServer, free_port, serve  # noqa: F401 (re-exported to the tests)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

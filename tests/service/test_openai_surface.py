@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from generator.base_model import load_base_model
-from service.background import BackgroundServer
 from service.config import Settings
+from tests.servers import BackgroundServer
 from tests.service.conftest import serve
 
 TASK = {

@@ -23,8 +23,8 @@ from generator.adapter import ADAPTER_WEIGHTS, GeneratedAdapter
 from generator.checkpoint import load_checkpoint
 from generator.defaults import packaged_generator
 from icm_lora.cli import app
-from service.background import BackgroundServer, ServiceProcess, free_port
 from service.boot import DeferredApp
+from tests.servers import BackgroundServer, ServiceProcess, free_port
 
 
 def _until(condition, timeout_s: float, what: str):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from generator.base_model import default_data_dir, ensure_smollm2_folder
-from service.background import ServiceProcess, free_port
+from tests.servers import ServiceProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

@@ -1,5 +1,5 @@
 """Run the service on a free loopback port: under uvicorn in a background thread, or as a separate process that can be
-killed (tests, benchmarks, examples)."""
+killed. For the tests and the benchmarks (``bench/``); not part of the installed service."""
 
 from __future__ import annotations
 
