@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar, Unpack
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -43,7 +43,7 @@ from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
 from service.engine.packed import PackedWeights, packing_unavailable
 from service.engine.prefix_cache import PrefixCache, chat_opening
 from service.engine.requests import GenerationResult, RequestHandle, StreamDelta
-from service.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from service.engine.sampling import MAX_TOP_LOGPROBS, SamplingKeywords, SamplingParams, TokenLogprob
 from service.engine.scheduler import Job, Scheduler
 from service.engine.scoring import prompt_logprobs, score_groups
 from service.engine.text import TextStream
@@ -135,7 +135,7 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
-        **sampling: Any,
+        **sampling: Unpack[SamplingKeywords],
     ) -> RequestHandle:
         """Queue a request (thread-safe, does not block); sampling settings as ``params`` or as keywords
         (``max_tokens=16``). Raises ``QueueFull``, ``AdapterError``, ``RequestError``."""
@@ -160,7 +160,11 @@ class Engine:
         return [job.handle for job in jobs]
 
     def generate(
-        self, prompt: Prompt, adapter: AdapterLike = None, params: SamplingParams | None = None, **sampling: Any
+        self,
+        prompt: Prompt,
+        adapter: AdapterLike = None,
+        params: SamplingParams | None = None,
+        **sampling: Unpack[SamplingKeywords],
     ) -> GenerationResult:
         """Blocking helper: ``engine.generate("Hi", adapter=a, max_tokens=16)``."""
         return self.submit(prompt, adapter, params, **sampling).result()
@@ -174,7 +178,11 @@ class Engine:
         return [handle.result() for handle in self.submit_many(prompts, adapters, params)]
 
     async def agenerate(
-        self, prompt: Prompt, adapter: AdapterLike = None, params: SamplingParams | None = None, **sampling: Any
+        self,
+        prompt: Prompt,
+        adapter: AdapterLike = None,
+        params: SamplingParams | None = None,
+        **sampling: Unpack[SamplingKeywords],
     ) -> GenerationResult:
         handle = self.submit(prompt, adapter, params, **sampling)
         try:
@@ -183,7 +191,11 @@ class Engine:
             handle.cancel()  # no-op when finished; frees the request when the awaiting task was cancelled
 
     async def stream(
-        self, prompt: Prompt, adapter: AdapterLike = None, params: SamplingParams | None = None, **sampling: Any
+        self,
+        prompt: Prompt,
+        adapter: AdapterLike = None,
+        params: SamplingParams | None = None,
+        **sampling: Unpack[SamplingKeywords],
     ) -> AsyncIterator[StreamDelta]:
         """Submit and yield the deltas; closing the iterator early (client gone) cancels the request."""
         handle = self.submit(prompt, adapter, params, **sampling)
@@ -479,7 +491,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[
     return ids
 
 
-def _params(params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
+def _params(params: SamplingParams | None, sampling: SamplingKeywords) -> SamplingParams:
     if params is not None and sampling:
         raise RequestError("give either params or sampling keywords, not both")
     if params is not None:

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
 from service.engine.errors import RequestError
 
 MAX_TOP_LOGPROBS = 20
+
+
+class SamplingKeywords(TypedDict, total=False):
+    """``SamplingParams``' fields as keywords: ``engine.generate(prompt, max_tokens=16, temperature=0.7)``."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+    ignore_eos: bool
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: tuple[tuple[int, float], ...]
+    logprobs: int | None
 
 
 @dataclass(frozen=True)
