@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -142,17 +143,20 @@ async def _batch_reads(store: TaskStore) -> None:
     await store.close()
 
 
-def test_batch_reads_of_both_stores(tmp_path: Path, redis_prefix: str) -> None:
-    asyncio.run(_batch_reads(SqliteTaskStore(tmp_path / "tasks.sqlite3")))
-
-    async def on_redis() -> None:
+def _on_redis(prefix: str, check: Callable[[TaskStore], Awaitable[None]]) -> None:
+    async def run() -> None:
         client = redis.asyncio.Redis.from_url(REDIS_URL)
         try:
-            await _batch_reads(RedisTaskStore(client, redis_prefix))
+            await check(RedisTaskStore(client, prefix))
         finally:
             await client.aclose()
 
-    asyncio.run(on_redis())
+    asyncio.run(run())
+
+
+def test_batch_reads_of_both_stores(tmp_path: Path, redis_prefix: str) -> None:
+    asyncio.run(_batch_reads(SqliteTaskStore(tmp_path / "tasks.sqlite3")))
+    _on_redis(redis_prefix, _batch_reads)
 
 
 def test_sqlite_store_records_refinements(tmp_path: Path) -> None:
@@ -180,11 +184,4 @@ def test_sqlite_store_reads_rows_written_before_refinements(tmp_path: Path) -> N
 
 
 def test_redis_store_records_refinements(redis_prefix: str) -> None:
-    async def run() -> None:
-        client = redis.asyncio.Redis.from_url(REDIS_URL)
-        try:
-            await _store_roundtrip(RedisTaskStore(client, redis_prefix))
-        finally:
-            await client.aclose()
-
-    asyncio.run(run())
+    _on_redis(redis_prefix, _store_roundtrip)
