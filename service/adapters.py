@@ -136,8 +136,9 @@ class AdapterService:
 
     async def known(self, adapter_ids: Sequence[str]) -> set[str]:
         """Those of ``adapter_ids`` that ``by_id`` serves, told without generating, training or reading weights: a
-        cache tier holds it, or its stored spec is this generator version's (a spec's lifetime is renewed). Two
-        queries however many ids (the vLLM plugin re-checks every name it serves this way)."""
+        cache tier holds it, or its stored spec is this generator version's (a spec's lifetime is renewed). One query
+        for the specs and, for ids without one, one Redis pipeline, however many ids (the vLLM plugin re-checks
+        every name it serves this way)."""
         ids = list(dict.fromkeys(adapter_ids))
         specs = await self.store.get_adapter_specs(ids)
         generator = self.generator

@@ -1,6 +1,7 @@
-"""POST /v1/resolve: many names (task ids or adapter ids) to the adapters they are served with, in two store queries
-and without generating anything. The vLLM plugin resolves and re-checks the names it serves this way: one request
-per re-check period, whatever their number."""
+"""POST /v1/resolve: many names (task ids or adapter ids) to the adapters they are served with, in a fixed number of
+store round trips (tasks, then adapter specs, then Redis copies of ids without a spec) and without generating
+anything. The vLLM plugin resolves and re-checks the names it serves this way: one request per re-check period,
+whatever their number."""
 
 from __future__ import annotations
 
