@@ -13,7 +13,7 @@ from generator.adapter import GeneratedAdapter
 from generator.base_model import load_base_model
 from generator.config import LoraSettings
 from generator.lora_layout import LoraLayout
-from service.engine import Engine, EngineConfig, EngineObserver, GenerationResult
+from service.engine import Engine, EngineConfig, EngineObserver, GenerationResult, kv_cache
 
 PROMPTS = (
     "Input: cat Output:",
@@ -23,6 +23,15 @@ PROMPTS = (
 )
 
 MakeAdapter = Callable[..., GeneratedAdapter]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_kv_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The KV cache leaves new buffers uninitialised and writes every position before exposing it; here they start
+    as NaN, so that any read of an unwritten position turns the tokens (or scores) of every engine test into NaN."""
+    monkeypatch.setattr(kv_cache, "_fresh", lambda like, *shape: like.new_full(shape, float("nan")))
+
+
 Reference = Callable[[Sequence[int], GeneratedAdapter | None, int], list[int]]
 
 
