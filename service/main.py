@@ -118,8 +118,9 @@ async def _load(
         return
     app.state.icm = state
     # Everything loaded so far (the model, tokenizers, the generator: some 400,000 tracked objects) lives as long as
-    # the process: frozen, the collector's full passes skip it. Unfrozen, one such pass on the engine thread held
-    # every stream 180-220 ms (measured, bench/scheduling.py). vLLM's engine does the same after its start-up.
+    # the process: frozen, the collector's full passes skip it (unfrozen, one pass took 179-219 ms, timed with
+    # gc.callbacks; bench/scheduling.py --gc-freeze 0,1: streams' longest gap 240 / 322 ms frozen, 414 / 428 ms not).
+    # vLLM's engine does the same after its start-up.
     gc.collect()
     gc.freeze()
     startup.ready(state)
