@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from icm_lora_client import AsyncClient, RetryPolicy
-from icm_lora_vllm.store import AdapterStore
+from icm_lora_vllm.store import WEIGHTS, AdapterStore, Resolved
 
 from tests.service.conftest import free_port, serve
 
@@ -104,3 +104,55 @@ def test_resolves_and_unloads_a_deleted_task(plugin: types.ModuleType, settings_
 
     with serve(settings_for()) as service:
         asyncio.run(main(service.url))
+
+
+class SlowStore(AdapterStore):
+    """Resolves every name in ``served`` to its adapter; ``lookup_many`` (the watcher's re-check) waits for ``go``."""
+
+    def __init__(self, folder: Path, served: dict[str, str]) -> None:
+        super().__init__(AsyncClient(f"http://127.0.0.1:{free_port()}"), folder)
+        self.served = served
+        self.go = asyncio.Event()
+        self.asked: list[list[str]] = []
+
+    async def lookup_many(self, names):  # type: ignore[no-untyped-def]
+        self.asked.append(list(names))
+        await self.go.wait()
+        return {n: (n, self.served[n]) if n in self.served else None for n in names}
+
+    async def fetch(self, name: str) -> Resolved | None:
+        adapter_id = self.served.get(name)
+        if adapter_id is None:
+            return None
+        path = self.folder / adapter_id
+        path.mkdir(exist_ok=True)
+        (path / WEIGHTS).write_bytes(b"weights")
+        return Resolved(name, name, adapter_id, path)
+
+
+def test_a_name_resolved_during_a_recheck_is_not_unloaded(plugin: types.ModuleType, tmp_path: Path) -> None:
+    """The watcher's re-check is in flight when vLLM resolves a new name: the answer does not list that name, and
+    it must not be taken for deleted (unloaded, its folder dropped) because of that."""
+    unloaded: list[bytes] = []
+    vllm = httpx.AsyncClient(
+        base_url="http://vllm",
+        transport=httpx.MockTransport(lambda r: unloaded.append(r.content) or httpx.Response(200)),
+    )
+
+    async def main() -> None:
+        store = SlowStore(tmp_path, {"fruit": "a" * 64, "animal": "b" * 64})
+        resolver = plugin.IcmLoraResolver(store, 60, vllm)
+        assert await resolver.resolve_lora("base", "fruit") is not None
+        recheck = asyncio.create_task(resolver.refresh())
+        while not store.asked:
+            await asyncio.sleep(0)
+        assert await resolver.resolve_lora("base", "animal") is not None  # while the re-check waits
+        store.go.set()
+        assert await recheck == [] and unloaded == []
+        assert set(resolver.resolved) == {"fruit", "animal"} and (tmp_path / ("b" * 64) / WEIGHTS).is_file()
+        assert store.asked == [["fruit"]]
+        del store.served["animal"]  # deleted: the next re-check, which asks for it, unloads it
+        assert await resolver.refresh() == ["animal"] and unloaded == [b'{"lora_name":"animal"}']
+        assert set(resolver.resolved) == {"fruit"} and not (tmp_path / ("b" * 64)).exists()
+
+    asyncio.run(main())

@@ -85,22 +85,26 @@ class IcmLoraResolver(LoRAResolver):
     async def refresh(self) -> list[str]:
         """Unload every resolved name whose task is gone or serves another adapter now, or whose folder was
         evicted; returns the names unloaded. One request to icm-lora (per 256 names) however many are served."""
-        if not self.resolved:
+        # What is checked is what was resolved when the request left: a name resolved (or resolved again) while it
+        # is in flight is not in its answer, and must not be judged by it.
+        checked = dict(self.resolved)
+        if not checked:
             return []
         try:
-            current = await self.store.lookup_many(list(self.resolved))
+            current = await self.store.lookup_many(list(checked))
         except ICMLoraError as exc:  # service down: keep serving what is loaded
-            log.warning("icm-lora: cannot re-check %d names: %s", len(self.resolved), exc)
+            log.warning("icm-lora: cannot re-check %d names: %s", len(checked), exc)
             return []
         stale = []
-        for name, known in list(self.resolved.items()):
+        for name, known in checked.items():
             found = current.get(name)
             held = (known.path / "adapter_model.safetensors").is_file()
-            if found is None or found[1] != known.adapter_id or not held:
+            if self.resolved.get(name) is known and (found is None or found[1] != known.adapter_id or not held):
                 stale.append(name)
         for name in stale:
-            if await self._unload(name):
-                self.resolved.pop(name, None)
+            known = checked[name]
+            if self.resolved.get(name) is known and await self._unload(name) and self.resolved.get(name) is known:
+                del self.resolved[name]  # unless vLLM resolved it again while the unload was in flight
         in_use = {r.adapter_id for r in self.resolved.values()}
         for adapter_id in self.store.held() - in_use:
             self.store.drop(adapter_id)
