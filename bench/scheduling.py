@@ -13,8 +13,10 @@ distinct adapters through few slots cost.
    Run once per ``--chunks`` value (``EngineConfig.prefill_chunk``; a value >= the prompt's length is the unchunked
    prefill), ``--groups`` value, ``--packed`` value (``EngineConfig.packed_linears`` and
    ``matmul_decode_attention``, the service's CPU generation path) and ``--chunk-ms`` value
-   (``EngineConfig.prefill_chunk_target_ms``: chunks sized by time while rows decode) and ``--gc-freeze`` value (the
-   start-up heap frozen, as the service leaves it, or not). Target: <= 100 ms.
+   (``EngineConfig.prefill_chunk_target_ms``: chunks sized by time while rows decode), ``--gc-freeze`` value (the
+   start-up heap frozen, as the service leaves it, or not) and ``--fused`` value (``fuse_prefill_chunks``: each
+   chunk read in a decode step's forward pass, as the service does on the CPU, or in a pass of its own).
+   Target: <= 100 ms.
 2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
    ``--slots`` (8: all resident after the first round). Throughput = generated tokens / wall time; ``--pairs``
@@ -153,6 +155,7 @@ def long_prompt_interference(
     packed: bool = True,
     threads: int = 0,
     chunk_ms: float = 0.0,
+    fused: bool = False,
 ) -> dict[str, Any]:
     config = EngineConfig(
         num_slots=max(8, streams),
@@ -162,6 +165,7 @@ def long_prompt_interference(
         max_decode_groups=groups,
         packed_linears=packed,
         matmul_decode_attention=packed,
+        fuse_prefill_chunks=fused,
         threads=threads,
     )
     engine = Engine(base, config)
@@ -307,6 +311,12 @@ def main() -> None:
         help="part 1: the service's CPU generation path (packed Linears, matmul decode attention) off (0) / on (1)",
     )
     parser.add_argument(
+        "--fused",
+        default="1",
+        help="part 1: prefill chunks in decode steps' passes (1, as the service does on the CPU) or apart (0); '0,1'"
+        " compares",
+    )
+    parser.add_argument(
         "--gc-freeze",
         default="1",
         help="part 1: the start-up heap frozen (1, as the service does after loading) or not (0); '0,1' compares",
@@ -334,19 +344,20 @@ def main() -> None:
     adapters = make_adapters(base.model, max(args.adapters, args.slots), base.name)
     results: dict[str, Any] = {"long_prompt": [], "cycling": {}}
     for chunk in (int(c) for c in args.chunks.split(",") if c):
-        for groups, packed, chunk_ms, freeze in itertools.product(
+        for groups, packed, chunk_ms, freeze, fused in itertools.product(
             (int(g) for g in args.groups.split(",")),
             (p == "1" for p in args.packed.split(",")),
             (float(m) for m in args.chunk_ms.split(",")),
             (f == "1" for f in args.gc_freeze.split(",")),
+            (f == "1" for f in args.fused.split(",")),
         ):
             frozen_heap(freeze)
             row = long_prompt_interference(
                 base, chunk, args.streams, args.tokens, args.long_tokens, adapters[:16], args.long_new_tokens, groups,
-                packed, threads, chunk_ms,
+                packed, threads, chunk_ms, fused,
             )  # fmt: skip
             row["packed_linears"], row["engine_threads"], row["prefill_chunk_target_ms"] = packed, threads, chunk_ms
-            row["gc_frozen"] = freeze
+            row["gc_frozen"], row["fused_chunks"] = freeze, fused
             print(json.dumps(row))
             results["long_prompt"].append(row)
 

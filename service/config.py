@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         description="CPU, float32: a decode step's attention runs as two batched matmuls instead of SDPA's flash"
         " kernel (faster at decode sizes; equal up to float rounding); passes without a cache keep SDPA",
     )
+    fused_chunks: bool = Field(
+        True,
+        description="CPU: a long prompt's prefill chunk is read in the same forward pass as a decode step (one pass"
+        " over the weights instead of two; equal up to float rounding)",
+    )
 
     # limits
     max_examples: int = Field(64, ge=1)

@@ -63,6 +63,9 @@ class PrometheusObserver(EngineObserver):
     def on_prepare(self, adapter_id: str, seconds: float) -> None:
         self.metrics.preparations.inc()
 
+    def on_chunk(self, tokens: int, seconds: float, fused: bool) -> None:
+        self.metrics.prefill_chunks.labels("true" if fused else "false").inc()
+
     def on_prefix(self, hits: int, misses: int) -> None:
         if hits:
             self.metrics.prefix_cache.labels("hit").inc(hits)
@@ -98,6 +101,7 @@ def start_engine(
         prefix_cache_entries=settings.prefix_cache_entries,
         packed_linears=settings.packed_linears,
         matmul_decode_attention=settings.matmul_decode_attention,
+        fuse_prefill_chunks=settings.fused_chunks,
         threads=threads,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))

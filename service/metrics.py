@@ -65,6 +65,15 @@ class ServiceMetrics:
         )
         for result in ("hit", "miss"):
             self.prefix_cache.labels(result)
+        self.prefill_chunks = Counter(
+            f"{PREFIX}prefill_chunks",
+            "Chunks of long prompts read between decode steps: in a decode step's forward pass (fused=true) or in a"
+            " pass of their own",
+            ["fused"],
+            registry=r,
+        )
+        for fused in ("true", "false"):
+            self.prefill_chunks.labels(fused)
         self.spec_writes = Counter(
             f"{PREFIX}adapter_spec_writes", "Adapter specs written to the task store", registry=r
         )

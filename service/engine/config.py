@@ -39,6 +39,9 @@ class EngineConfig:
     ``matmul_decode_attention``: on the CPU in float32, a decode step's attention runs as two batched matmuls instead
     of SDPA's flash kernel (``attention.py``: faster at decode sizes, equal up to float rounding); every pass without
     a cache, among them those that make adapters, keeps SDPA. Off by default here; the service turns it on.
+    ``fuse_prefill_chunks``: on the CPU, a long prompt's chunk is read in the same forward pass as a decode group's
+    step (``fused.py``: one pass over the weights instead of two, so the chunk adds its tokens' cost only); equal up
+    to float rounding. Off by default here; the service turns it on.
     ``threads``: intra-op threads of the engine thread (0: torch's setting as it is). With N > 0 the engine thread
     runs on N and the thread that builds the engine keeps its own setting. The service gives the engine every core
     and every other thread one: once a process has more OpenMP threads than cores, libgomp stops spinning between
@@ -61,6 +64,7 @@ class EngineConfig:
     prefix_cache_entries: int = 64
     packed_linears: bool = False
     matmul_decode_attention: bool = False
+    fuse_prefill_chunks: bool = False
     threads: int = 0
 
     def __post_init__(self) -> None:

@@ -59,13 +59,24 @@ class _ActiveRows:
     reused by every decode step until the batch changes.
     """
 
-    __slots__ = ("gathered", "index", "scale", "uniform")
+    __slots__ = ("gathered", "index", "scale", "split", "uniform")
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.uniform: int | None = None
         self.gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.split: _Split | None = None
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A fused pass (``fused.py``): the input is one flat sequence whose first ``rows`` tokens are the activated rows
+    (one token each) and whose other tokens are one prefill chunk, with ``slot`` (None: no adapter) at ``scale``."""
+
+    rows: int
+    slot: int | None
+    scale: torch.Tensor
 
 
 class SlottedLoraLinear(nn.Linear):
@@ -89,6 +100,21 @@ class SlottedLoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._packing.linear(self, x)  # F.linear, or oneDNN's packed weight when the engine packs (packed.py)
+        split = self._rows.split
+        if split is None:
+            return self._add_lora(x, y)
+        # a fused pass: [1, rows + k, in]; the rows' own slots on their tokens, the chunk's slot on the rest
+        b = split.rows
+        flat_x, flat_y = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
+        head = self._add_lora(flat_x[:b].view(b, 1, -1), flat_y[:b].view(b, 1, -1)).view(b, -1)
+        tail = flat_y[b:]
+        if split.slot is not None:
+            chunk = flat_x[b:].to(self.lora_A.dtype)
+            tail = tail + F.linear(F.linear(chunk, self.lora_A[split.slot]), self.lora_B[split.slot]) * split.scale
+        return torch.cat([head, tail]).view(y.shape)
+
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base projection of ``x``) plus each activated row's LoRA."""
         rows = self._rows
         if rows.index is None:
             return y
@@ -335,6 +361,18 @@ class LoraBank:
         self._recent.move_to_end(key)
         rows.index, rows.scale, rows.uniform = active.index, active.scale, active.uniform
         rows.gathered = active.gathered
+
+    def activate_split(self, rows: int, slot: int | None) -> None:
+        """For the next forward passes (until ``end_split``): fused passes whose first ``rows`` tokens are the rows of
+        the current activation and whose other tokens are a prefill chunk with ``slot`` (``NO_SLOT``/None: none)."""
+        if slot is not None and slot != NO_SLOT:
+            self._check_slot(slot)
+            self._rows.split = _Split(rows, slot, self.scales[slot])
+        else:
+            self._rows.split = _Split(rows, None, self.scales[self.zero_slot])
+
+    def end_split(self) -> None:
+        self._rows.split = None
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

@@ -31,6 +31,10 @@ class EngineObserver:
     def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
         """New requests were prefilled together (``tokens`` counts the padded prompt tokens)."""
 
+    def on_chunk(self, tokens: int, seconds: float, fused: bool) -> None:
+        """A chunk of a long prompt was read: in a decode step's forward pass (``fused``; ``seconds``: what it added
+        to that pass) or in a pass of its own."""
+
     def on_prefix(self, hits: int, misses: int) -> None:
         """A prefill read ``hits`` chat prompts after their cached opening and ``misses`` in full although they start
         with it (``prefix_cache.py``)."""
@@ -69,6 +73,9 @@ class GuardedObserver(EngineObserver):
     def on_prefill(self, rows: int, tokens: int, seconds: float) -> None:
         self._call("on_prefill", rows, tokens, seconds)
 
+    def on_chunk(self, tokens: int, seconds: float, fused: bool) -> None:
+        self._call("on_chunk", tokens, seconds, fused)
+
     def on_prefix(self, hits: int, misses: int) -> None:
         self._call("on_prefix", hits, misses)
 
@@ -99,3 +106,4 @@ class EngineStats:
     decode_groups: int = 0  # running rows' groups, one forward pass each per decode step
     prefix_hits_total: int = 0  # prompts prefilled after the chat template's cached opening (``prefix_cache.py``)
     prefix_misses_total: int = 0  # prompts that start with the opening and were prefilled in full
+    fused_chunks_total: int = 0  # long prompts' chunks read in a decode step's forward pass (``fused.py``)

@@ -41,6 +41,7 @@ from transformers import PreTrainedModel
 
 from service.engine.config import EngineConfig
 from service.engine.errors import EngineClosed, EngineError, QueueFull
+from service.engine.fused import FusedKV, chunk_mask, fused_chunks_unavailable, fused_pass
 from service.engine.kv_cache import BatchKVCache
 from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter, SwapEvents
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
@@ -103,6 +104,7 @@ class _Group:
     cache: BatchKVCache
     next_ids: torch.Tensor
     positions: torch.Tensor
+    step_s: float | None = None  # its last decode pass on its own (what a fused pass's chunk adds is measured over it)
 
     def add(
         self, rows: list[Job], cache: BatchKVCache, next_ids: torch.Tensor, positions: torch.Tensor, capacity: int
@@ -181,7 +183,8 @@ class Scheduler:
         self.group_cost_positions = max(1, weight_bytes // self.kv_bytes_per_token)
         # a 4D mask goes to the attention as it is: SDPA takes a bool mask, eager attention (Gemma 2's soft-capping)
         # adds it to the scores, so it needs 0 / -inf
-        self._additive_mask = getattr(model.config, "_attn_implementation", None) == "eager"
+        self._attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        self._additive_mask = self._attention == "eager"
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
@@ -193,6 +196,12 @@ class Scheduler:
         # chunk sizes by time while rows decode; the CPU only (on CUDA a pass returns before the GPU has run it)
         target_s = config.prefill_chunk_target_ms / 1000 if self.device.type == "cpu" else 0.0
         self.pacer = ChunkPacer(target_s, config.prefill_chunk)
+        self.fuse_chunks = False  # a prefill chunk rides in a decode group's forward pass (fused.py)
+        self.fused_steps = 0
+        if config.fuse_prefill_chunks:
+            reason = fused_chunks_unavailable(model, self.device)
+            self.fuse_chunks = reason is None
+            log.info("prefill chunks %s", "share decode steps' passes" if reason is None else f"not fused: {reason}")
         self._pending_swaps: list[tuple[str, int, str | None, SwapEvents]] = []  # CUDA copies not timed yet
         self.swaps_total = 0
         self.swap_seconds_total = 0.0
@@ -282,6 +291,7 @@ class Scheduler:
             decode_groups=len(groups),
             prefix_hits_total=self.prefixes.hits_total,
             prefix_misses_total=self.prefixes.misses_total,
+            fused_chunks_total=self.fused_steps,
         )
 
     # --- engine thread ----------------------------------------------------------------------------------------
@@ -332,6 +342,9 @@ class Scheduler:
             self._prefilling.extend(self._load_slots([job for job in admitted if job not in short]))
             if short:
                 self._prefill(short)
+        if self._prefilling and self._groups and self.fuse_chunks:
+            self._fused_step()
+            return
         if self._prefilling:
             self._prefill_chunk()
         if self._groups:
@@ -497,44 +510,120 @@ class Scheduler:
         so running streams keep their pace while a long prompt is read. A chunk is ``prefill_chunk`` tokens, or, with
         ``prefill_chunk_target_ms`` and rows decoding, as many as fit that time (``ChunkPacer``). After its last
         chunk the request samples its first token and joins the batch."""
-        job = self._prefilling[0]
-        if job.handle.cancel_requested:
-            self._prefilling.popleft()
-            self._finish(job, FINISH_CANCELLED)
+        job = self._next_chunk_job()
+        if job is None:
             return
-        cache = job.chunk_cache = job.chunk_cache or BatchKVCache(self.num_layers)
-        done = cache.length
-        decoding = bool(self._groups)  # rows that wait for this pass
-        end = min(done + self.pacer.size(decoding), len(job.prompt_ids))
-        last = end == len(job.prompt_ids)
+        cache, done, end = self._chunk_span(job, decoding=bool(self._groups))
         start = time.perf_counter()
         try:
             ids = torch.tensor([job.prompt_ids[done:end]], dtype=torch.long).to(self.device)
             positions = torch.arange(done, end, dtype=torch.long).view(1, -1).to(self.device)
             self.bank.activate([job.slot])
             out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-            if not last:
-                return
-            self._prefilling.popleft()
-            job.chunk_cache = None
-            cache.mask = torch.ones((1, end), dtype=torch.bool, device=self.device)
-            logits = out.logits[:, -1, :]
-            sampled = choose_tokens(logits, [job.params], [job.generator])
-            tokens = sampled.tolist()
-            logprobs = token_logprobs(logits, [job.params], tokens)
         except Exception as exc:
-            log.exception("chunked prefill failed")
-            if self._prefilling and self._prefilling[0] is job:
-                self._prefilling.popleft()
-            job.chunk_cache = None
-            self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
+            self._chunk_failed(job, exc)
             return
         finally:
             seconds = time.perf_counter() - start
             self.observer.on_prefill(1, end - done, seconds)
-            if decoding:
+            self.observer.on_chunk(end - done, seconds, fused=False)
+            if self._groups:  # rows waited for this pass
                 self.pacer.observe(end - done, seconds)
+        self._chunk_read(job, cache, end, out.logits[:, -1, :])
+
+    def _next_chunk_job(self) -> Job | None:
+        """The long prompt whose chunk is read next (a cancelled one is retired here)."""
+        job = self._prefilling[0]
+        if job.handle.cancel_requested:
+            self._prefilling.popleft()
+            self._finish(job, FINISH_CANCELLED)
+            return None
+        return job
+
+    def _chunk_span(self, job: Job, decoding: bool) -> tuple[BatchKVCache, int, int]:
+        """The job's chunk cache and the [done, end) prompt positions its next chunk reads."""
+        cache = job.chunk_cache = job.chunk_cache or BatchKVCache(self.num_layers)
+        done = cache.length
+        return cache, done, min(done + self.pacer.size(decoding), len(job.prompt_ids))
+
+    def _chunk_read(self, job: Job, cache: BatchKVCache, end: int, logits: torch.Tensor) -> None:
+        """A chunk up to ``end`` was read; after the last one (``logits``: its last position's, [1, V]) the request
+        samples its first token and joins the batch."""
+        if end < len(job.prompt_ids):
+            return
+        try:
+            self._prefilling.popleft()
+            job.chunk_cache = None
+            cache.mask = torch.ones((1, end), dtype=torch.bool, device=self.device)
+            sampled = choose_tokens(logits, [job.params], [job.generator])
+            tokens = sampled.tolist()
+            logprobs = token_logprobs(logits, [job.params], tokens)
+        except Exception as exc:
+            self._chunk_failed(job, exc)
+            return
         self._join([job], cache, sampled, tokens, logprobs)
+
+    def _chunk_failed(self, job: Job, exc: BaseException) -> None:
+        log.exception("chunked prefill failed")
+        if self._prefilling and self._prefilling[0] is job:
+            self._prefilling.popleft()
+        job.chunk_cache = None
+        self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
+
+    def _fused_step(self) -> None:
+        """The next chunk of the oldest long prompt in the forward pass of the first decode group's step
+        (``fused.py``: one pass over the weights instead of two); the other groups then decode on their own. The
+        pacer sizes the chunk by what it adds to that pass."""
+        job = self._next_chunk_job()
+        if job is None:
+            self._decode_step()
+            return
+        group = self._groups[0]
+        rows = len(group.rows)
+        cache, done, end = self._chunk_span(job, decoding=True)
+        tokens = end - done
+        start = time.perf_counter()
+        try:
+            decode_mask = self._step_mask(group)
+            ids = torch.tensor(job.prompt_ids[done:end], dtype=torch.long).to(self.device)
+            positions = torch.arange(done, end, dtype=torch.long).to(self.device)
+            keep = list(range(rows)) + ([rows + tokens - 1] if end == len(job.prompt_ids) else [])
+            kv = FusedKV(group.cache, cache, rows, decode_mask, chunk_mask(done, tokens, self.device), self._attention)
+            self.bank.activate([row.slot for row in group.rows])
+            self.bank.activate_split(rows, job.slot)
+            try:
+                with fused_pass(self.model, kv):
+                    out = self.model(
+                        input_ids=torch.cat([group.next_ids.view(-1), ids]).view(1, -1),
+                        position_ids=torch.cat([group.positions.view(-1), positions]).view(1, -1),
+                        cache=kv,
+                        use_cache=True,
+                        logits_to_keep=torch.tensor(keep, device=self.device),
+                    )
+            finally:
+                self.bank.end_split()
+            logits = out.logits[0]  # [rows (+ 1 after the last chunk), V]
+        except Exception as exc:
+            log.exception("fused decode step and prefill chunk failed")
+            self._groups.remove(group)
+            for row in group.rows:
+                self._finish(row, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
+            self._chunk_failed(job, exc)
+            return
+        seconds = time.perf_counter() - start
+        self.fused_steps += 1
+        added = seconds - group.step_s if group.step_s is not None else seconds  # what the chunk added to the pass
+        self.observer.on_prefill(1, tokens, max(added, 0.0))
+        self.observer.on_chunk(tokens, max(added, 0.0), fused=True)
+        if group.step_s is not None and added > 0:
+            self.pacer.observe(tokens, added)
+        others = self._groups[1:]
+        self._decoded(group, logits[:rows])
+        self._chunk_read(job, cache, end, logits[rows:])
+        for other in others:
+            if other in self._groups:
+                self._decode_group(other)
+        self._merge_groups()
 
     def _join(
         self,
@@ -580,16 +669,38 @@ class Scheduler:
         """One token for every row of ``group``. Its inputs stay on the device (the tokens sampled by the previous
         step, positions advanced in place, the padding mask's new column written in place); the only
         device-to-host transfer is this step's sampled tokens."""
-        rows, cache, ids, positions = group.rows, group.cache, group.next_ids, group.positions
-        mask = cache.append_position()
-        attention = self._padding_mask(mask) if cache.has_padding() else None
+        start = time.perf_counter()
         try:
-            self.bank.activate([job.slot for job in rows])
+            attention = self._step_mask(group)
+            self.bank.activate([job.slot for job in group.rows])
             out = self.model(
-                input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
+                input_ids=group.next_ids,
+                attention_mask=attention,
+                position_ids=group.positions,
+                cache=group.cache,
+                use_cache=True,
             )
+        except Exception as exc:
+            log.exception("decode step failed")
+            self._groups.remove(group)
+            for job in group.rows:
+                self._finish(job, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
+            return
+        logits = out.logits[:, -1, :]
+        group.step_s = time.perf_counter() - start
+        self._decoded(group, logits)
+
+    def _step_mask(self, group: _Group) -> torch.Tensor | None:
+        """Open the group's cache for this step's token; its padding mask as the attention takes it (None: no
+        padding)."""
+        mask = group.cache.append_position()
+        return self._padding_mask(mask) if group.cache.has_padding() else None
+
+    def _decoded(self, group: _Group, logits: torch.Tensor) -> None:
+        """A decode step's ``logits`` [B, V] for ``group``'s rows: sample, stream, retire the rows that finished."""
+        rows, positions = group.rows, group.positions
+        try:
             params = [job.params for job in rows]
-            logits = out.logits[:, -1, :]
             sampled = choose_tokens(logits, params, [job.generator for job in rows], [job.output_ids for job in rows])
             tokens = sampled.tolist()  # the step's one device-to-host transfer (more only for rows asking logprobs)
             logprobs = token_logprobs(logits, params, tokens)  # per-token log-probabilities hook (rows that ask)

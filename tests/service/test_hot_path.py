@@ -3,6 +3,7 @@ and writes nothing to the task store (counted by the service's own metrics), and
 
 from __future__ import annotations
 
+from generator.base_model import load_base_model
 from tests.service.conftest import metric_value, serve
 
 TASK = {
@@ -95,3 +96,32 @@ def test_generation_runs_on_packed_weights_unless_turned_off(settings_for) -> No
             assert reply.status_code == 200, reply.text
             texts.append(reply.json()["choices"][0]["text"])
     assert texts[0] == texts[1]  # greedy: packed weights round differently, not to another token here
+
+
+def test_long_prompt_chunks_ride_in_decode_steps_unless_turned_off(settings_for) -> None:  # type: ignore[no-untyped-def]
+    """A long prompt arriving while a stream decodes is read in chunks; with ``fused_chunks`` (the default) in the
+    stream's decode passes, else in passes of their own; the metric says which (chunks read after the stream ended go
+    apart either way), and the answers agree."""
+    eos = load_base_model("tiny").tokenizer.eos_token_id
+    long_prompt = "Input: " + " ".join(["red green blue cat dog"] * 12) + "\nOutput:"
+    texts = []
+    for fused in (True, False):
+        settings = settings_for(self_check="keep", prefill_chunk=8, fused_chunks=fused)
+        with serve(settings) as service, service.client() as client:
+            task_id = f"long-{int(fused)}"  # the two services share a data dir
+            assert client.post("/v1/tasks", json={**TASK, "task_id": task_id}).status_code == 201
+            prompt = {**PROMPT, "model": task_id}
+            body = {**prompt, "max_tokens": 400, "stream": True, "logit_bias": {str(eos): -100}}
+            with client.stream("POST", "/v1/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))  # the stream decodes
+                reply = client.post("/v1/completions", json={**prompt, "prompt": long_prompt, "max_tokens": 6})
+                assert reply.status_code == 200, reply.text
+                texts.append(reply.json()["choices"][0]["text"])
+                for _ in lines:  # to its end
+                    pass
+            metrics = client.get("/metrics").text
+            in_decode_passes = metric_value(metrics, "icm_lora_prefill_chunks_total", fused="true")
+            apart = metric_value(metrics, "icm_lora_prefill_chunks_total", fused="false")
+            assert (in_decode_passes > 0) == fused and (apart > 0 or fused), (in_decode_passes, apart)
+    assert texts[0] == texts[1]

@@ -1,0 +1,153 @@
+"""A decode step and a long prompt's prefill chunk in one forward pass.
+
+A long prompt is read in chunks between decode steps (the scheduler's ``_prefill_chunk``), so that running streams keep
+decoding. On the CPU each pass has a large fixed cost, whatever its token count: it reads every weight once (SmolLM2's
+540 MB in fp32) and walks 30 layers of small ops. Measured on a 2-core AMD EPYC (AVX-512, packed Linears): a decode
+step of 8 rows 47 ms, a chunk of 8 tokens 69 ms, a pass of 16 tokens 87 ms. So a chunk in a pass of its own makes the
+streams wait for a second pass, and at small chunk sizes the fixed cost dominates.
+
+Here the decode rows of one group (one token each) and the chunk's tokens (one row, ``k`` tokens) run as one flat
+sequence ``[1, B + k]``: every Linear, norm and MLP runs once over all of them, per token, as they would apart.
+What is not per token is split inside the pass:
+
+- **keys and values**: ``FusedKV.update`` writes the first ``B`` tokens into the group's cache (one position per row)
+  and the rest into the chunk's cache, as the two passes would;
+- **attention**: ``fused_attention`` (registered with transformers' ``AttentionInterface`` and switched on only for
+  the pass) attends the ``B`` decode queries to their rows' cached keys with the group's padding mask, and the chunk's
+  queries causally to the chunk's keys, each through the attention function the model runs otherwise (SDPA or the
+  matmul decode attention), then puts the outputs back in token order;
+- **LoRA**: ``LoraBank.activate_split`` applies the group's per-row slots to the first ``B`` tokens and the chunk's
+  slot to the rest (``SlottedLoraLinear``);
+- **positions**: each token's own, so the rotary embedding is per token as always.
+
+Since the mask is built here, transformers builds none (an attention name without a mask function makes its mask
+code return at once). The results equal the two passes' up to float rounding (a Linear over more rows may round
+differently), like the packed Linears; ``tests/engine/test_fused.py`` checks greedy tokens against plain peft.
+
+Where: the CPU (where the pass's fixed cost was measured), for models whose every layer attends to the whole prefix
+through SDPA or the matmul decode attention (``fused_chunks_unavailable`` says why not otherwise: sliding windows
+and eager attention need masks this module does not build).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from service.engine.attention import NAME as DECODE_ATTENTION
+from service.engine.kv_cache import BatchKVCache
+
+NAME = "icm_lora_fused_chunk"
+_INNER = ("sdpa", DECODE_ATTENTION)  # the implementations whose masks this module builds
+
+
+@dataclass
+class FusedKV:
+    """The cache of one fused pass: ``rows`` decode tokens for ``group`` (one per row, in row order), then the chunk's
+    tokens for ``chunk``. ``update`` is what the model's attention layers call; ``fused_attention`` reads what it
+    wrote (``layers``)."""
+
+    group: BatchKVCache
+    chunk: BatchKVCache
+    rows: int
+    decode_mask: torch.Tensor | None  # the group's padding mask, as its decode step passes it (None: no padding)
+    chunk_mask: torch.Tensor | None  # [1, 1, k, prefix + k] bool, or None for a first chunk (plain causal)
+    inner: str  # the attention implementation the model runs outside fused passes
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.rows
+        # [1, KVH, B + k, D]: the decode tokens become one position of each row, [B, KVH, 1, D]
+        group_k, group_v = self.group.update(
+            key_states[:, :, :b].transpose(0, 2), value_states[:, :, :b].transpose(0, 2), layer_idx
+        )
+        chunk_k, chunk_v = self.chunk.update(key_states[:, :, b:], value_states[:, :, b:], layer_idx)
+        self.layers[layer_idx] = (group_k, group_v, chunk_k, chunk_v)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # asked only when no position ids are given
+        raise RuntimeError("a fused pass needs explicit position ids")
+
+
+_CURRENT: ContextVar[FusedKV | None] = ContextVar("icm_lora_fused_pass", default=None)
+
+
+def fused_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: torch.Tensor | None,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature; ``query`` [1, H, B + k, D] -> ([1, B + k, H, D], None)."""
+    fused = _CURRENT.get()
+    if fused is None:
+        raise RuntimeError("fused_attention runs only inside fused_pass()")
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int):
+        raise RuntimeError("fused_attention needs the attention module's layer_idx")
+    group_k, group_v, chunk_k, chunk_v = fused.layers[layer_idx]
+    attend = ALL_ATTENTION_FUNCTIONS[fused.inner]
+    b = fused.rows
+    decode, _ = attend(
+        module, query[:, :, :b].transpose(0, 2), group_k, group_v, fused.decode_mask, scaling=scaling, **kwargs
+    )  # [B, 1, H, D]
+    chunk, _ = attend(module, query[:, :, b:], chunk_k, chunk_v, fused.chunk_mask, scaling=scaling, **kwargs)
+    return torch.cat([decode.transpose(0, 1), chunk], dim=1), None
+
+
+AttentionInterface.register(NAME, fused_attention)  # no mask function: transformers then builds no mask for it
+
+
+def fused_chunks_unavailable(model: PreTrainedModel, device: torch.device) -> str | None:
+    """None when the scheduler may fuse prefill chunks into decode steps for ``model`` on ``device``, else why not."""
+    if device.type != "cpu":
+        return f"measured on the CPU only (the model is on {device})"
+    config = model.config
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _INNER:
+        return f"the model runs {implementation!r} attention (fused passes build SDPA's masks only)"
+    layer_types = getattr(config, "layer_types", None) or ()
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if windowed or any(kind != "full_attention" for kind in layer_types):
+        return "the model has sliding-window layers (fused passes build full-attention masks only)"
+    return None
+
+
+def chunk_mask(done: int, tokens: int, device: torch.device) -> torch.Tensor | None:
+    """The chunk's causal mask over its prefix and itself, as transformers builds it for SDPA: None for a first
+    chunk (SDPA's own causal path), else [1, 1, tokens, done + tokens] bool."""
+    if done == 0:
+        return None
+    columns = torch.arange(done + tokens, device=device)
+    rows = torch.arange(done, done + tokens, device=device)
+    return (columns[None, :] <= rows[:, None])[None, None]
+
+
+@contextmanager
+def fused_pass(model: PreTrainedModel, kv: FusedKV) -> Iterator[None]:
+    """Within: the model's attention layers run ``fused_attention`` over ``kv``."""
+    config = model.config
+    previous = config._attn_implementation
+    if previous != kv.inner:
+        raise RuntimeError(f"the model runs {previous!r} attention, the fused pass was built for {kv.inner!r}")
+    token = _CURRENT.set(kv)
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _CURRENT.reset(token)
