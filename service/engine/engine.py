@@ -84,13 +84,16 @@ class Engine:
             else:
                 log.info("packed Linears off: %s", reason)
         self.attention = DecodeAttention()
-        if self.config.matmul_decode_attention:
+        # fp32: the matmul path is a speed option; bf16 / fp16 on the CPU: rows attend alone, always, so that a row's
+        # tokens do not depend on the others' padding (attention.py)
+        low_precision = self.bank.dtype != torch.float32
+        if self.config.matmul_decode_attention or low_precision:
             reason = decode_attention_unavailable(self.model, self.bank.device, self.bank.dtype)
             if reason is None:
                 self.attention.install(self.model)
-                log.info("decode steps run their attention as batched matmuls")
+                log.info("decode steps attend %s", "row by row" if low_precision else "through batched matmuls")
             else:
-                log.info("matmul decode attention off: %s", reason)
+                log.info("decode attention stays SDPA's: %s", reason)
         model_config = self.model.config
         self.vocab_size = int(model_config.vocab_size)
         self.max_positions = int(getattr(model_config, "max_position_embeddings", 2048))

@@ -599,6 +599,7 @@ class Scheduler:
                         cache=kv,
                         use_cache=True,
                         logits_to_keep=torch.tensor(keep, device=self.device),
+                        decode_lengths=group.cache.real_lengths(),
                     )
             finally:
                 self.bank.end_split()
@@ -679,6 +680,7 @@ class Scheduler:
                 position_ids=group.positions,
                 cache=group.cache,
                 use_cache=True,
+                decode_lengths=group.cache.real_lengths(),  # the low-precision decode attention's rows (attention.py)
             )
         except Exception as exc:
             log.exception("decode step failed")

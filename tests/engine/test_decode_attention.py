@@ -73,11 +73,32 @@ def test_every_other_pass_is_sdpa_bit_for_bit(q_len: int, k_len: int) -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_in_low_precision_each_row_attends_as_it_would_alone(dtype: torch.dtype) -> None:
+    """Left-padded rows give, bit for bit, what SDPA gives each row over its own keys (plain peft's decode step)."""
+    module, query, key, value = _qkv(1, 40, batch=4)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    lengths = [40 - pad for pad in (5, 0, 1, 17)]
+    padding = torch.ones(4, 1, 1, 40, dtype=torch.bool)
+    for row, n in enumerate(lengths):
+        padding[row, ..., : 40 - n] = False
+    got, _ = decode_attention(module, query, key, value, padding, scaling=0.25, decode_lengths=lengths)
+    for row, n in enumerate(lengths):
+        alone, _ = sdpa_attention_forward(
+            module, query[row : row + 1], key[row : row + 1, :, 40 - n :], value[row : row + 1, :, 40 - n :], None,
+            scaling=0.25,
+        )  # fmt: skip
+        assert torch.equal(got[row : row + 1], alone)
+    padded, _ = sdpa_attention_forward(module, query, key, value, padding, scaling=0.25)  # what it replaces: close
+    assert torch.allclose(got.float(), padded.float(), atol=0.02)
+
+
 def test_says_where_it_stays_off() -> None:
     model = load_base_model("tiny").model
     assert decode_attention_unavailable(model, torch.device("cpu"), torch.float32) is None
     assert "cuda" in str(decode_attention_unavailable(model, torch.device("cuda"), torch.float32))
-    assert "bfloat16" in str(decode_attention_unavailable(model, torch.device("cpu"), torch.bfloat16))
+    assert decode_attention_unavailable(model, torch.device("cpu"), torch.bfloat16) is None  # rows alone
+    assert "float64" in str(decode_attention_unavailable(model, torch.device("cpu"), torch.float64))
     model.config._attn_implementation = "eager"
     assert "eager" in str(decode_attention_unavailable(model, torch.device("cpu"), torch.float32))
 
