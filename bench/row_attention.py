@@ -4,9 +4,10 @@
 
 SmolLM2-135M in bf16, the service's CPU path otherwise (packed Linears, 32 slots, the engine thread multi-threaded):
 16 requests with 16 distinct adapters x 32 greedy tokens (EOS ignored), once per engine after an untimed warm-up
-burst. Two engines alternate ``--rounds`` times: decode steps that attend each row alone over its own keys (what the
-engine does in bf16 / fp16), and plain SDPA over the left-padded rows (what it did before). Reports tok/s, their
-ratio, and how many of the 16 greedy token rows the two give alike (they differ where padding flips a near tie).
+burst. Two engines alternate ``--rounds`` times: decode steps that attend each row alone over its own keys
+(``EngineConfig.attend_rows_alone``, the default), and one SDPA call over the left-padded rows (off). Reports tok/s,
+their ratio, and how many of the 16 greedy token rows the two give alike (they differ where padding flips a near
+tie).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import service.engine.engine as engine_module
 from bench.engine import make_adapters, prompts
 from generator.base_model import load_base_model
 from generator.device import Placement
@@ -48,15 +48,17 @@ def main() -> None:
     adapters = make_adapters(base.model, args.requests, base.name)
     ids = [base.tokenizer(p)["input_ids"] for p in prompts(args.requests)]
     params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-    available = engine_module.decode_attention_unavailable
     tok_s: dict[str, list[float]] = {"rows_alone": [], "padded_sdpa": []}
     tokens: dict[str, list[list[int]]] = {}
     for _ in range(args.rounds):
         for mode in tok_s:
-            engine_module.decode_attention_unavailable = (  # type: ignore[assignment]
-                available if mode == "rows_alone" else (lambda *a, **k: "turned off for the comparison")
+            config = EngineConfig(
+                num_slots=32,
+                max_batch_size=32,
+                packed_linears=True,
+                attend_rows_alone=mode == "rows_alone",
+                threads=threads,
             )
-            config = EngineConfig(num_slots=32, max_batch_size=32, packed_linears=True, threads=threads)
             with Engine(base, config) as engine:
                 assert engine.attention.installed == (mode == "rows_alone")
                 prepared = [engine.prepare_adapter(a) for a in adapters]
@@ -66,7 +68,6 @@ def main() -> None:
                 handles = [engine.submit(i, adapter=a, params=params) for i, a in zip(ids, prepared, strict=True)]
                 tokens[mode] = [h.result().token_ids for h in handles]
                 tok_s[mode].append(round(sum(map(len, tokens[mode])) / (time.perf_counter() - start), 1))
-    engine_module.decode_attention_unavailable = available
     medians = {mode: statistics.median(values) for mode, values in tok_s.items()}
     result = {
         "what": "bf16 engine throughput, decode attention row by row vs SDPA over left-padded rows",

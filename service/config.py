@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         description="CPU, float32: a decode step's attention runs as two batched matmuls instead of SDPA's flash"
         " kernel (faster at decode sizes; equal up to float rounding); passes without a cache keep SDPA",
     )
+    attend_rows_alone: bool = Field(
+        True,
+        description="CPU, bfloat16 / float16: a decode step attends each row over its own keys only, so a row's"
+        " tokens do not depend on the other rows' padding (greedy parity with plain peft); false: one call over the"
+        " padded rows, faster",
+    )
     fused_chunks: bool = Field(
         True,
         description="CPU: a long prompt's prefill chunk is read in the same forward pass as a decode step (one pass"

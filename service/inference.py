@@ -102,6 +102,7 @@ def start_engine(
         packed_linears=settings.packed_linears,
         matmul_decode_attention=settings.matmul_decode_attention,
         fuse_prefill_chunks=settings.fused_chunks,
+        attend_rows_alone=settings.attend_rows_alone,
         threads=threads,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))

@@ -20,8 +20,9 @@ keys in vector lanes, so a row's left padding moves its keys to other lanes and 
 in low precision that flips a token at a near tie and the row then continues differently. Alone, a row computes
 exactly what plain peft computes for it, so a mixed batch gives each row its own tokens: on a CPU with native bf16
 (AMD EPYC, AVX-512 BF16) the tiny model's mixed batch went from 92.8% to 100% of peft's greedy tokens. The price is
-one small SDPA call per row and layer: in bf16 on that EPYC, 16 rows with 16 adapters ran at 0.79x the tok/s of the
-padded SDPA (158 vs 200, ``bench/row_attention.py``). On the CPU fp32 is the default (``auto``) and as fast there.
+one small SDPA call per row and layer: in bf16 on that EPYC, 16 rows with 16 adapters ran at 0.79-0.80x the tok/s
+of the padded SDPA (``bench/row_attention.py``). ``EngineConfig.attend_rows_alone`` (``ICM_LORA_ATTEND_ROWS_ALONE``,
+on by default) turns it off. On the CPU fp32 is the default (``auto``), about as fast there, and not affected.
 
 ``DecodeAttention.install`` switches a model that runs SDPA on the CPU to it; ``uninstall`` switches it back.
 Elsewhere (CUDA, where SDPA's kernels are fast; eager attention, e.g. Gemma 2's soft-capping)

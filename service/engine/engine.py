@@ -84,10 +84,12 @@ class Engine:
             else:
                 log.info("packed Linears off: %s", reason)
         self.attention = DecodeAttention()
-        # fp32: the matmul path is a speed option; bf16 / fp16 on the CPU: rows attend alone, always, so that a row's
-        # tokens do not depend on the others' padding (attention.py)
+        # fp32: the matmul path, a speed option; bf16 / fp16 on the CPU: rows attend alone, so that a row's tokens do
+        # not depend on the others' padding (attention.py)
         low_precision = self.bank.dtype != torch.float32
-        if self.config.matmul_decode_attention or low_precision:
+        if (low_precision and self.config.attend_rows_alone) or (
+            not low_precision and self.config.matmul_decode_attention
+        ):
             reason = decode_attention_unavailable(self.model, self.bank.device, self.bank.dtype)
             if reason is None:
                 self.attention.install(self.model)

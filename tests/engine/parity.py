@@ -14,6 +14,8 @@ from peft import PeftModel
 from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
 from generator.batching import answer_logprobs, encode_pair, pad_pairs
+from generator.config import LoraSettings
+from generator.lora_layout import LoraLayout
 from generator.selfcheck import encode_groups
 from generator.tasks import Example, format_prompt, format_target
 from service.engine import Engine, EngineConfig, SamplingParams
@@ -150,3 +152,17 @@ def _greedy(
         if len(tokens) == max_tokens:
             return tokens, torch.stack(steps)
         out = model(input_ids=token.view(1, 1), cache=out.past_key_values, use_cache=True)
+
+
+def architecture_adapters(
+    architecture: str, base: BaseModel, seeds: Sequence[int] = (1, 2)
+) -> tuple[LoraSettings, list[GeneratedAdapter | None]]:
+    """The LoRA settings of a tiny architecture (Phi-3 fuses ``qkv_proj``) and [no adapter, one random adapter per
+    seed] for ``base``."""
+    settings = LoraSettings(target_modules=("qkv_proj",) if architecture == "phi3" else ("q_proj", "v_proj"))
+    layout = LoraLayout.from_model(base.model, settings)
+    adapters: list[GeneratedAdapter | None] = [None]
+    for seed in seeds:
+        vector = torch.randn(layout.dim, generator=torch.Generator().manual_seed(seed)) * 0.5
+        adapters.append(GeneratedAdapter(layout.unflatten(vector), settings, base.name, f"{architecture}-{seed}"))
+    return settings, adapters

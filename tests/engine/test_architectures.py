@@ -12,31 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.adapter import GeneratedAdapter
 from generator.base_model import TINY_ARCHITECTURES, load_base_model
 from generator.config import LoraSettings
 from generator.device import Placement
 from generator.lora_layout import LayoutError, LoraLayout
 from service.engine import Engine
 from tests.engine.conftest import PROMPTS
-from tests.engine.parity import TEST_DEVICE, run_parity
-
-
-def targets(architecture: str) -> tuple[str, ...]:
-    return ("qkv_proj",) if architecture == "phi3" else ("q_proj", "v_proj")
+from tests.engine.parity import TEST_DEVICE, architecture_adapters, run_parity
 
 
 @pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
 def test_engine_matches_peft(architecture: str, tmp_path: Path) -> None:
     name = f"tiny-{architecture}"
     placement = Placement(TEST_DEVICE, torch.float32)
-    base = load_base_model(name, placement=placement)
-    settings = LoraSettings(target_modules=targets(architecture))
-    layout = LoraLayout.from_model(base.model, settings)
-    adapters: list[GeneratedAdapter | None] = [None]
-    for seed in (1, 2):
-        vector = torch.randn(layout.dim, generator=torch.Generator().manual_seed(seed)) * 0.5
-        adapters.append(GeneratedAdapter(layout.unflatten(vector), settings, base.name, f"{architecture}-{seed}"))
+    settings, adapters = architecture_adapters(architecture, load_base_model(name, placement=placement))
     parity = run_parity(
         lambda: load_base_model(name, placement=placement), adapters, PROMPTS, 12, tmp_path, settings.target_modules
     )

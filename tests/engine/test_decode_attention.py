@@ -93,6 +93,15 @@ def test_in_low_precision_each_row_attends_as_it_would_alone(dtype: torch.dtype)
     assert torch.allclose(got.float(), padded.float(), atol=0.02)
 
 
+def test_low_precision_engines_attend_rows_alone_unless_told_not_to() -> None:
+    placement = Placement(torch.device("cpu"), torch.bfloat16)
+    for alone in (True, False):
+        with Engine(load_base_model("tiny", placement=placement), EngineConfig(attend_rows_alone=alone)) as engine:
+            assert engine.attention.installed == alone
+    with Engine(load_base_model("tiny"), EngineConfig(attend_rows_alone=True)) as engine:
+        assert not engine.attention.installed  # fp32: the matmul path is its own setting (off here)
+
+
 def test_says_where_it_stays_off() -> None:
     model = load_base_model("tiny").model
     assert decode_attention_unavailable(model, torch.device("cpu"), torch.float32) is None

@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.adapter import GeneratedAdapter
 from generator.base_model import load_base_model, tiny_architecture_config
-from generator.config import LoraSettings
 from generator.device import Placement
-from generator.lora_layout import LoraLayout
 from service.engine import Engine, SamplingParams
 from service.engine.fused import chunk_mask, fused_chunks_unavailable
 from service.engine.scheduler import Scheduler
@@ -22,6 +19,7 @@ from tests.engine.parity import (
     BF16_MIXED_FLOOR,
     BF16_NEAR_TIE,
     Parity,
+    architecture_adapters,
     assert_equal_up_to_near_ties,
     run_parity,
 )
@@ -101,13 +99,7 @@ def test_fused_chunks_match_peft_on_each_architecture(
     """Alone (chunks read with nothing decoding: apart) and in one mixed batch (the long prompts' chunks fused into
     the short ones' decode steps), each prompt with no adapter and two adapters."""
     name = "tiny" if architecture == "llama" else f"tiny-{architecture}"
-    base = load_base_model(name)
-    settings = LoraSettings(target_modules=("qkv_proj",) if architecture == "phi3" else ("q_proj", "v_proj"))
-    layout = LoraLayout.from_model(base.model, settings)
-    adapters: list[GeneratedAdapter | None] = [None]
-    for seed in (1, 2):
-        vector = torch.randn(layout.dim, generator=torch.Generator().manual_seed(seed)) * 0.5
-        adapters.append(GeneratedAdapter(layout.unflatten(vector), settings, base.name, f"{architecture}-{seed}"))
+    settings, adapters = architecture_adapters(architecture, load_base_model(name))
     parity = run_parity(
         lambda: load_base_model(name), adapters, PROMPTS, 12, tmp_path, settings.target_modules, prefill_chunk=4,
         fused=True,
