@@ -14,8 +14,8 @@ distinct adapters through few slots cost.
    prefill), ``--groups`` value, ``--packed`` value (``EngineConfig.packed_linears`` and
    ``matmul_decode_attention``, the service's CPU generation path) and ``--chunk-ms`` value
    (``EngineConfig.prefill_chunk_target_ms``: chunks sized by time while rows decode), ``--gc-freeze`` value (the
-   start-up heap frozen, as the service leaves it, or not) and ``--fused`` value (``fuse_prefill_chunks``: each
-   chunk read in a decode step's forward pass, as the service does on the CPU, or in a pass of its own).
+   start-up heap frozen, as the service leaves it, or not) and ``--fused`` value (``fused_passes``: every
+   decode group and the chunk in one forward pass per step, as the service does on the CPU, or a pass each).
    Target: <= 100 ms.
 2. **256 adapters through 8 slots.** ``--requests`` requests, ``--slots`` at a time (8 slots, batch 8), each request
    with its own adapter from a set of ``--adapters`` (256: nearly every request swaps an adapter in) vs from a set of
@@ -165,7 +165,7 @@ def long_prompt_interference(
         max_decode_groups=groups,
         packed_linears=packed,
         matmul_decode_attention=packed,
-        fuse_prefill_chunks=fused,
+        fused_passes=fused,
         threads=threads,
     )
     engine = Engine(base, config)
@@ -357,7 +357,7 @@ def main() -> None:
                 packed, threads, chunk_ms, fused,
             )  # fmt: skip
             row["packed_linears"], row["engine_threads"], row["prefill_chunk_target_ms"] = packed, threads, chunk_ms
-            row["gc_frozen"], row["fused_chunks"] = freeze, fused
+            row["gc_frozen"], row["fused_passes"] = freeze, fused
             print(json.dumps(row))
             results["long_prompt"].append(row)
 

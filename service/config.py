@@ -93,10 +93,10 @@ class Settings(BaseSettings):
         " tokens do not depend on the other rows' padding (greedy parity with plain peft); false: one call over the"
         " padded rows, faster",
     )
-    fused_chunks: bool = Field(
+    fused_passes: bool = Field(
         True,
-        description="CPU: a long prompt's prefill chunk is read in the same forward pass as a decode step (one pass"
-        " over the weights instead of two; equal up to float rounding)",
+        description="CPU: every decode group's step and a long prompt's prefill chunk go in one forward pass (one"
+        " pass over the weights instead of one each; equal up to float rounding)",
     )
 
     # limits

@@ -101,7 +101,7 @@ def start_engine(
         prefix_cache_entries=settings.prefix_cache_entries,
         packed_linears=settings.packed_linears,
         matmul_decode_attention=settings.matmul_decode_attention,
-        fuse_prefill_chunks=settings.fused_chunks,
+        fused_passes=settings.fused_passes,
         attend_rows_alone=settings.attend_rows_alone,
         threads=threads,
     )

@@ -39,9 +39,9 @@ class EngineConfig:
     ``matmul_decode_attention``: on the CPU in float32, a decode step's attention runs as two batched matmuls instead
     of SDPA's flash kernel (``attention.py``: faster at decode sizes, equal up to float rounding); every pass without
     a cache, among them those that make adapters, keeps SDPA. Off by default here; the service turns it on.
-    ``fuse_prefill_chunks``: on the CPU, a long prompt's chunk is read in the same forward pass as a decode group's
-    step (``fused.py``: one pass over the weights instead of two, so the chunk adds its tokens' cost only); equal up
-    to float rounding. Off by default here; the service turns it on.
+    ``fused_passes``: on the CPU, all decode groups' steps and a long prompt's chunk go in one forward pass per step
+    (``fused.py``: one pass over the weights instead of one per group and chunk, so a chunk or a second group adds
+    only its tokens' cost); equal up to float rounding. Off by default here; the service turns it on.
     ``attend_rows_alone``: in bf16 / fp16 on the CPU, a decode step attends each row over its own keys only
     (``attention.py``), so a row's tokens do not depend on the other rows' padding (greedy parity with plain peft in
     a mixed batch); off: one SDPA call over the padded rows, faster (measured 1.25x the bf16 tok/s with 16 adapters),
@@ -68,7 +68,7 @@ class EngineConfig:
     prefix_cache_entries: int = 64
     packed_linears: bool = False
     matmul_decode_attention: bool = False
-    fuse_prefill_chunks: bool = False
+    fused_passes: bool = False
     attend_rows_alone: bool = True
     threads: int = 0
 

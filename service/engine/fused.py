@@ -1,4 +1,4 @@
-"""A decode step and a long prompt's prefill chunk in one forward pass.
+"""A decode step's groups and a long prompt's prefill chunk in one forward pass.
 
 A long prompt is read in chunks between decode steps (the scheduler's ``_prefill_chunk``), so that running streams keep
 decoding. On the CPU each pass has a large fixed cost, whatever its token count: it reads every weight once (SmolLM2's
@@ -6,18 +6,21 @@ decoding. On the CPU each pass has a large fixed cost, whatever its token count:
 step of 8 rows 47 ms, a chunk of 8 tokens 69 ms, a pass of 16 tokens 87 ms. So a chunk in a pass of its own makes the
 streams wait for a second pass, and at small chunk sizes the fixed cost dominates.
 
-Here the decode rows of one group (one token each) and the chunk's tokens (one row, ``k`` tokens) run as one flat
-sequence ``[1, B + k]``: every Linear, norm and MLP runs once over all of them, per token, as they would apart.
-What is not per token is split inside the pass:
+The same holds for decode groups (rows kept apart so that a long row does not pad short ones): each group was a pass
+of its own, so a 2,000-token row decoding beside 8 short streams doubled their step.
 
-- **keys and values**: ``FusedKV.update`` writes the first ``B`` tokens into the group's cache (one position per row)
-  and the rest into the chunk's cache, as the two passes would;
+Here every decode group's rows (one token each) and, while a long prompt is read, its chunk (one row, ``k`` tokens)
+run as one flat sequence ``[1, B + k]`` of ``Segment``s: every Linear, norm and MLP runs once over all of them, per
+token, as they would apart. What is not per token is split inside the pass:
+
+- **keys and values**: ``FusedKV.update`` writes each segment's tokens into its own cache (a group's: one position
+  per row; the chunk's: ``k`` positions), as the separate passes would;
 - **attention**: ``fused_attention`` (registered with transformers' ``AttentionInterface`` and switched on only for
-  the pass) attends the ``B`` decode queries to their rows' cached keys with the group's padding mask, and the chunk's
+  the pass) attends each group's queries to their rows' cached keys with the group's padding mask, and the chunk's
   queries causally to the chunk's keys, each through the attention function the model runs otherwise (SDPA or the
-  matmul decode attention), then puts the outputs back in token order;
-- **LoRA**: ``LoraBank.activate_split`` applies the group's per-row slots to the first ``B`` tokens and the chunk's
-  slot to the rest (``SlottedLoraLinear``);
+  engine's decode attention), then puts the outputs back in token order;
+- **LoRA**: ``LoraBank.activate_split`` applies the rows' own slots to their tokens and the chunk's slot to the
+  rest (``SlottedLoraLinear``);
 - **positions**: each token's own, so the rotary embedding is per token as always.
 
 Since the mask is built here, transformers builds none (an attention name without a mask function makes its mask
@@ -25,7 +28,7 @@ code return at once). The results equal the two passes' up to float rounding (a 
 differently), like the packed Linears; ``tests/engine/test_fused.py`` checks greedy tokens against plain peft.
 
 Where: the CPU (where the pass's fixed cost was measured), for models whose every layer attends to the whole prefix
-through SDPA or the matmul decode attention (``fused_chunks_unavailable`` says why not otherwise: sliding windows
+through SDPA or the matmul decode attention (``fused_passes_unavailable`` says why not otherwise: sliding windows
 and eager attention need masks this module does not build).
 """
 
@@ -48,34 +51,51 @@ NAME = "icm_lora_fused_chunk"
 _INNER = ("sdpa", DECODE_ATTENTION)  # the implementations whose masks this module builds
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive tokens of a fused pass that share one cache: a decode group (``rows`` rows, one token each, in row
+    order) or a prefill chunk (one row, ``tokens`` tokens)."""
+
+    cache: BatchKVCache
+    rows: int
+    tokens: int
+    mask: torch.Tensor | None  # as that pass alone would give the attention (None: no padding, or a first chunk)
+    lengths: list[int] | None = None  # a decode group's real row lengths (the low-precision decode attention's)
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.tokens
+
+
 @dataclass
 class FusedKV:
-    """The cache of one fused pass: ``rows`` decode tokens for ``group`` (one per row, in row order), then the chunk's
-    tokens for ``chunk``. ``update`` is what the model's attention layers call; ``fused_attention`` reads what it
-    wrote (``layers``)."""
+    """The cache of one fused pass over ``segments``, in token order. ``update`` is what the model's attention layers
+    call; ``fused_attention`` reads what it wrote (``layers``)."""
 
-    group: BatchKVCache
-    chunk: BatchKVCache
-    rows: int
-    decode_mask: torch.Tensor | None  # the group's padding mask, as its decode step passes it (None: no padding)
-    chunk_mask: torch.Tensor | None  # [1, 1, k, prefix + k] bool, or None for a first chunk (plain causal)
+    segments: list[Segment]
     inner: str  # the attention implementation the model runs outside fused passes
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        b = self.rows
-        # [1, KVH, B + k, D]: the decode tokens become one position of each row, [B, KVH, 1, D]
-        group_k, group_v = self.group.update(
-            key_states[:, :, :b].transpose(0, 2), value_states[:, :, :b].transpose(0, 2), layer_idx
-        )
-        chunk_k, chunk_v = self.chunk.update(key_states[:, :, b:], value_states[:, :, b:], layer_idx)
-        self.layers[layer_idx] = (group_k, group_v, chunk_k, chunk_v)
+        written = []
+        start = 0
+        for segment in self.segments:  # [1, KVH, T, D] -> each segment's own shape
+            k = _rows_of(key_states[:, :, start : start + segment.size], segment)
+            v = _rows_of(value_states[:, :, start : start + segment.size], segment)
+            written.append(segment.cache.update(k, v, layer_idx))
+            start += segment.size
+        self.layers[layer_idx] = written
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # asked only when no position ids are given
         raise RuntimeError("a fused pass needs explicit position ids")
+
+
+def _rows_of(flat: torch.Tensor, segment: Segment) -> torch.Tensor:
+    """[1, heads, rows * tokens, D] -> [rows, heads, tokens, D] (a decode group's tokens become one position each)."""
+    return flat.transpose(0, 2) if segment.tokens == 1 else flat
 
 
 _CURRENT: ContextVar[FusedKV | None] = ContextVar("icm_lora_fused_pass", default=None)
@@ -90,29 +110,31 @@ def fused_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    decode_lengths: list[int] | None = None,
     **kwargs: torch.Tensor | None,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature; ``query`` [1, H, B + k, D] -> ([1, B + k, H, D], None)."""
+    """transformers' attention signature; ``query`` [1, H, T, D] -> ([1, T, H, D], None)."""
     fused = _CURRENT.get()
     if fused is None:
         raise RuntimeError("fused_attention runs only inside fused_pass()")
     layer_idx = getattr(module, "layer_idx", None)
     if not isinstance(layer_idx, int):
         raise RuntimeError("fused_attention needs the attention module's layer_idx")
-    group_k, group_v, chunk_k, chunk_v = fused.layers[layer_idx]
     attend = ALL_ATTENTION_FUNCTIONS[fused.inner]
-    b = fused.rows
-    decode, _ = attend(
-        module, query[:, :, :b].transpose(0, 2), group_k, group_v, fused.decode_mask, scaling=scaling, **kwargs
-    )  # [B, 1, H, D]
-    chunk, _ = attend(module, query[:, :, b:], chunk_k, chunk_v, fused.chunk_mask, scaling=scaling, **kwargs)
-    return torch.cat([decode.transpose(0, 1), chunk], dim=1), None
+    outputs = []
+    start = 0
+    for segment, (k, v) in zip(fused.segments, fused.layers[layer_idx], strict=True):
+        q = _rows_of(query[:, :, start : start + segment.size], segment)
+        out, _ = attend(module, q, k, v, segment.mask, scaling=scaling, decode_lengths=segment.lengths, **kwargs)
+        outputs.append(out.transpose(0, 1) if segment.tokens == 1 else out)  # [rows, 1, H, D] -> [1, rows, H, D]
+        start += segment.size
+    return torch.cat(outputs, dim=1), None
 
 
 AttentionInterface.register(NAME, fused_attention)  # no mask function: transformers then builds no mask for it
 
 
-def fused_chunks_unavailable(model: PreTrainedModel, device: torch.device) -> str | None:
+def fused_passes_unavailable(model: PreTrainedModel, device: torch.device) -> str | None:
     """None when the scheduler may fuse prefill chunks into decode steps for ``model`` on ``device``, else why not."""
     if device.type != "cpu":
         return f"measured on the CPU only (the model is on {device})"

@@ -41,7 +41,7 @@ from transformers import PreTrainedModel
 
 from service.engine.config import EngineConfig
 from service.engine.errors import EngineClosed, EngineError, QueueFull
-from service.engine.fused import FusedKV, chunk_mask, fused_chunks_unavailable, fused_pass
+from service.engine.fused import FusedKV, Segment, chunk_mask, fused_pass, fused_passes_unavailable
 from service.engine.kv_cache import BatchKVCache
 from service.engine.lora_layers import NO_SLOT, LoraBank, PreparedAdapter, SwapEvents
 from service.engine.observer import EngineObserver, EngineStats, GuardedObserver
@@ -104,7 +104,6 @@ class _Group:
     cache: BatchKVCache
     next_ids: torch.Tensor
     positions: torch.Tensor
-    step_s: float | None = None  # its last decode pass on its own (what a fused pass's chunk adds is measured over it)
 
     def add(
         self, rows: list[Job], cache: BatchKVCache, next_ids: torch.Tensor, positions: torch.Tensor, capacity: int
@@ -196,12 +195,13 @@ class Scheduler:
         # chunk sizes by time while rows decode; the CPU only (on CUDA a pass returns before the GPU has run it)
         target_s = config.prefill_chunk_target_ms / 1000 if self.device.type == "cpu" else 0.0
         self.pacer = ChunkPacer(target_s, config.prefill_chunk)
-        self.fuse_chunks = False  # a prefill chunk rides in a decode group's forward pass (fused.py)
-        self.fused_steps = 0
-        if config.fuse_prefill_chunks:
-            reason = fused_chunks_unavailable(model, self.device)
-            self.fuse_chunks = reason is None
-            log.info("prefill chunks %s", "share decode steps' passes" if reason is None else f"not fused: {reason}")
+        self.fuse_passes = False  # decode groups and a prefill chunk in one forward pass per step (fused.py)
+        self.fused_steps = 0  # prefill chunks read in a fused pass
+        self._decode_pass_s: float | None = None  # the last step's pass(es) without a chunk: what a chunk adds to
+        if config.fused_passes:
+            reason = fused_passes_unavailable(model, self.device)
+            self.fuse_passes = reason is None
+            log.info("decode groups and prefill chunks %s", "share one pass" if reason is None else f"apart: {reason}")
         self._pending_swaps: list[tuple[str, int, str | None, SwapEvents]] = []  # CUDA copies not timed yet
         self.swaps_total = 0
         self.swap_seconds_total = 0.0
@@ -342,7 +342,7 @@ class Scheduler:
             self._prefilling.extend(self._load_slots([job for job in admitted if job not in short]))
             if short:
                 self._prefill(short)
-        if self._prefilling and self._groups and self.fuse_chunks:
+        if self.fuse_passes and self._groups and (self._prefilling or len(self._groups) > 1):
             self._fused_step()
             return
         if self._prefilling:
@@ -571,59 +571,70 @@ class Scheduler:
         self._finish(job, FINISH_ERROR, EngineError(f"prefill failed: {exc}"))
 
     def _fused_step(self) -> None:
-        """The next chunk of the oldest long prompt in the forward pass of the first decode group's step
-        (``fused.py``: one pass over the weights instead of two); the other groups then decode on their own. The
-        pacer sizes the chunk by what it adds to that pass."""
-        job = self._next_chunk_job()
-        if job is None:
-            self._decode_step()
-            return
-        group = self._groups[0]
-        rows = len(group.rows)
-        cache, done, end = self._chunk_span(job, decoding=True)
-        tokens = end - done
+        """Every decode group's step, and the next chunk of the oldest long prompt if one is being read, in one
+        forward pass (``fused.py``: one pass over the weights instead of one per group and chunk). The pacer sizes
+        the chunk by what it adds to the groups' pass."""
+        job = self._next_chunk_job() if self._prefilling else None
+        groups = list(self._groups)
+        rows = sum(len(group.rows) for group in groups)
+        span = self._chunk_span(job, decoding=True) if job is not None else None
         start = time.perf_counter()
         try:
-            decode_mask = self._step_mask(group)
-            ids = torch.tensor(job.prompt_ids[done:end], dtype=torch.long).to(self.device)
-            positions = torch.arange(done, end, dtype=torch.long).to(self.device)
-            keep = list(range(rows)) + ([rows + tokens - 1] if end == len(job.prompt_ids) else [])
-            kv = FusedKV(group.cache, cache, rows, decode_mask, chunk_mask(done, tokens, self.device), self._attention)
-            self.bank.activate([row.slot for row in group.rows])
-            self.bank.activate_split(rows, job.slot)
+            segments = [
+                Segment(g.cache, len(g.rows), 1, self._step_mask(g), g.cache.real_lengths()) for g in groups
+            ]  # _step_mask opens each group's position for this step
+            ids = [g.next_ids.view(-1) for g in groups]
+            positions = [g.positions.view(-1) for g in groups]
+            keep = list(range(rows))
+            if job is not None and span is not None:
+                cache, done, end = span
+                segments.append(Segment(cache, 1, end - done, chunk_mask(done, end - done, self.device)))
+                ids.append(torch.tensor(job.prompt_ids[done:end], dtype=torch.long).to(self.device))
+                positions.append(torch.arange(done, end, dtype=torch.long).to(self.device))
+                if end == len(job.prompt_ids):
+                    keep.append(rows + end - done - 1)
+            kv = FusedKV(segments, self._attention)
+            self.bank.activate([row.slot for g in groups for row in g.rows])
+            self.bank.activate_split(rows, job.slot if job is not None else None)
             try:
                 with fused_pass(self.model, kv):
                     out = self.model(
-                        input_ids=torch.cat([group.next_ids.view(-1), ids]).view(1, -1),
-                        position_ids=torch.cat([group.positions.view(-1), positions]).view(1, -1),
+                        input_ids=torch.cat(ids).view(1, -1),
+                        position_ids=torch.cat(positions).view(1, -1),
                         cache=kv,
                         use_cache=True,
                         logits_to_keep=torch.tensor(keep, device=self.device),
-                        decode_lengths=group.cache.real_lengths(),
                     )
             finally:
                 self.bank.end_split()
-            logits = out.logits[0]  # [rows (+ 1 after the last chunk), V]
+            logits = out.logits[0]  # [rows (+ 1 after a prompt's last chunk), V]
         except Exception as exc:
-            log.exception("fused decode step and prefill chunk failed")
-            self._groups.remove(group)
-            for row in group.rows:
-                self._finish(row, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
-            self._chunk_failed(job, exc)
+            log.exception("fused decode step failed")
+            for group in groups:
+                self._groups.remove(group)
+                for row in group.rows:
+                    self._finish(row, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
+            if job is not None:
+                self._chunk_failed(job, exc)
             return
         seconds = time.perf_counter() - start
-        self.fused_steps += 1
-        added = seconds - group.step_s if group.step_s is not None else seconds  # what the chunk added to the pass
-        self.observer.on_prefill(1, tokens, max(added, 0.0))
-        self.observer.on_chunk(tokens, max(added, 0.0), fused=True)
-        if group.step_s is not None and added > 0:
-            self.pacer.observe(tokens, added)
-        others = self._groups[1:]
-        self._decoded(group, logits[:rows])
-        self._chunk_read(job, cache, end, logits[rows:])
-        for other in others:
-            if other in self._groups:
-                self._decode_group(other)
+        if job is None or span is None:
+            self._decode_pass_s = seconds
+        else:
+            tokens = span[2] - span[1]
+            self.fused_steps += 1
+            added = seconds - self._decode_pass_s if self._decode_pass_s is not None else seconds
+            self.observer.on_prefill(1, tokens, max(added, 0.0))
+            self.observer.on_chunk(tokens, max(added, 0.0), fused=True)
+            if self._decode_pass_s is not None and added > 0:
+                self.pacer.observe(tokens, added)
+        offset = 0
+        for group in groups:
+            n = len(group.rows)
+            self._decoded(group, logits[offset : offset + n])
+            offset += n
+        if job is not None and span is not None:
+            self._chunk_read(job, span[0], span[2], logits[rows:])
         self._merge_groups()
 
     def _join(
@@ -689,7 +700,8 @@ class Scheduler:
                 self._finish(job, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
             return
         logits = out.logits[:, -1, :]
-        group.step_s = time.perf_counter() - start
+        if len(self._groups) == 1:
+            self._decode_pass_s = time.perf_counter() - start
         self._decoded(group, logits)
 
     def _step_mask(self, group: _Group) -> torch.Tensor | None:

@@ -90,7 +90,7 @@ def run_parity(
     """Every prompt with every adapter (None: the base model); ``load`` builds a fresh copy of the base model.
     ``packed``: the engine generates on packed Linear weights (``EngineConfig.packed_linears``); ``decode_attention``:
     its decode steps attend through batched matmuls (``EngineConfig.matmul_decode_attention``); ``prefill_chunk``:
-    longer prompts are read in chunks, ``fused``: in the passes of decode steps (``fuse_prefill_chunks``)."""
+    longer prompts are read in chunks, ``fused``: in the passes of decode steps (``fused_passes``)."""
     engine_base = load()
     tokenizer = engine_base.tokenizer
     rows = [(tokenizer(p)["input_ids"], a) for a in adapters for p in prompts]
@@ -104,7 +104,7 @@ def run_parity(
         packed_linears=packed,
         matmul_decode_attention=decode_attention,
         prefill_chunk=prefill_chunk,
-        fuse_prefill_chunks=fused,
+        fused_passes=fused,
     )
     with Engine(engine_base, config) as engine:
         alone = [engine.generate(ids, a, params).token_ids for ids, a in rows]

@@ -3,6 +3,8 @@ padding for the short rows), groups merge once that is cheaper, and every token 
 
 from __future__ import annotations
 
+import pytest
+
 from service.engine import Engine, EngineConfig, SamplingParams
 from service.engine.scheduler import Scheduler, _padding_added
 from tests.engine.conftest import MakeAdapter, RecordingObserver, Reference
@@ -33,13 +35,29 @@ def test_padding_added_counts_the_shorter_side() -> None:
     assert _padding_added(group_rows=3, group_length=10, rows=1, length=10) == 0
 
 
+@pytest.mark.parametrize("fused", [False, True])
 def test_a_long_prompt_decodes_in_its_own_group_then_the_groups_merge(
-    adapter: MakeAdapter, reference: Reference, prompt_ids: list[list[int]]
+    adapter: MakeAdapter,
+    reference: Reference,
+    prompt_ids: list[list[int]],
+    fused: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """``fused``: the groups' steps (and the long prompt's chunks) go in one forward pass per step (``fused.py``)."""
     from generator.base_model import load_base_model
 
+    fused_groups: list[int] = []  # groups in each fused pass without a chunk
+    original = Scheduler._fused_step
+
+    def counted(self: Scheduler) -> None:
+        if not self._prefilling:
+            fused_groups.append(len(self._groups))
+        original(self)
+
+    monkeypatch.setattr(Scheduler, "_fused_step", counted)
     observer = GroupObserver()
-    engine = Engine(load_base_model("tiny"), EngineConfig(num_slots=4, max_batch_size=8), observer)
+    config = EngineConfig(num_slots=4, max_batch_size=8, prefill_chunk=64, fused_passes=fused)
+    engine = Engine(load_base_model("tiny"), config, observer)
     observer.scheduler = engine._scheduler
     threshold = engine._scheduler.group_cost_positions
     long_prompt = ([t for ids in prompt_ids for t in ids] * 20)[:300]
@@ -68,3 +86,5 @@ def test_a_long_prompt_decodes_in_its_own_group_then_the_groups_merge(
     merged = [i for i, (groups, size) in enumerate(observer.passes) if i > first_two and groups == 1 and size >= 2]
     assert merged  # later, one pass held the long row and the remaining short ones
     assert stats.decode_groups == 0 and stats.running == 0
+    assert (fused_groups.count(2) > 0) == fused  # two groups, one pass
+    assert (stats.fused_chunks_total > 0) == fused  # the 300-token prompt's chunks rode in the short rows' passes

@@ -12,7 +12,7 @@ import torch
 from generator.base_model import load_base_model, tiny_architecture_config
 from generator.device import Placement
 from service.engine import Engine, SamplingParams
-from service.engine.fused import chunk_mask, fused_chunks_unavailable
+from service.engine.fused import chunk_mask, fused_passes_unavailable
 from service.engine.scheduler import Scheduler
 from tests.engine.conftest import PROMPTS, MakeAdapter, Reference
 from tests.engine.parity import (
@@ -42,7 +42,7 @@ def fused_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_fused_chunks_match_peft_with_adapters_on_both_sides(
     make_engine: Callable[..., Engine], adapter: MakeAdapter, reference: Reference, prompt_ids: list[list[int]]
 ) -> None:
-    engine = make_engine(num_slots=4, prefill_chunk=3, fuse_prefill_chunks=True)
+    engine = make_engine(num_slots=4, prefill_chunk=3, fused_passes=True)
     long_prompt = [t for ids in prompt_ids for t in ids]
     # short prompts decode (in groups, padded) while the long ones are read 3 tokens at a time beside them
     prompts = [prompt_ids[2], prompt_ids[0], long_prompt, prompt_ids[3], long_prompt[5:], prompt_ids[1]]
@@ -57,7 +57,7 @@ def test_a_stream_alone_beside_a_long_prompt(
     make_engine: Callable[..., Engine], adapter: MakeAdapter, reference: Reference, prompt_ids: list[list[int]]
 ) -> None:
     """One running row and a long prompt that joins it at the end: the join after a fused pass keeps both right."""
-    engine = make_engine(num_slots=2, prefill_chunk=4, fuse_prefill_chunks=True)
+    engine = make_engine(num_slots=2, prefill_chunk=4, fused_passes=True)
     running = engine.submit(prompt_ids[2], adapter=adapter(1), params=SamplingParams(max_tokens=40, ignore_eos=True))
     stream = iter(running)
     next(stream)
@@ -86,10 +86,10 @@ def test_fusion_stays_off_where_its_masks_would_be_wrong(architecture: str, why:
     if architecture == "mistral":
         config.sliding_window = 16
     model = AutoModelForCausalLM.from_config(config)
-    reason = fused_chunks_unavailable(model, torch.device("cpu"))
+    reason = fused_passes_unavailable(model, torch.device("cpu"))
     assert reason is not None and why in reason
-    assert "CPU" in (fused_chunks_unavailable(load_base_model("tiny").model, torch.device("cuda")) or "")
-    assert fused_chunks_unavailable(load_base_model("tiny").model, torch.device("cpu")) is None
+    assert "CPU" in (fused_passes_unavailable(load_base_model("tiny").model, torch.device("cuda")) or "")
+    assert fused_passes_unavailable(load_base_model("tiny").model, torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "phi3"])

@@ -99,14 +99,14 @@ def test_generation_runs_on_packed_weights_unless_turned_off(settings_for) -> No
 
 
 def test_long_prompt_chunks_ride_in_decode_steps_unless_turned_off(settings_for) -> None:  # type: ignore[no-untyped-def]
-    """A long prompt arriving while a stream decodes is read in chunks; with ``fused_chunks`` (the default) in the
+    """A long prompt arriving while a stream decodes is read in chunks; with ``fused_passes`` (the default) in the
     stream's decode passes, else in passes of their own; the metric says which (chunks read after the stream ended go
     apart either way), and the answers agree."""
     eos = load_base_model("tiny").tokenizer.eos_token_id
     long_prompt = "Input: " + " ".join(["red green blue cat dog"] * 12) + "\nOutput:"
     texts = []
     for fused in (True, False):
-        settings = settings_for(self_check="keep", prefill_chunk=8, fused_chunks=fused)
+        settings = settings_for(self_check="keep", prefill_chunk=8, fused_passes=fused)
         with serve(settings) as service, service.client() as client:
             task_id = f"long-{int(fused)}"  # the two services share a data dir
             assert client.post("/v1/tasks", json={**TASK, "task_id": task_id}).status_code == 201
