@@ -47,7 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from service.engine.attention import NAME as DECODE_ATTENTION
 from service.engine.kv_cache import BatchKVCache
 
-NAME = "icm_lora_fused_chunk"
+NAME = "icm_lora_fused_pass"
 _INNER = ("sdpa", DECODE_ATTENTION)  # the implementations whose masks this module builds
 
 

@@ -196,7 +196,7 @@ class Scheduler:
         target_s = config.prefill_chunk_target_ms / 1000 if self.device.type == "cpu" else 0.0
         self.pacer = ChunkPacer(target_s, config.prefill_chunk)
         self.fuse_passes = False  # decode groups and a prefill chunk in one forward pass per step (fused.py)
-        self.fused_steps = 0  # prefill chunks read in a fused pass
+        self.fused_chunks_total = 0  # prefill chunks read in a fused pass
         self._decode_pass_s: float | None = None  # the last step's pass(es) without a chunk: what a chunk adds to
         if config.fused_passes:
             reason = fused_passes_unavailable(model, self.device)
@@ -291,7 +291,7 @@ class Scheduler:
             decode_groups=len(groups),
             prefix_hits_total=self.prefixes.hits_total,
             prefix_misses_total=self.prefixes.misses_total,
-            fused_chunks_total=self.fused_steps,
+            fused_chunks_total=self.fused_chunks_total,
         )
 
     # --- engine thread ----------------------------------------------------------------------------------------
@@ -622,7 +622,7 @@ class Scheduler:
             self._decode_pass_s = seconds
         else:
             tokens = span[2] - span[1]
-            self.fused_steps += 1
+            self.fused_chunks_total += 1
             added = seconds - self._decode_pass_s if self._decode_pass_s is not None else seconds
             self.observer.on_prefill(1, tokens, max(added, 0.0))
             self.observer.on_chunk(tokens, max(added, 0.0), fused=True)
