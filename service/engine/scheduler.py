@@ -183,6 +183,8 @@ class Scheduler:
         # a 4D mask goes to the attention as it is: SDPA takes a bool mask, eager attention (Gemma 2's soft-capping)
         # adds it to the scores, so it needs 0 / -inf
         self._attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        # the rows' real lengths, for the decode attention that attends each row alone (bf16 / fp16: attention.py)
+        self._pass_row_lengths = bank.dtype != torch.float32
         self._additive_mask = self._attention == "eager"
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -581,7 +583,7 @@ class Scheduler:
         start = time.perf_counter()
         try:
             segments = [
-                Segment(g.cache, len(g.rows), 1, self._step_mask(g), g.cache.real_lengths()) for g in groups
+                Segment(g.cache, len(g.rows), 1, self._step_mask(g), self._row_lengths(g)) for g in groups
             ]  # _step_mask opens each group's position for this step
             ids = [g.next_ids.view(-1) for g in groups]
             positions = [g.positions.view(-1) for g in groups]
@@ -691,7 +693,7 @@ class Scheduler:
                 position_ids=group.positions,
                 cache=group.cache,
                 use_cache=True,
-                decode_lengths=group.cache.real_lengths(),  # the low-precision decode attention's rows (attention.py)
+                decode_lengths=self._row_lengths(group),
             )
         except Exception as exc:
             log.exception("decode step failed")
@@ -709,6 +711,9 @@ class Scheduler:
         padding)."""
         mask = group.cache.append_position()
         return self._padding_mask(mask) if group.cache.has_padding() else None
+
+    def _row_lengths(self, group: _Group) -> list[int] | None:
+        return group.cache.real_lengths() if self._pass_row_lengths else None
 
     def _decoded(self, group: _Group, logits: torch.Tensor) -> None:
         """A decode step's ``logits`` [B, V] for ``group``'s rows: sample, stream, retire the rows that finished."""
