@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import load_record
 from bench.engine import make_adapters, prompts
 from generator.base_model import load_base_model
 from generator.device import Placement
@@ -78,7 +79,7 @@ def main() -> None:
         "rows_alone_over_padded": round(medians["rows_alone"] / medians["padded_sdpa"], 3),
         "same_token_rows": sum(a == b for a, b in zip(tokens["rows_alone"], tokens["padded_sdpa"], strict=True)),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "engine_threads": threads},
-        "load": {"loadavg_before": load_before, "loadavg_after": os.getloadavg(), "note": args.load_note},
+        "load": load_record(load_before, args.load_note),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -117,6 +117,24 @@ class _Group:
         self.positions = torch.cat([self.positions, positions])
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """The next chunk of a long prompt: prompt positions [done, end) of ``job``, read into ``cache``."""
+
+    job: Job
+    cache: BatchKVCache
+    done: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.done
+
+    @property
+    def last(self) -> bool:
+        return self.end == len(self.job.prompt_ids)
+
+
 def _padding_added(group_rows: int, group_length: int, rows: int, length: int) -> int:
     """Positions x rows attended in vain if ``rows`` of ``length`` join a group of ``group_rows`` of
     ``group_length`` (left padding: the shorter side attends over the longer one's extra positions)."""
@@ -512,61 +530,60 @@ class Scheduler:
         so running streams keep their pace while a long prompt is read. A chunk is ``prefill_chunk`` tokens, or, with
         ``prefill_chunk_target_ms`` and rows decoding, as many as fit that time (``ChunkPacer``). After its last
         chunk the request samples its first token and joins the batch."""
-        job = self._next_chunk_job()
-        if job is None:
+        chunk = self._next_chunk(decoding=bool(self._groups))
+        if chunk is None:
             return
-        cache, done, end = self._chunk_span(job, decoding=bool(self._groups))
         start = time.perf_counter()
         try:
-            ids = torch.tensor([job.prompt_ids[done:end]], dtype=torch.long).to(self.device)
-            positions = torch.arange(done, end, dtype=torch.long).view(1, -1).to(self.device)
-            self.bank.activate([job.slot])
-            out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            ids = torch.tensor([chunk.job.prompt_ids[chunk.done : chunk.end]], dtype=torch.long).to(self.device)
+            positions = torch.arange(chunk.done, chunk.end, dtype=torch.long).view(1, -1).to(self.device)
+            self.bank.activate([chunk.job.slot])
+            out = self.model(input_ids=ids, position_ids=positions, cache=chunk.cache, use_cache=True, logits_to_keep=1)
         except Exception as exc:
-            self._chunk_failed(job, exc)
+            log.exception("chunked prefill failed")
+            self._chunk_failed(chunk.job, exc)
             return
         finally:
             seconds = time.perf_counter() - start
-            self.observer.on_prefill(1, end - done, seconds)
-            self.observer.on_chunk(end - done, seconds, fused=False)
+            self.observer.on_prefill(1, chunk.tokens, seconds)
+            self.observer.on_chunk(chunk.tokens, seconds, fused=False)
             if self._groups:  # rows waited for this pass
-                self.pacer.observe(end - done, seconds)
-        self._chunk_read(job, cache, end, out.logits[:, -1, :])
+                self.pacer.observe(chunk.tokens, seconds)
+        self._chunk_read(chunk, out.logits[:, -1, :])
 
-    def _next_chunk_job(self) -> Job | None:
-        """The long prompt whose chunk is read next (a cancelled one is retired here)."""
+    def _next_chunk(self, decoding: bool) -> _Chunk | None:
+        """The next chunk of the oldest long prompt (None when that prompt was cancelled: it is retired here);
+        ``decoding``: rows will wait for its pass (the pacer sizes it)."""
         job = self._prefilling[0]
         if job.handle.cancel_requested:
             self._prefilling.popleft()
             self._finish(job, FINISH_CANCELLED)
             return None
-        return job
-
-    def _chunk_span(self, job: Job, decoding: bool) -> tuple[BatchKVCache, int, int]:
-        """The job's chunk cache and the [done, end) prompt positions its next chunk reads."""
         cache = job.chunk_cache = job.chunk_cache or BatchKVCache(self.num_layers)
         done = cache.length
-        return cache, done, min(done + self.pacer.size(decoding), len(job.prompt_ids))
+        return _Chunk(job, cache, done, min(done + self.pacer.size(decoding), len(job.prompt_ids)))
 
-    def _chunk_read(self, job: Job, cache: BatchKVCache, end: int, logits: torch.Tensor) -> None:
-        """A chunk up to ``end`` was read; after the last one (``logits``: its last position's, [1, V]) the request
-        samples its first token and joins the batch."""
-        if end < len(job.prompt_ids):
+    def _chunk_read(self, chunk: _Chunk, logits: torch.Tensor) -> None:
+        """``chunk`` was read; after the last one (``logits``: its last position's, [1, V]) the request samples its
+        first token and joins the batch."""
+        if not chunk.last:
             return
+        job = chunk.job
         try:
             self._prefilling.popleft()
             job.chunk_cache = None
-            cache.mask = torch.ones((1, end), dtype=torch.bool, device=self.device)
+            chunk.cache.mask = torch.ones((1, chunk.end), dtype=torch.bool, device=self.device)
             sampled = choose_tokens(logits, [job.params], [job.generator])
             tokens = sampled.tolist()
             logprobs = token_logprobs(logits, [job.params], tokens)
         except Exception as exc:
+            log.exception("chunked prefill failed")
             self._chunk_failed(job, exc)
             return
-        self._join([job], cache, sampled, tokens, logprobs)
+        self._join([job], chunk.cache, sampled, tokens, logprobs)
 
     def _chunk_failed(self, job: Job, exc: BaseException) -> None:
-        log.exception("chunked prefill failed")
+        """Retire a long prompt whose chunk failed (the caller logged why)."""
         if self._prefilling and self._prefilling[0] is job:
             self._prefilling.popleft()
         job.chunk_cache = None
@@ -576,10 +593,9 @@ class Scheduler:
         """Every decode group's step, and the next chunk of the oldest long prompt if one is being read, in one
         forward pass (``fused.py``: one pass over the weights instead of one per group and chunk). The pacer sizes
         the chunk by what it adds to the groups' pass."""
-        job = self._next_chunk_job() if self._prefilling else None
+        chunk = self._next_chunk(decoding=True) if self._prefilling else None
         groups = list(self._groups)
         rows = sum(len(group.rows) for group in groups)
-        span = self._chunk_span(job, decoding=True) if job is not None else None
         start = time.perf_counter()
         try:
             segments = [
@@ -588,16 +604,16 @@ class Scheduler:
             ids = [g.next_ids.view(-1) for g in groups]
             positions = [g.positions.view(-1) for g in groups]
             keep = list(range(rows))
-            if job is not None and span is not None:
-                cache, done, end = span
-                segments.append(Segment(cache, 1, end - done, chunk_mask(done, end - done, self.device)))
-                ids.append(torch.tensor(job.prompt_ids[done:end], dtype=torch.long).to(self.device))
+            if chunk is not None:
+                done, end = chunk.done, chunk.end
+                segments.append(Segment(chunk.cache, 1, chunk.tokens, chunk_mask(done, chunk.tokens, self.device)))
+                ids.append(torch.tensor(chunk.job.prompt_ids[done:end], dtype=torch.long).to(self.device))
                 positions.append(torch.arange(done, end, dtype=torch.long).to(self.device))
-                if end == len(job.prompt_ids):
-                    keep.append(rows + end - done - 1)
+                if chunk.last:
+                    keep.append(rows + chunk.tokens - 1)
             kv = FusedKV(segments, self._attention)
             self.bank.activate([row.slot for g in groups for row in g.rows])
-            self.bank.activate_split(rows, job.slot if job is not None else None)
+            self.bank.activate_split(rows, chunk.job.slot if chunk is not None else None)
             try:
                 with fused_pass(self.model, kv):
                     out = self.model(
@@ -616,27 +632,26 @@ class Scheduler:
                 self._groups.remove(group)
                 for row in group.rows:
                     self._finish(row, FINISH_ERROR, EngineError(f"decode step failed: {exc}"))
-            if job is not None:
-                self._chunk_failed(job, exc)
+            if chunk is not None:
+                self._chunk_failed(chunk.job, exc)
             return
         seconds = time.perf_counter() - start
-        if job is None or span is None:
+        if chunk is None:
             self._decode_pass_s = seconds
         else:
-            tokens = span[2] - span[1]
             self.fused_chunks_total += 1
             added = seconds - self._decode_pass_s if self._decode_pass_s is not None else seconds
-            self.observer.on_prefill(1, tokens, max(added, 0.0))
-            self.observer.on_chunk(tokens, max(added, 0.0), fused=True)
+            self.observer.on_prefill(1, chunk.tokens, max(added, 0.0))
+            self.observer.on_chunk(chunk.tokens, max(added, 0.0), fused=True)
             if self._decode_pass_s is not None and added > 0:
-                self.pacer.observe(tokens, added)
+                self.pacer.observe(chunk.tokens, added)
         offset = 0
         for group in groups:
             n = len(group.rows)
             self._decoded(group, logits[offset : offset + n])
             offset += n
-        if job is not None and span is not None:
-            self._chunk_read(job, span[0], span[2], logits[rows:])
+        if chunk is not None:
+            self._chunk_read(chunk, logits[rows:])
         self._merge_groups()
 
     def _join(
