@@ -38,7 +38,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "icm_lora_cpu_decode"
-_SDPA_ONLY = ("softcap", "position_bias", "s_aux", "sinks")  # what only the SDPA path (or none) knows how to apply
+SDPA_ONLY = ("softcap", "position_bias", "s_aux", "sinks")  # what only the SDPA path (or none) knows how to apply
 
 
 def decode_attention(
@@ -57,7 +57,7 @@ def decode_attention(
     ``decode_lengths``: each row's real keys (the last ones of its left-padded row), for the low-precision path."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    if q_len != 1 or k_len == 1 or dropout or any(kwargs.get(k) is not None for k in _SDPA_ONLY):
+    if q_len != 1 or k_len == 1 or dropout or any(kwargs.get(k) is not None for k in SDPA_ONLY):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from generator.base_model import load_base_model, tiny_architecture_config
 from generator.device import Placement
 from service.engine import Engine, SamplingParams
-from service.engine.fused import chunk_mask, fused_passes_unavailable
+from service.engine.fused import chunk_attention, chunk_mask, fused_passes_unavailable
 from service.engine.scheduler import Scheduler
 from tests.engine.conftest import PROMPTS, MakeAdapter, Reference
 from tests.engine.parity import (
@@ -74,6 +75,24 @@ def test_chunk_mask_is_causal_over_the_prefix() -> None:
     mask = chunk_mask(2, 3, torch.device("cpu"))
     assert mask is not None and mask.shape == (1, 1, 3, 5)
     assert mask[0, 0].tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
+
+
+@pytest.mark.parametrize("done", [0, 5])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_chunk_attention_on_key_value_heads_equals_transformers_sdpa(done: int, groups: int) -> None:
+    """The chunk's attention skips transformers' copy of the keys per query head: same outputs."""
+    generator = torch.Generator().manual_seed(done + groups)
+    kv_heads, tokens, dim = 2, 4, 8
+    module = torch.nn.Module()
+    module.num_key_value_groups = groups  # type: ignore[assignment]
+    module.is_causal = True  # type: ignore[assignment]
+    query = torch.randn(1, kv_heads * groups, tokens, dim, generator=generator)
+    key, value = (torch.randn(1, kv_heads, done + tokens, dim, generator=generator) for _ in range(2))
+    mask = chunk_mask(done, tokens, torch.device("cpu"))
+    want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    got = chunk_attention(query, key, value, mask, 0.3)
+    assert got.shape == want.shape == (1, tokens, kv_heads * groups, dim)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
