@@ -8,6 +8,11 @@ costs more as the prompt's prefix grows (every chunk attends to all the tokens b
 ``ChunkPacer`` sizes chunks by time instead. While rows are decoding, each chunk is sized so that its pass takes
 about ``target_s``, from the seconds per token of the chunks before it (their cost grows slowly, so the last one is a
 good guide); while nothing decodes, nobody waits, and a chunk is ``max_tokens`` (the engine's ``prefill_chunk``).
+
+A chunk is at most twice the one before it. What a small chunk adds to the decode pass it rides in is close to
+nothing and noisy (the pass reads every weight whatever its token count, and the decode pass it is compared with
+varies by a few ms), so seconds per token measured on one can be far too low: seen on SmolLM2 with 8 streams, a chunk
+of 8 tokens that seemed to add 2 ms was followed by one of about 200 tokens that held the streams 250 ms.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class ChunkPacer:
         self.max_tokens = max_tokens
         self.min_tokens = min(min_tokens, max_tokens)
         self._seconds_per_token: float | None = None  # of the last chunk read while rows were decoding
+        self._last_tokens = 0  # that chunk's size: the next one is at most twice it
 
     @property
     def paced(self) -> bool:
@@ -32,10 +38,11 @@ class ChunkPacer:
             return self.max_tokens
         if self._seconds_per_token is None:  # nothing measured yet: start small, grow from the first measurement
             return self.min_tokens
-        tokens = int(self.target_s / self._seconds_per_token)
+        tokens = min(int(self.target_s / self._seconds_per_token), 2 * self._last_tokens)
         return max(self.min_tokens, min(self.max_tokens, tokens))
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A chunk of ``tokens`` took ``seconds`` (a pass with rows decoding beside it)."""
         if tokens > 0 and seconds > 0:
             self._seconds_per_token = seconds / tokens
+            self._last_tokens = tokens

@@ -28,6 +28,7 @@ the waiting queue and the call queue are shared with submitters under one condit
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections import deque
@@ -217,7 +218,8 @@ class Scheduler:
         self.pacer = ChunkPacer(target_s, config.prefill_chunk)
         self.fuse_passes = False  # decode groups and a prefill chunk in one forward pass per step (fused.py)
         self.fused_chunks_total = 0  # prefill chunks read in a fused pass
-        self._decode_pass_s: float | None = None  # the last step's pass(es) without a chunk: what a chunk adds to
+        # the last few steps' passes without a chunk: what a chunk adds to (their median: one pass can be slow)
+        self._decode_passes: deque[float] = deque(maxlen=5)
         if config.fused_passes:
             reason = fused_passes_unavailable(model, self.device)
             self.fuse_passes = reason is None
@@ -637,13 +639,14 @@ class Scheduler:
             return
         seconds = time.perf_counter() - start
         if chunk is None:
-            self._decode_pass_s = seconds
+            self._decode_passes.append(seconds)
         else:
             self.fused_chunks_total += 1
-            added = seconds - self._decode_pass_s if self._decode_pass_s is not None else seconds
+            decode_s = statistics.median(self._decode_passes) if self._decode_passes else None
+            added = seconds - decode_s if decode_s is not None else seconds
             self.observer.on_prefill(1, chunk.tokens, max(added, 0.0))
             self.observer.on_chunk(chunk.tokens, max(added, 0.0), fused=True)
-            if self._decode_pass_s is not None and added > 0:
+            if decode_s is not None and added > 0:
                 self.pacer.observe(chunk.tokens, added)
         offset = 0
         for group in groups:
@@ -718,7 +721,7 @@ class Scheduler:
             return
         logits = out.logits[:, -1, :]
         if len(self._groups) == 1:
-            self._decode_pass_s = time.perf_counter() - start
+            self._decode_passes.append(time.perf_counter() - start)
         self._decoded(group, logits)
 
     def _step_mask(self, group: _Group) -> torch.Tensor | None:

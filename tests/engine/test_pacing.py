@@ -17,14 +17,26 @@ def test_pacer_sizes_chunks_from_the_last_chunks_seconds_per_token() -> None:
     assert pacer.size(decoding=False) == 256  # nobody waits
     assert pacer.size(decoding=True) == 8  # nothing measured yet
     pacer.observe(8, 0.016)  # 2 ms per token
-    assert pacer.size(decoding=True) == 25
-    pacer.observe(25, 0.001)  # fast: capped at max_tokens
+    assert pacer.size(decoding=True) == 16  # 25 would fit the target: at most twice the last chunk
+    pacer.observe(20, 0.05)  # 2.5 ms per token
+    assert pacer.size(decoding=True) == 20
+    pacer.observe(200, 0.001)  # fast: capped at max_tokens
     assert pacer.size(decoding=True) == 256
     pacer.observe(256, 2.56)  # slow: floored at min_tokens
     assert pacer.size(decoding=True) == 8
     off = ChunkPacer(0.0, max_tokens=64)
     off.observe(8, 1.0)
     assert off.size(decoding=True) == 64 and not off.paced
+
+
+def test_a_chunk_that_seemed_free_does_not_make_the_next_one_huge() -> None:
+    pacer = ChunkPacer(0.05, max_tokens=256, min_tokens=8)
+    pacer.observe(8, 0.0005)  # a first chunk that seemed to add almost nothing
+    sizes = []
+    for _ in range(4):
+        sizes.append(pacer.size(decoding=True))
+        pacer.observe(sizes[-1], 0.00005 * sizes[-1])  # still cheap: the size doubles each time, up to the cap
+    assert sizes == [16, 32, 64, 128]
 
 
 @pytest.mark.parametrize(("fixed_s", "per_token_s"), [(0.02, 0.001), (0.0, 0.002), (0.045, 0.0005)])
