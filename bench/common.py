@@ -45,6 +45,26 @@ def settle(busy_below: float = 0.1, window_s: float = 0.25, max_s: float = 15.0)
     return round(time.monotonic() - start, 2)
 
 
+def machine_probe(repeats: int = 4000) -> float:
+    """Seconds of a fixed CPU workload: ``repeats`` fp32 matmuls of a SmolLM2 decode shape (16 rows x 576 @ 576 x
+    1536) on every core. Timed between the rounds of a paired benchmark, its spread is the machine's own (seen on a
+    2-core cloud VM: +-10% over 12 runs of a 0.9 s loop), a floor under any server's run-to-run spread there."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(576, 1536, generator=generator)
+        rows = torch.randn(16, 576, generator=generator)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            rows @ weight
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pooled_client(connections: int, **options: Any) -> httpx.Client:
     """One connection pool for every request of a run, as a real client keeps (``options``: ``httpx.Client``'s). A
     client made per request (``httpx.post``, or a ``Client`` per request thread) builds an SSL context each time: about

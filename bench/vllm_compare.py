@@ -12,7 +12,10 @@ adapter, and with ``--adapters`` different adapters (each task resolved by vLLM 
 serving, not fetching). Every request goes through one pooled HTTP client with keep-alive
 (``bench.common.pooled_client``), as a real client's would, and each burst starts once the machine is quiet
 (``bench.common.settle``: a server still busy after its last response slows whichever burst comes next). One untimed
-burst of each workload per server comes first (its tok/s is recorded as ``warm_up_burst_tok_s``). Also:
+burst of each workload per server comes first (its tok/s is recorded as ``warm_up_burst_tok_s``). Before each
+server's turn in a round a fixed CPU workload is timed (``machine_probe_s``, ``bench.common.machine_probe``): its
+spread over the run (``machine_probe_spread``) is the machine's own, a floor under either server's; and each burst
+records the other server's CPU seconds meanwhile (``other_server_cpu_s``: an idle server that is not idle). Also:
 single-request time to first token (streamed, median of 5), the first request
 for a new task through vLLM over a repeated one (the plugin's fetch + load; target <= 2 s), start-up time and resident
 memory (the process tree's RSS) of each server, and whether the greedy texts agree (in float32 they must; in bf16
@@ -42,7 +45,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import pooled_client, settle
+from bench.common import machine_probe, pooled_client, settle
 from generator.base_model import ensure_smollm2_folder
 from tests.servers import ServiceProcess, free_port
 from tests.vllm.conftest import SERVED_NAME, VLLM_PYTHON, cpu_lacks_vllm, fresh_data_dir, vllm_command, vllm_env
@@ -53,19 +56,42 @@ TOPICS = ["a lighthouse", "a lost key", "the first snow", "a night train", "an o
           "a paper boat", "a late letter", "a winter fox", "a summer fair"]  # fmt: skip
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (vLLM's engine runs in a child process)."""
-    total, stack = 0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (vLLM's engine runs in a child process)."""
+    found, stack = [], [pid]
     while stack:
         current = stack.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
             for task in Path(f"/proc/{current}/task").iterdir():
                 stack += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        found.append(current)
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process tree."""
+    total = 0
+    for current in process_tree(pid):
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
         except (OSError, StopIteration):
             continue
     return total / 1024
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process tree has used so far."""
+    ticks = 0
+    for current in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 NO_EOS: dict[str, float] = {}  # set in main: the model's end tokens biased away on both servers
@@ -186,6 +212,8 @@ def main() -> None:
         time.sleep(0.5)
     vllm_start_s = time.monotonic() - start
     servers = {"icm-lora": icm.url, "vllm": vllm_url}
+    assert icm.proc is not None
+    pids = {"icm-lora": icm.proc.pid, "vllm": vllm.pid}
     client = pooled_client(2 * (args.requests + 4), timeout=600)  # both servers' connections
     try:
         tasks: list[str] = []
@@ -228,16 +256,25 @@ def main() -> None:
             row: dict[str, dict[str, Any]] = {}
             texts: dict[str, dict[str, list[str]]] = {}
             for name in order:
+                other = pids["vllm" if name == "icm-lora" else "icm-lora"]
+                settle()
+                probe_s = machine_probe()
                 quiet_s = [settle()]
+                other_cpu = cpu_s(other)
                 base_tps, base_texts = burst(
                     client, servers[name], [SERVED_NAME] * args.requests, prompts, args.max_tokens
                 )
+                other_cpu_s = [round(cpu_s(other) - other_cpu, 2)]
                 quiet_s.append(settle())
+                other_cpu = cpu_s(other)
                 lora_tps, lora_texts = burst(client, servers[name], models, prompts, args.max_tokens)
+                other_cpu_s.append(round(cpu_s(other) - other_cpu, 2))
                 row[name] = {
                     "no_adapter_tok_s": round(base_tps, 1),
                     "adapters_tok_s": round(lora_tps, 1),
                     "waited_for_quiet_s": quiet_s,
+                    "other_server_cpu_s": other_cpu_s,  # the idle server's CPU use during each burst
+                    "machine_probe_s": round(probe_s, 3),  # a fixed workload just before (bench.common)
                 }
                 texts[name] = {"base": base_texts, "lora": lora_texts}
             for kind in ("base", "lora"):
@@ -256,7 +293,7 @@ def main() -> None:
                 "adapter_ms": round(1000 * statistics.median(
                     time_to_first_token(client, url, adapter_tasks[0], prompts[0]) for _ in range(5)), 1),
             }  # fmt: skip
-        rss = {"icm-lora": round(rss_mb(icm.proc.pid), 1) if icm.proc else None, "vllm": round(rss_mb(vllm.pid), 1)}
+        rss = {name: round(rss_mb(pid), 1) for name, pid in pids.items()}
     finally:
         client.close()
         vllm.terminate()
@@ -282,6 +319,9 @@ def main() -> None:
         for key in ("no_adapter_tok_s", "adapters_tok_s")
     }
     icm_spread = max(spread("icm-lora", "no_adapter_tok_s"), spread("icm-lora", "adapters_tok_s"))
+    probes = [r[s]["machine_probe_s"] for r in rounds for s in servers]
+    probe_median = statistics.median(probes)
+    machine_spread = round(max(abs(v - probe_median) for v in probes) / probe_median, 3)
     result = {
         "smoke": args.smoke,
         "note": "a smoke run: checks the script end to end, its figures are not a measurement" if args.smoke else "",
@@ -325,6 +365,9 @@ def main() -> None:
                 "value": icm_spread,
                 "target": f"<= 0.10 over {len(rounds)} identical rounds (5 wanted)",
                 "met": icm_spread <= 0.10 and len(rounds) >= 5,
+                # the same measure for a fixed CPU workload timed before every burst pair of both servers: the
+                # machine's own spread in this run
+                "machine_probe_spread": machine_spread,
             },
         },
         "machine": {
