@@ -27,8 +27,9 @@ class EngineConfig:
     the budget.
     ``prefill_chunk_target_ms``: while rows are decoding, size each chunk of a long prompt so that its pass takes
     about this long (``pacing.py``: from the seconds per token of the chunk before; at most ``prefill_chunk`` and
-    twice the chunk before, at least 8 tokens), on the CPU; 0 keeps every chunk at ``prefill_chunk``. A smaller value keeps running streams
-    closer to their pace while a long prompt is read, and makes that prompt's first token later.
+    twice the chunk before, at least 8 tokens), on the CPU; 0 keeps every chunk at ``prefill_chunk``. A smaller
+    value keeps running streams closer to their pace while a long prompt is read, and makes that prompt's first token
+    later.
     ``max_decode_groups``: running rows may decode in up to this many groups, one forward pass each, so that a long
     row does not pad every short one (the scheduler's module docstring); 1 keeps every row in one pass.
     ``prefix_cache_entries``: adapters (the base model counts as one) whose keys and values of the chat template's
