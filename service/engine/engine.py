@@ -264,7 +264,7 @@ class Engine:
         """Copy an adapter into a slot now (evicting the least recently used unpinned one); return the slot.
         Raises ``NoFreeSlot`` when every slot is pinned."""
         prepared = self.prepare_adapter(adapter)
-        return int(self._scheduler.call(lambda: self._scheduler.load_now(prepared)).result())
+        return self._scheduler.call(lambda: self._scheduler.load_now(prepared)).result()
 
     def release_adapter(self, adapter_id: str) -> bool:
         """Free the adapter's slot when no running request pins it (a deleted task); True when a slot was freed.
@@ -281,7 +281,7 @@ class Engine:
             table.invalidate(slot)
             return True
 
-        return bool(self._scheduler.call(release).result())
+        return self._scheduler.call(release).result()
 
     def resident_adapters(self) -> dict[str, int]:
         """Adapter id -> slot, least recently used first."""

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel
@@ -61,6 +61,7 @@ from service.engine.sampling import SamplingParams, TokenLogprob, choose_tokens,
 from service.engine.slots import SlotTable
 from service.engine.text import TextStream
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -283,9 +284,9 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
 
-    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+    def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on the engine thread between two steps; its result (or exception) comes back in the future."""
-        future: Future[Any] = Future()
+        future: Future[T] = Future()
         if self.on_engine_thread:
             _run_into(fn, future)
             return future
@@ -877,7 +878,7 @@ class Scheduler:
         self._prefilling.clear()
 
 
-def _run_into(fn: Callable[[], Any], future: Future[Any]) -> None:
+def _run_into(fn: Callable[[], T], future: Future[T]) -> None:
     if not future.set_running_or_notify_cancel():
         return
     try:
