@@ -106,8 +106,7 @@ class SlottedLoraLinear(nn.Linear):
         # a fused pass: [1, rows + k, in]; the rows' own slots on their tokens, the chunk's slot on the rest
         b = split.rows
         flat_x, flat_y = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
-        head = self._add_lora(flat_x[:b].view(b, 1, self.in_features), flat_y[:b].view(b, 1, self.out_features))
-        head = head.view(b, self.out_features)
+        head = self._add_lora(flat_x[:b].view(b, 1, -1), flat_y[:b].view(b, 1, -1)).view(b, -1)
         tail = flat_y[b:]
         if split.slot is not None:
             chunk = flat_x[b:].to(self.lora_A.dtype)

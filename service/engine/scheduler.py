@@ -365,7 +365,7 @@ class Scheduler:
             self._prefilling.extend(self._load_slots([job for job in admitted if job not in short]))
             if short:
                 self._prefill(short)
-        if self.fuse_passes and (self._prefilling or len(self._groups) > 1):
+        if self.fuse_passes and self._groups and (self._prefilling or len(self._groups) > 1):
             self._fused_step()
             return
         if self._prefilling:
@@ -595,12 +595,9 @@ class Scheduler:
     def _fused_step(self) -> None:
         """Every decode group's step, and the next chunk of the oldest long prompt if one is being read, in one
         forward pass (``fused.py``: one pass over the weights instead of one per group and chunk). The pacer sizes
-        the chunk by what it adds to the groups' pass. With no rows decoding, the chunk alone (its attention on the
-        key/value heads, as in every fused pass)."""
+        the chunk by what it adds to the groups' pass."""
+        chunk = self._next_chunk(decoding=True) if self._prefilling else None
         groups = list(self._groups)
-        chunk = self._next_chunk(decoding=bool(groups)) if self._prefilling else None
-        if chunk is None and not groups:
-            return  # the long prompt was cancelled and nothing decodes
         rows = sum(len(group.rows) for group in groups)
         start = time.perf_counter()
         try:
@@ -615,7 +612,7 @@ class Scheduler:
                 segments.append(Segment(chunk.cache, 1, chunk.tokens, chunk_mask(done, chunk.tokens, self.device)))
                 ids.append(torch.tensor(chunk.job.prompt_ids[done:end], dtype=torch.long).to(self.device))
                 positions.append(torch.arange(done, end, dtype=torch.long).to(self.device))
-                if chunk.last or not keep:  # a lone chunk: one row of logits, read only after the last chunk
+                if chunk.last:
                     keep.append(rows + chunk.tokens - 1)
             kv = FusedKV(segments, self._attention)
             self.bank.activate([row.slot for g in groups for row in g.rows])
@@ -644,9 +641,6 @@ class Scheduler:
         seconds = time.perf_counter() - start
         if chunk is None:
             self._decode_passes.append(seconds)
-        elif not groups:  # nobody waited for it
-            self.observer.on_prefill(1, chunk.tokens, seconds)
-            self.observer.on_chunk(chunk.tokens, seconds, fused=False)
         else:
             self.fused_chunks_total += 1
             decode_s = statistics.median(self._decode_passes) if self._decode_passes else None

@@ -70,23 +70,6 @@ def test_a_stream_alone_beside_a_long_prompt(
     assert engine.stats().fused_chunks_total > 0
 
 
-def test_a_long_prompt_alone_is_read_in_fused_passes_of_its_own(
-    make_engine: Callable[..., Engine],
-    adapter: MakeAdapter,
-    reference: Reference,
-    prompt_ids: list[list[int]],
-    fused_steps: list[int],
-) -> None:
-    """Nothing decodes: each chunk is a fused pass of one segment (its attention on the key/value heads), full-size,
-    and counted as a chunk read apart (nobody waited for it)."""
-    engine = make_engine(num_slots=2, prefill_chunk=4, prefill_chunk_target_ms=1e-6, fused_passes=True)
-    long_prompt = [t for ids in prompt_ids for t in ids]
-    result = engine.generate(long_prompt, adapter=adapter(2), params=SamplingParams(max_tokens=8, ignore_eos=True))
-    assert result.token_ids == reference(long_prompt, adapter(2), 8)
-    assert len(fused_steps) == -(-len(long_prompt) // 4)  # every chunk at prefill_chunk: the pacer only paces rows
-    assert engine.stats().fused_chunks_total == 0
-
-
 def test_chunk_mask_is_causal_over_the_prefix() -> None:
     assert chunk_mask(0, 3, torch.device("cpu")) is None  # a first chunk: SDPA's own causal path
     mask = chunk_mask(2, 3, torch.device("cpu"))
