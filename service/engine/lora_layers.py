@@ -99,7 +99,12 @@ class SlottedLoraLinear(nn.Linear):
         self._packing = packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._packing.linear(self, x)  # F.linear, or oneDNN's packed weight when the engine packs (packed.py)
+        # F.linear, or oneDNN's packed weight when the engine packs (packed.py)
+        return self.complete(x, self._packing.linear(self, x))
+
+    def complete(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base projection of ``x``: this layer's own, or its slice of a fused projection, packed.py) plus
+        the LoRA of each activated row."""
         split = self._rows.split
         if split is None:
             return self._add_lora(x, y)

@@ -14,13 +14,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
 
 from generator.base_model import load_base_model
+from generator.config import LoraSettings
 from generator.device import Placement
 from service.engine import Engine, EngineConfig
 from service.engine.lora_layers import SlottedLoraLinear
-from service.engine.packed import PackedLinear, PackedWeights, packing_unavailable
-from tests.engine.conftest import PROMPTS, MakeAdapter
+from service.engine.packed import (
+    GATED_MLPS,
+    FusedGateUpMLP,
+    FusedQKVAttention,
+    PackedLinear,
+    PackedWeights,
+    packing_unavailable,
+)
+from tests.engine.conftest import PROMPTS, MakeAdapter, make_adapter
 from tests.engine.parity import TEST_DEVICE, assert_equal_up_to_near_ties, run_parity
 
 pytestmark = pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="packed Linears are a CPU path")
@@ -85,3 +95,64 @@ def test_a_tensor_that_needs_a_gradient_takes_the_plain_path() -> None:
             assert torch.equal(packed_layer(x), F.linear(x, layer.weight, layer.bias))
     packing.uninstall()
     assert holder[0] is layer
+
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def test_fused_projections_with_adapters_on_every_projection_match_peft(tmp_path: Path) -> None:
+    """LoRA on q, k, v, gate and up applies to their slices of the fused GEMMs (and on o and down as before)."""
+    settings = LoraSettings(target_modules=ALL_PROJECTIONS)
+    adapters = [None, make_adapter(5, settings), make_adapter(6, settings)]
+    parity = run_parity(
+        lambda: load_base_model("tiny"), adapters, PROMPTS, 24, tmp_path, target_modules=ALL_PROJECTIONS, packed=True
+    )
+    assert_equal_up_to_near_ties(parity)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen2", "tiny-mistral", "tiny-gemma2", "tiny-gemma3"])
+def test_a_fused_mlp_computes_what_the_models_own_does(name: str) -> None:
+    model = load_base_model(name).model
+    original = model.get_submodule("model.layers.0.mlp")
+    assert type(original).__name__ in GATED_MLPS
+    packing = PackedWeights()
+    packing.install(model, batch_hint=4)
+    fused = model.get_submodule("model.layers.0.mlp")
+    assert isinstance(fused, FusedGateUpMLP) and fused.gate_proj is original.gate_proj
+    x = torch.randn(3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = original(x)  # its children are the packed ones now: packed, one GEMM per projection
+        assert torch.allclose(fused(x), want, atol=1e-5, rtol=1e-5)
+        with packing.exact():  # the parts one by one on the plain weights: the model's own ops
+            assert torch.equal(fused(x), original(x))
+    packing.uninstall()
+    assert model.get_submodule("model.layers.0.mlp") is original
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_fused_attention_computes_what_llamas_does(bias: bool) -> None:
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, attention_bias=bias,
+        num_hidden_layers=1, vocab_size=32,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"attn": LlamaAttention(config, layer_idx=0), "mlp": LlamaMLP(config)})
+    original = holder["attn"]
+    packing = PackedWeights()
+    packing.install(holder, batch_hint=4)
+    fused = holder["attn"]
+    assert isinstance(fused, FusedQKVAttention) and isinstance(holder["mlp"], FusedGateUpMLP)
+    x = torch.randn(2, 6, 64)
+    positions = torch.arange(6).expand(2, -1)
+    embeddings = LlamaRotaryEmbedding(config)(x, positions)
+    with torch.no_grad():
+        got, _ = fused(x, embeddings)
+        want, _ = original(x, embeddings)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        with packing.exact():
+            assert torch.equal(fused(x, embeddings)[0], original(x, embeddings)[0])
+    # the fused copy replaces the parts' own: packed memory is the Linears' size, not more
+    assert packing.nbytes == sum(m.weight.numel() * 4 for m in holder.modules() if isinstance(m, nn.Linear))
+    packing.uninstall()
+    assert holder["attn"] is original and type(original.q_proj) is nn.Linear
