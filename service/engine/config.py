@@ -34,9 +34,10 @@ class EngineConfig:
     row does not pad every short one (the scheduler's module docstring); 1 keeps every row in one pass.
     ``prefix_cache_entries``: adapters (the base model counts as one) whose keys and values of the chat template's
     opening are kept, so that a chat prompt prefills only what follows it (``prefix_cache.py``); 0 turns it off.
-    ``packed_linears``: on the CPU, generation runs its Linears on weights oneDNN has laid out once (``packed.py``:
-    faster, a second copy of the weights in memory, greedy tokens equal to plain peft's except at near ties); the
-    passes that make adapters keep the plain weights. Off by default here (exact parity); the service turns it on.
+    ``packed_linears``: on the CPU, generation runs its Linears on weights oneDNN has laid out once, q/k/v and gate/up
+    as one GEMM each (``packed.py``: faster, a second copy of the weights in memory, greedy tokens equal to plain
+    peft's except at near ties); the passes that make adapters keep the plain weights. Off by default here (exact
+    parity); the service turns it on.
     ``matmul_decode_attention``: on the CPU in float32, a decode step's attention runs as two batched matmuls instead
     of SDPA's flash kernel (``attention.py``: faster at decode sizes, equal up to float rounding); every pass without
     a cache, among them those that make adapters, keeps SDPA. Off by default here; the service turns it on.

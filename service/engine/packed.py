@@ -27,9 +27,10 @@ the model runs several (as vLLM's ``qkv_proj`` and ``gate_up_proj``): a Llama at
 ``k_proj`` and ``v_proj`` (``FusedQKVAttention``) and a gated MLP's ``gate_proj`` and ``up_proj`` (``FusedGateUpMLP``).
 Each part's slice of the output then goes through its own layer's ``complete`` (a slotted layer adds its LoRA there,
 a ``PackedLinear`` nothing), so adapters on any of them still apply. Fewer, wider GEMMs and fewer calls: on SmolLM2
-at batch 16 (fp32, 2-core AMD EPYC, AVX2) a decode step went from 174 to 166 ms in a prototype (README's hot-path
-section). The parts' own packed copies are dropped (the fused copy replaces them: no more memory); inside ``exact()``
-the fused modules call their parts one by one on the plain weights, the same ops as transformers' own modules.
+at batch 16 (fp32, 2-core AMD EPYC with AVX2) the median decode step went from 162.5 to 157.7 ms without adapters
+(3 alternating process pairs; docs/performance.md). The parts' own packed copies are dropped (the fused copy replaces
+them: no more memory); inside ``exact()`` the fused modules call their parts one by one on the plain weights, the
+same ops as transformers' own modules.
 """
 
 from __future__ import annotations
