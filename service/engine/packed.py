@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,14 @@ class Projection(Protocol):
     its base projection ``y`` of ``x`` (a slotted layer adds its LoRA)."""
 
     def complete(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class KVCache(Protocol):
+    """What an attention layer writes its keys and values to (transformers' ``Cache``, the engine's caches)."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @functools.cache
@@ -210,8 +218,11 @@ class PackedLinear(nn.Linear):
         return y
 
 
-def _split(y: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
-    return list(y.split([layer.out_features for layer in layers], dim=-1))
+def _complete(parts: Sequence[nn.Linear], x: torch.Tensor, fused: torch.Tensor) -> list[torch.Tensor]:
+    """Each part's output from its slice of the fused projection ``fused`` of ``x`` (``install`` checked that every
+    part is a ``Projection``)."""
+    ys = fused.split([layer.out_features for layer in parts], dim=-1)
+    return [cast(Projection, layer).complete(x, y) for layer, y in zip(parts, ys, strict=True)]
 
 
 class FusedQKVAttention(nn.Module):
@@ -246,7 +257,7 @@ class FusedQKVAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        cache: object | None = None,
+        cache: KVCache | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -256,17 +267,14 @@ class FusedQKVAttention(nn.Module):
         if fused is None:
             q, k, v = (layer(hidden_states) for layer in parts)
         else:
-            q, k, v = (
-                layer.complete(hidden_states, y)  # type: ignore[operator]  # checked by install: a Projection
-                for layer, y in zip(parts, _split(fused, parts), strict=True)
-            )
+            q, k, v = _complete(parts, hidden_states, fused)
         query_states = q.view(hidden_shape).transpose(1, 2)
         key_states = k.view(hidden_shape).transpose(1, 2)
         value_states = v.view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)  # type: ignore[attr-defined]
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
         attention_interface: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = (
             ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         )
@@ -308,8 +316,5 @@ class FusedGateUpMLP(nn.Module):
         fused = self._packing.fused_linear(self, x)
         if fused is None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = (
-            layer.complete(x, y)  # type: ignore[operator]  # checked by install: a Projection
-            for layer, y in zip(parts, _split(fused, parts), strict=True)
-        )
+        gate, up = _complete(parts, x, fused)
         return self.down_proj(self.act_fn(gate) * up)
