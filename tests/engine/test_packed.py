@@ -121,7 +121,7 @@ def test_a_fused_mlp_computes_what_the_models_own_does(name: str) -> None:
     assert isinstance(fused, FusedGateUpMLP) and fused.gate_proj is original.gate_proj
     x = torch.randn(3, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = original(x)  # its children are the packed ones now: packed, one GEMM per projection
+        want = original(x)  # gate and up on their plain weights (their packed copies gave way to the fused one)
         assert torch.allclose(fused(x), want, atol=1e-5, rtol=1e-5)
         with packing.exact():  # the parts one by one on the plain weights: the model's own ops
             assert torch.equal(fused(x), original(x))
