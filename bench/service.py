@@ -10,10 +10,15 @@ Adapter requests (``POST /v1/adapters``, JSON metadata), each spec distinct unle
 * memory hit: a spec this process generated before;
 * Redis hit: the same specs after a restart of the service (an empty memory tier, the same Redis prefix).
 
+The service runs as its own process (``python -m icm_lora.cli serve``), as users run it: the benchmark's client
+threads do not share its interpreter lock (before 2026-12-07 late: uvicorn in a thread of this process, whose 16
+client threads parsing SSE took the GIL from the server's event loop and engine).
+
 Throughput: ``--concurrency`` streamed chat completions at once (an instruction each, so the model writes until
 ``--max-tokens``; EOS is biased away on both sides, since task adapters stop after their answer), greedy; over HTTP
-(one thread per request, one pooled httpx client, ``stream: true``) and in-process (``Engine.submit`` with the same
-token ids, adapters and sampling, each handle iterated in its own thread), ``--pairs`` times alternating, the median
+(one thread per request, one pooled httpx client, ``stream: true``) and in-process (``Engine.submit`` on an engine in
+this process, loaded with the same settings and holding the same adapters (the ids are checked equal), with the same
+token ids and sampling, each handle iterated in its own thread), ``--pairs`` times alternating, the median
 of the per-pair ratios (this machine's speed drifts; pairing cancels most of it). Two workloads: the base model, and
 ``--tasks`` distinct registered tasks (16: one adapter per request, what a user of task adapters gets). Each reports
 tok/s, time to first token and inter-token latency (p50, p95, p99 over every request / gap of the workload). The
@@ -54,7 +59,7 @@ from service.engine.sampling import SamplingParams
 from service.inference import chat_prompt_ids
 from service.schemas import ChatMessage
 from service.state import ServiceState
-from tests.servers import BackgroundServer
+from tests.servers import BackgroundServer, ServiceProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXAMPLES = [
@@ -244,11 +249,26 @@ def register_tasks(client: Any, n: int, run_id: str) -> dict[str, str]:
 
 
 def prepared(state: ServiceState, adapter_id: str) -> PreparedAdapter:
-    """The engine's prepared copy, made when the service first served the task (the in-process side uses it)."""
+    """The in-process engine's prepared copy, made when it first served the task."""
     found = state.engine.prepared(adapter_id)
     if found is None:
-        raise RuntimeError(f"adapter {adapter_id} was not prepared by the service")
+        raise RuntimeError(f"adapter {adapter_id} was not prepared by the in-process service")
     return found
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The settings given explicitly, as the ``ICM_LORA_*`` variables a service process reads."""
+    values = settings.model_dump(exclude_unset=True)
+    return {f"ICM_LORA_{key.upper()}": str(value) for key, value in values.items() if value is not None}
+
+
+def service_process(settings: Settings, log_path: Path) -> ServiceProcess:
+    """A service process with ``settings``; ready when returned."""
+    process = ServiceProcess(service_env(settings), log_path)
+    if settings.generator_path is None:
+        process.env.pop("ICM_LORA_GENERATOR_PATH", None)
+    process.start(timeout_s=600)
+    return process
 
 
 def main() -> None:
@@ -290,30 +310,45 @@ def main() -> None:
         {"description": f"Label hotel reviews {run_id}-{i}.", "examples": EXAMPLES} for i in range(args.misses // 2)
     ]
     results: dict[str, Any] = {}
+    logs = Path(tempfile.mkdtemp(prefix="icm-lora-bench-logs-"))
+    processes: list[ServiceProcess] = []
+    local: BackgroundServer | None = None
     try:
         if not args.skip_cache_phases:
-            service = BackgroundServer(settings).start()
-            with service.client() as client:
+            service = service_process(settings, logs / "service-1.log")
+            processes.append(service)
+            with httpx.Client(base_url=service.url, timeout=60) as client:
                 time_adapter_requests(client, [{"description": f"warm-up {run_id}", "examples": EXAMPLES[:2]}])
                 results["miss_description_only"] = measured_phase(client, desc_specs)
                 results["miss_with_8_examples"] = measured_phase(client, example_specs)
                 results["memory_hit"] = measured_phase(client, desc_specs + example_specs)
             service.stop()
 
-        service = BackgroundServer(settings).start()  # empty memory tier, same Redis prefix
-        state: ServiceState = service.app.state.icm
-        with service.client() as client:
+        service = service_process(settings, logs / "service-2.log")  # empty memory tier, same Redis prefix
+        processes.append(service)
+        with httpx.Client(base_url=service.url, timeout=60) as client:
             if not args.skip_cache_phases:
                 results["redis_hit"] = measured_phase(client, desc_specs + example_specs)
             base_model = client.get("/v1/models").json()["data"][0]["id"]
             tasks = register_tasks(client, args.tasks, run_id)
+        # the in-process side: the same settings in this process, its own registry (the adapters come from Redis)
+        local = BackgroundServer(settings.model_copy(update={"data_dir": Path(tempfile.mkdtemp(prefix="icm-lora-"))}))
+        local.start()
+        state: ServiceState = local.app.state.icm
+        with local.client() as client:
+            local_tasks = register_tasks(client, args.tasks, run_id)
+        if local_tasks != tasks:
+            raise RuntimeError(f"the two services made different adapters: {tasks} vs {local_tasks}")
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.concurrency)]
         task_ids = list(tasks)
         task_models = [task_ids[i % len(task_ids)] for i in range(args.concurrency)]
         bias = no_eos(state)
         pooled = pooled_client(max(args.concurrency, len(task_ids)) + 4, base_url=service.url, timeout=60)
         http_run(pooled, prompts[:2], [base_model] * 2, 4, bias)  # warm-up
-        http_run(pooled, task_ids, task_ids, 2, bias)  # every task adapter prepared and copied into a slot
+        for url in (service.url, local.url):  # every task adapter prepared and copied into a slot, on both sides
+            with pooled_client(len(task_ids) + 4, base_url=url, timeout=60) as warm:
+                http_run(warm, task_ids, task_ids, 2, bias)
+        engine_run(state, prompts[:2], [None, None], 4)  # warm-up
         workloads: dict[str, tuple[list[str], list[PreparedAdapter | None]]] = {
             "base": ([base_model] * len(prompts), [None] * len(prompts)),
             "adapters": (task_models, [prepared(state, tasks[t]) for t in task_models]),
@@ -363,8 +398,11 @@ def main() -> None:
         }
         results["generator_id"] = state.adapters.generator.generator_id if state.adapters.generator else None
         pooled.close()
-        service.stop()
     finally:
+        for process in processes:
+            process.stop()
+        if local is not None:
+            local.stop()
         client_redis = redis.Redis.from_url(args.redis_url)
         keys = list(client_redis.scan_iter(f"{prefix}:*"))
         if keys:
