@@ -117,7 +117,7 @@ def one_thread_executor(max_workers: int | None = None) -> ThreadPoolExecutor:
     A new thread's OpenMP default is the machine's cores, and torch narrows it only when the thread first runs one of
     its own parallel loops: a thread whose first op is a GEMM (``F.linear``) starts an OpenMP team of its own. Once a
     process has more OpenMP threads than cores, GNU OpenMP stops spinning for every team, the engine's included: on a
-    2-core VM (2026-12-07), one service process in three had a second team after registering its first tasks and
+    2-core VM (2026-12-07), 6 service processes in 11 had a second team after registering their first tasks and
     served 16 streams about 25% slower, the engine's OpenMP worker asleep half the time (CPU time 1.7 s against the
     engine thread's 3.3 s in a burst; 2.9 s and 2.9 s in the other processes)."""
     return ThreadPoolExecutor(max_workers, thread_name_prefix="icm-lora-worker", initializer=_one_thread)
