@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         " tokens do not depend on the other rows' padding (greedy parity with plain peft); false: one call over the"
         " padded rows, faster",
     )
+    arrival_wait_ms: float = Field(
+        25.0,
+        ge=0,
+        le=1000,
+        description="An idle engine holds its first prefill up to this long while other completion requests are still"
+        " being parsed, so that a burst is prefilled in one pass; a lone request is never held (0: off)",
+    )
     fused_passes: bool = Field(
         True,
         description="CPU: every decode group's step and a long prompt's prefill chunk go in one forward pass (one"

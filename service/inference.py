@@ -11,6 +11,7 @@ from generator.adapter import GeneratedAdapter
 from generator.base_model import BaseModel
 from generator.refine import refined_adapter_id
 from service.adapters import refine_plan
+from service.api.arrivals import submitted
 from service.config import Settings
 from service.engine import (
     AdapterError,
@@ -103,6 +104,7 @@ def start_engine(
         matmul_decode_attention=settings.matmul_decode_attention,
         fused_passes=settings.fused_passes,
         attend_rows_alone=settings.attend_rows_alone,
+        arrival_wait_ms=settings.arrival_wait_ms,
         threads=threads,
     )
     engine = Engine(base, config, PrometheusObserver(metrics))
@@ -265,7 +267,8 @@ def submit(
     adapter: PreparedAdapter | None,
     params: Sequence[SamplingParams],
 ) -> list[RequestHandle]:
-    """Queue every choice on the engine at once (all or none), mapping its errors to HTTP ones."""
+    """Queue every choice on the engine at once (all or none), mapping its errors to HTTP ones; the request's
+    arrival (``service.api.arrivals``) ends here."""
     try:
         return state.engine.submit_many(prompts, [adapter] * len(prompts), params)
     except QueueFull:
@@ -278,6 +281,8 @@ def submit(
         raise APIError(422, f"the adapter cannot be served by this engine: {exc}") from None
     except EngineClosed:
         raise APIError(503, "the engine is shutting down", headers={"Retry-After": "1"}) from None
+    finally:
+        submitted()
 
 
 async def prompt_logprobs(

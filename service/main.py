@@ -25,6 +25,7 @@ from generator.device import Placement, dtype_name
 from generator.generate import AdapterGenerator
 from generator.task_encoder import MiniLMEmbedder, TaskEncoder
 from service.adapters import AdapterService
+from service.api.arrivals import Arrivals
 from service.api.middleware import BodySizeLimit, RateLimitHeaders, RequestId, RequestMetrics
 from service.api.routes import adapters, health, openai, playground, resolve, tasks
 from service.api.security import Guard, SlidingWindowLimiter
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None, refiner: Refiner | None = None)
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(RateLimitHeaders)
+    app.add_middleware(Arrivals, startup=startup)  # from before the route reads the body and checks key and rate
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(RequestId)  # outermost: even a 413 from BodySizeLimit carries the id

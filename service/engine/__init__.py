@@ -4,7 +4,7 @@ Imports no HTTP, Redis or Prometheus code; the service wraps it (``EngineObserve
 """
 
 from service.engine.config import EngineConfig
-from service.engine.engine import Engine
+from service.engine.engine import Arrival, Engine
 from service.engine.errors import (
     AdapterError,
     EngineClosed,
@@ -23,6 +23,7 @@ from service.engine.slots import SlotLease, SlotTable
 
 __all__ = [
     "AdapterError",
+    "Arrival",
     "Engine",
     "EngineClosed",
     "EngineConfig",

@@ -53,6 +53,9 @@ class EngineConfig:
     and every other thread one: once a process has more OpenMP threads than cores, libgomp stops spinning between
     parallel regions for all of them, and a decode step's small ops each wait for a woken thread (measured: a LoRA
     ``bmm`` pair 14 -> 93 us, the engine 200 -> 250 tok/s at batch 16 when only it runs multi-threaded).
+    ``arrival_wait_ms``: how long an idle engine holds its first prefill while requests it has been told of
+    (``Engine.arrival``) are still on their way to ``submit``, so that a burst which reaches it one request at a time
+    is prefilled in one pass (0: never). A request with no other arrival open is not held. The service turns it on.
     """
 
     num_slots: int = 16
@@ -73,6 +76,7 @@ class EngineConfig:
     fused_passes: bool = False
     attend_rows_alone: bool = True
     threads: int = 0
+    arrival_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, tuple):
@@ -93,6 +97,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.prefill_chunk_target_ms must be >= 0, got {self.prefill_chunk_target_ms}")
         if self.threads < 0:
             raise ValueError(f"EngineConfig.threads must be >= 0, got {self.threads}")
+        if self.arrival_wait_ms < 0:
+            raise ValueError(f"EngineConfig.arrival_wait_ms must be >= 0, got {self.arrival_wait_ms}")
         if self.prefix_cache_entries < 0:
             raise ValueError(f"EngineConfig.prefix_cache_entries must be >= 0, got {self.prefix_cache_entries}")
         if not self.target_modules:

@@ -55,6 +55,24 @@ Prompt = str | Sequence[int]
 AdapterLike = GeneratedAdapter | PreparedAdapter | None
 
 
+class Arrival:
+    """A request on its way to ``Engine.submit`` (``EngineConfig.arrival_wait_ms``): ``close`` it once the request
+    has been submitted or has failed; closing twice is harmless."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self._lock = threading.Lock()
+        self._open = True
+        scheduler.arrival_opened()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+        self._scheduler.arrival_closed()
+
+
 class Engine:
     """Serve ``base`` with ``config.num_slots`` LoRA slots. The model is wrapped in place (its target Linears become
     ``SlottedLoraLinear``) and must already be on its device; ``close()`` gives the plain Linears back. Every method is
@@ -132,6 +150,11 @@ class Engine:
         return self.bank.device
 
     # --- requests ---------------------------------------------------------------------------------------------
+
+    def arrival(self) -> Arrival:
+        """Tell the engine of a request that will be submitted soon: while one is open, an idle engine holds a waiting
+        request's prefill (at most ``EngineConfig.arrival_wait_ms``) so that both share one pass."""
+        return Arrival(self._scheduler)
 
     def submit(
         self,

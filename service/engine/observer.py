@@ -107,3 +107,4 @@ class EngineStats:
     prefix_hits_total: int = 0  # prompts prefilled after the chat template's cached opening (``prefix_cache.py``)
     prefix_misses_total: int = 0  # prompts that start with the opening and were prefilled in full
     fused_chunks_total: int = 0  # long prompts' chunks read in a decode step's forward pass (``fused.py``)
+    arriving: int = 0  # requests on their way to submit (``Engine.arrival``)

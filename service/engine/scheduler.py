@@ -208,6 +208,7 @@ class Scheduler:
         self._additive_mask = self._attention == "eager"
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
+        self._arriving = 0  # requests on their way to submit (Engine.arrival)
         self._calls: list[tuple[Callable[[], Any], Future[Any]]] = []
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -280,6 +281,30 @@ class Scheduler:
             self._waiting.extend(jobs)
             self._cond.notify_all()
 
+    def arrival_opened(self) -> None:
+        with self._cond:
+            self._arriving += 1
+
+    def arrival_closed(self) -> None:
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()
+
+    def _hold_for_arrivals(self) -> None:
+        """Under the lock: an idle engine with requests waiting holds their prefill while other requests are still on
+        their way to ``submit``, at most ``arrival_wait_ms``: over HTTP a burst's requests reach the engine one at a
+        time as the event loop parses them, and the first would otherwise be prefilled alone while the rest waited for
+        that pass (16 chat streams on a 2-core VM: time to first token 105 ms for the first, 430-470 ms for the others,
+        against 305 ms for all 16 submitted at once). Engine calls are never held."""
+        if self._groups or self._prefilling or not self._waiting or self.config.arrival_wait_ms <= 0:
+            return
+        deadline = time.monotonic() + self.config.arrival_wait_ms / 1000
+        while self._arriving > 0 and not (self._closing or self._calls):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
     def wake(self, _handle: RequestHandle | None = None) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -315,6 +340,7 @@ class Scheduler:
             prefix_hits_total=self.prefixes.hits_total,
             prefix_misses_total=self.prefixes.misses_total,
             fused_chunks_total=self.fused_chunks_total,
+            arriving=self._arriving,
         )
 
     # --- engine thread ----------------------------------------------------------------------------------------
@@ -342,6 +368,7 @@ class Scheduler:
                         self._cond.wait()
                     if self._closing:
                         break
+                    self._hold_for_arrivals()
                     calls, self._calls = self._calls, []
                     cancelled, admitted = self._take_admissible()
                 try:
