@@ -50,6 +50,7 @@ def test_a_lone_request_is_not_held_and_a_hold_ends_at_the_wait() -> None:
         arrival = e.arrival()
         arrival.close()
         arrival.close()  # closing twice is harmless: the count stays at zero
+        assert e.stats().arriving == 0
         start = time.monotonic()
         e.generate("still alone", None, PARAMS)
         assert time.monotonic() - start < 30
