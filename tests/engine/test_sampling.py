@@ -29,6 +29,19 @@ def test_penalties_and_bias_change_the_choice_and_leave_the_logits_alone() -> No
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_choice_in_low_precision_is_the_low_precision_argmax(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 4096, generator=generator).to(dtype)
+    logits[3, 100] = logits[3, 2000] = logits[3].max() + 1  # a tie: the first maximum wins, as the low dtype's argmax
+    logits[5, 7] = logits[5, 9] = 40.0
+    logits[5, 8] = 40.0 - 0.1  # rounds to 40 in bf16 (a tie there), not in fp16: either way the low dtype decides
+    plain = SamplingParams()
+    tokens = choose_tokens(logits, [plain] * 16, [None] * 16)
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist()
+    assert tokens[3] == 100 and tokens[5] == 7
+
+
 def test_token_logprobs_only_for_the_rows_that_ask() -> None:
     logits = torch.tensor([[0.0, 1.0, 3.0, 2.5], [2.0, 1.0, 0.0, -1.0]])
     params = [SamplingParams(), SamplingParams(logprobs=2)]
