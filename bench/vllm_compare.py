@@ -145,6 +145,18 @@ def burst(
     return sum(n for _, n in results) / seconds, [t for t, _ in results]
 
 
+def vllm_env_overrides(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``--vllm-env`` NAME=VALUE pairs, over the VLLM_CPU_* variables already set in this shell (which vLLM would read
+    as well): what the run's JSON records as vLLM's environment settings."""
+    env = {name: value for name, value in os.environ.items() if name.startswith("VLLM_CPU_")}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            parser.error(f"--vllm-env takes NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
+
+
 def time_to_first_token(http: httpx.Client, url: str, model: str, prompt: str) -> float:
     body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
     start = time.perf_counter()
@@ -164,8 +176,16 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="2 requests x 4 tokens, 2 adapters, 1 round")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both servers' dtype")
     parser.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM argument (repeatable)")
+    parser.add_argument(
+        "--vllm-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for vLLM's processes only (repeatable), e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    vllm_extra_env = vllm_env_overrides(args.vllm_env, parser)
     if args.smoke:
         args.requests, args.max_tokens, args.adapters, args.rounds = 2, 4, 2, 1
     name = "vllm_compare" if args.dtype == "float32" else f"vllm_compare-{args.dtype}"
@@ -193,6 +213,7 @@ def main() -> None:
     # the plugin's own re-check period (5 s), as deployed: the tests' 0.5 s had vLLM ask icm-lora about every resolved
     # task twice a second, during both servers' bursts
     env.pop("ICM_LORA_VLLM_REFRESH_S")
+    env.update(vllm_extra_env)
     with (tmp / "vllm.log").open("wb") as log:
         vllm = subprocess.Popen(
             [*vllm_command(VLLM_PYTHON, model, port, args.dtype), "--max-loras", str(args.adapters), *args.vllm_arg],
@@ -331,6 +352,7 @@ def main() -> None:
             "adapters": args.adapters,
             "rounds": args.rounds,
             "vllm_args": args.vllm_arg,
+            "vllm_env": vllm_extra_env,  # set for vLLM's processes only (VLLM_CPU_* set in the shell show here too)
             "dtype": args.dtype,
             "client": "one pooled httpx.Client, keep-alive (before 2026-12-07: a new client per request)",
             "vllm_plugin_refresh_s": "5 (the plugin's default; before 2026-12-07: 0.5)",
