@@ -3,6 +3,7 @@
     python bench/vllm_compare.py                      # 16 requests x 32 tokens, 16 adapters, 3 rounds (minutes)
     python bench/vllm_compare.py --smoke              # 2 requests x 4 tokens, 2 adapters, 1 round: checks the script
     python bench/vllm_compare.py --dtype bfloat16     # both servers in bf16 (a CPU with native bf16: AVX-512 BF16, AMX)
+    python bench/vllm_compare.py --vllm-env VLLM_CPU_NUM_OF_RESERVED_CPU=0   # vLLM's worker on every core (see below)
 
 Both servers serve the same model folder (SmolLM2-135M, the one icm-lora writes under ICM_LORA_DATA_DIR) and the same
 generated adapters (icm-lora generates them; vLLM fetches them through the plugin). Per round, alternating which
@@ -23,6 +24,9 @@ the two servers' kernels round differently, so the count is recorded, not a targ
 dtype (``ICM_LORA_DTYPE`` and vLLM's ``--dtype``; float32 by default, the dtype icm-lora's ``auto`` picks on every
 CPU). Writes ``bench/results/vllm_compare.json`` (another dtype: ``vllm_compare-<dtype>.json``; ``--smoke``:
 ``bench/results/vllm_compare.smoke.json``, marked as a smoke run).
+vLLM's CPU backend reserves one core per local worker for its scheduler and front end by default and binds its
+model's OpenMP threads to the rest: on a 2-core machine one core. ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` gives its worker
+every core, which was faster on a 2-core EPYC (bf16 187-222 against 178 tok/s); ``workload.vllm_env`` records it.
 Needs ``.venv-vllm`` (``bash scripts/setup-vllm.sh``).
 """
 
