@@ -266,9 +266,8 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 def service_process(settings: Settings, log_path: Path) -> ServiceProcess:
     """A service process with ``settings``; ready when returned."""
-    process = ServiceProcess(service_env(settings), log_path)
-    if settings.generator_path is None:
-        process.env.pop("ICM_LORA_GENERATOR_PATH", None)
+    unset = ["ICM_LORA_GENERATOR_PATH"] if settings.generator_path is None else []
+    process = ServiceProcess(service_env(settings), log_path, unset=unset)
     process.start(timeout_s=600)
     return process
 

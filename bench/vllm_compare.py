@@ -205,9 +205,8 @@ def main() -> None:
         {"ICM_LORA_DATA_DIR": str(data_dir), "ICM_LORA_SELF_CHECK": "keep", "ICM_LORA_TASK_STORE": "sqlite",
          "ICM_LORA_MAX_BATCH_SIZE": str(max(16, args.requests)), "ICM_LORA_DTYPE": args.dtype,
          "ICM_LORA_NUM_SLOTS": str(max(32, args.adapters))},  # vLLM gets --max-loras args.adapters
-        tmp / "icm-lora.log",
+        tmp / "icm-lora.log", unset=["ICM_LORA_REDIS_URL"],
     )  # fmt: skip
-    icm.env.pop("ICM_LORA_REDIS_URL", None)
     icm_start_s = icm.start(timeout_s=600)
     model = ensure_smollm2_folder(data_dir)
     NO_EOS.update(eos_bias(model))

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,10 +84,13 @@ class ServiceProcess:
     """``python -m icm_lora.cli serve`` as its own process on a free loopback port, configured by ``ICM_LORA_*``
     variables in ``env``; stdout and stderr (uvicorn's access log included) go to ``log_path``."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, unset: Iterable[str] = ()) -> None:
+        """``unset``: variables of this process's environment the service must not inherit (a Redis URL or a
+        generator path exported in the shell, where the caller wants the service's default)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+        inherited = {name: value for name, value in os.environ.items() if name not in set(unset)}
+        self.env = {**inherited, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -111,8 +111,8 @@ def servers(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     icm = ServiceProcess(
         {"ICM_LORA_DATA_DIR": str(data_dir), "ICM_LORA_SELF_CHECK": "keep", "ICM_LORA_TASK_STORE": "sqlite"},
         tmp / "icm-lora.log",
+        unset=["ICM_LORA_REDIS_URL"],
     )
-    icm.env.pop("ICM_LORA_REDIS_URL", None)
     icm_start = icm.start(timeout_s=600)
     model = ensure_smollm2_folder(data_dir)  # the folder both servers read
     port = free_port()
