@@ -89,7 +89,8 @@ class ServiceProcess:
         generator path exported in the shell, where the caller wants the service's default)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        inherited = {name: value for name, value in os.environ.items() if name not in set(unset)}
+        skipped = set(unset)
+        inherited = {name: value for name, value in os.environ.items() if name not in skipped}
         self.env = {**inherited, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None

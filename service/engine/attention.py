@@ -21,7 +21,9 @@ in low precision that flips a token at a near tie and the row then continues dif
 exactly what plain peft computes for it, so a mixed batch gives each row its own tokens: on a CPU with native bf16
 (AMD EPYC, AVX-512 BF16) the tiny model's mixed batch went from 92.8% to 100% of peft's greedy tokens. The price is
 one small SDPA call per row and layer: in bf16 on that EPYC, 16 rows with 16 adapters ran at 0.79-0.80x the tok/s
-of the padded SDPA (``bench/row_attention.py``). ``EngineConfig.attend_rows_alone`` (``ICM_LORA_ATTEND_ROWS_ALONE``,
+of the padded SDPA (``bench/row_attention.py``); the engine makes each row's call itself since 2026-12-08 (the call
+transformers' wrapper would make, without the wrapper: 1.16x in process), 0.71-0.80x in two runs on a VM of that kind
+whose speed swung within each run. ``EngineConfig.attend_rows_alone`` (``ICM_LORA_ATTEND_ROWS_ALONE``,
 on by default) turns it off. On the CPU fp32 is the default (``auto``), about as fast there, and not affected.
 
 ``DecodeAttention.install`` switches a model that runs SDPA on the CPU to it; ``uninstall`` switches it back.
