@@ -15,12 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 from generator.base_model import load_base_model
 from generator.config import LoraSettings
 from generator.device import Placement
 from service.engine import Engine, EngineConfig
+from service.engine import packed as packed_module
 from service.engine.lora_layers import SlottedLoraLinear
 from service.engine.packed import (
     GATED_MLPS,
@@ -29,6 +35,7 @@ from service.engine.packed import (
     PackedLinear,
     PackedWeights,
     packing_unavailable,
+    rotate_together,
 )
 from tests.engine.conftest import PROMPTS, MakeAdapter, make_adapter
 from tests.engine.parity import TEST_DEVICE, assert_equal_up_to_near_ties, run_parity
@@ -130,7 +137,7 @@ def test_a_fused_mlp_computes_what_the_models_own_does(name: str) -> None:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_fused_attention_computes_what_llamas_does(bias: bool) -> None:
+def test_a_fused_attention_computes_what_llamas_does(bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     config = LlamaConfig(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, attention_bias=bias,
         num_hidden_layers=1, vocab_size=32,
@@ -146,13 +153,34 @@ def test_a_fused_attention_computes_what_llamas_does(bias: bool) -> None:
     x = torch.randn(2, 6, 64)
     positions = torch.arange(6).expand(2, -1)
     embeddings = LlamaRotaryEmbedding(config)(x, positions)
+    rotated = []
+
+    def counting(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotated.append(1)
+        return rotate_together(states, cos, sin)
+
+    monkeypatch.setattr(packed_module, "rotate_together", counting)
     with torch.no_grad():
         got, _ = fused(x, embeddings)
         want, _ = original(x, embeddings)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert rotated == [1]  # no LoRA: queries and keys rotated as one tensor
         with packing.exact():
             assert torch.equal(fused(x, embeddings)[0], original(x, embeddings)[0])
     # the fused copy replaces the parts' own: packed memory is the Linears' size, not more
     assert packing.nbytes == sum(m.weight.numel() * 4 for m in holder.modules() if isinstance(m, nn.Linear))
     packing.uninstall()
     assert holder["attn"] is original and type(original.q_proj) is nn.Linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_queries_and_keys_rotated_together_get_the_bits_they_get_apart(dtype: torch.dtype) -> None:
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    generator = torch.Generator().manual_seed(0)
+    fused = torch.randn(3, 5, 6 * 16, generator=generator).to(dtype)  # [B, T, (4 query + 2 key heads) * 16]
+    positions = torch.arange(7, 12).expand(3, -1)
+    cos, sin = LlamaRotaryEmbedding(config)(fused, positions)
+    q, k = (t.view(3, 5, -1, 16).transpose(1, 2) for t in fused.split([64, 32], dim=-1))
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    both = rotate_together(fused.view(3, 5, -1, 16).transpose(1, 2), cos, sin)
+    assert torch.equal(both[:, :4], want_q) and torch.equal(both[:, 4:], want_k)
